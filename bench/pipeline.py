@@ -1,0 +1,268 @@
+"""End-to-end throughput: C-STORE of 512x512 CT to ledger-committed ack, with the time split
+per stage, on the embedded defaults of one machine: 4 validator processes, the embedded
+broker (``medchain cloud broker``), the coordinator in this process, the edge agent in a
+process of its own (as on an edge device), and the simulated scanner in another, sending
+over 2 associations. Nothing to install: no Mosquitto, no PostgreSQL.
+
+    python bench/pipeline.py [--instances 200] [--warmup 20]
+
+Stage times are measured by wrapping the real methods in this script (the product code has
+no timing hooks), in each process: busy time per stage summed over instances (wall time
+inside the stage, so waiting for the GIL counts), as a share of all stage time.
+
+    receive    C-STORE handler: encoded dataset to durable spool (fsync) and Success
+    deid       parse + PS3.15 de-identification + re-encode (edge worker process, timed from
+               the feeder thread that hands each object over, so the hand-over counts)
+    preprocess modality values, window, resize, denoise, HOG, wavelets
+    package    seal (AES-GCM chunks, Merkle, HPKE, Ed25519) and durable outbox insert
+    uplink     outbox read and MQTT publish (edge uplink thread)
+    ingest     decode, verify, object store write, catalog (cloud)
+    ledger     IMAGE_REGISTERED submitted until f + 1 validators report it committed
+
+Targets (issue 5): >= 50 instances/s end to end; no stage but the ledger above 40 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGES = ("receive", "deid", "preprocess", "package", "uplink", "ingest", "ledger")
+
+
+class Clock:
+    """Busy time per stage, summed across threads."""
+
+    def __init__(self):
+        self.busy = collections.Counter()
+        self.calls = collections.Counter()
+        self.lock = threading.Lock()
+
+    def wrap(self, owner, name: str, stage: str, minus: str | None = None):
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                with self.lock:
+                    self.busy[stage] += dt
+                    self.calls[stage] += 1
+                    if minus:  # the inner stage's time was also counted here: take it out
+                        self.busy[stage] -= self._inner.get(threading.get_ident(), 0.0)
+                        self._inner.pop(threading.get_ident(), None)
+
+        setattr(owner, name, timed)
+
+    _inner: dict = {}
+
+    def wrap_inner(self, owner, name: str, stage: str):
+        """A stage nested inside another wrapped call (its time is subtracted from the outer)."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                with self.lock:
+                    self.busy[stage] += dt
+                    self.calls[stage] += 1
+                    tid = threading.get_ident()
+                    self._inner[tid] = self._inner.get(tid, 0.0) + dt
+
+        setattr(owner, name, timed)
+
+    def reset(self):
+        with self.lock:
+            self.busy.clear()
+            self.calls.clear()
+
+
+def instrument(clock: Clock) -> None:
+    import cloud.ingest as ingest
+    import cloud.registration as registration
+    import edge_agent.node as node
+    import edge_agent.packager as packager
+    import edge_agent.uplink as uplink
+
+    clock.wrap(node.EdgeNode, "_on_store", "receive")
+    # de-identification runs in the node's worker process: timed from the feeder thread that
+    # hands it over and waits (the wrapped method in the child would report to nobody)
+    clock.wrap(node.EdgeNode, "_run", "deid")
+    clock.wrap_inner(packager, "prepare", "preprocess")  # called inside Packager.build
+    clock.wrap(packager.Packager, "accept", "package", minus="preprocess")
+    clock.wrap(uplink.Uplink, "_publish_due", "uplink")
+    clock.wrap_inner(registration.LedgerRegistrar, "register", "ledger")
+    clock.wrap(ingest.IngestService, "handle", "ingest", minus="ledger")
+
+
+def ct_items(n: int, seed: int):
+    from scanner_sim.sender import items_from_datasets
+    from scanner_sim.studies import generate_studies
+
+    per = 8
+    studies = generate_studies("CT", -(-n // per), seed=seed, images_per_study=per)
+    return items_from_datasets([ds for st in studies for ds in st.datasets][:n])
+
+
+def _edge_process(profile_path_: str, state: str, broker_port: int, conn) -> None:
+    """The edge agent in a process of its own (as on a real edge device): reports its port,
+    then its stage times when told to stop."""
+    import dataclasses as dc
+
+    from edge_agent.config import load_profile
+    from edge_agent.service import EdgeAgent
+    from medchain.keys import load_secret
+    from medchain.mqtt import MqttEndpoint
+
+    clock = Clock()
+    instrument(clock)
+    profile = load_profile(profile_path_, base_dir=state)
+    profile = dc.replace(profile, device=dc.replace(profile.device, id="bench-edge"))
+    endpoint = MqttEndpoint(port=broker_port, max_message_bytes=8 * 1024 * 1024)
+    with EdgeAgent(profile, load_secret(Path(state) / "keys/site.secret"), endpoint=endpoint,
+                   port=0, host="127.0.0.1") as agent:
+        conn.send(agent.node.port)
+        while (msg := conn.recv()) != "stop":
+            if msg == "reset":
+                clock.reset()
+            elif msg == "depth":
+                conn.send(agent.outbox.depth + len(agent.node.spool.pending()))
+    conn.send(dict(clock.busy))
+
+
+def _scanner_process(port: int, instances: int, seed: int, conn) -> None:
+    from scanner_sim.sender import send
+
+    items = ct_items(instances, seed)
+    conn.send("ready")
+    conn.recv()
+    t0 = time.perf_counter()
+    result = send("127.0.0.1", port, items, calling_ae="SCANNER_CT", called_ae="MEDCHAIN_EDGE",
+                  concurrency=2, progress=False)
+    conn.send((result.success, result.attempted, time.perf_counter() - t0))
+
+
+def run(instances: int, warmup: int) -> dict:
+    import multiprocessing as mp
+
+    from cloud.broker import BrokerProcess
+    from cloud.config import parse_config
+    from cloud.coordinator import Coordinator
+    from cloud.enrolment import enroll, write_enrollment
+    from edge_agent.config import load_profile, profile_path
+    from ledger.cluster import LocalCluster
+    from ledger.identity import RecipientKey, SigningKey
+    from medchain.keys import new_secret
+
+    ctx = mp.get_context("spawn")  # never fork a process that runs threads: held locks deadlock
+    clock = Clock()
+    instrument(clock)  # the cloud side runs in this process
+    with tempfile.TemporaryDirectory(prefix="medchain-bench-") as tmp:
+        root = Path(tmp)
+        (root / "cloud" / "keys").mkdir(parents=True)
+        RecipientKey.generate().save(root / "cloud/keys/custodian.key")
+        SigningKey.generate().save(root / "cloud/keys/model.key")
+        (root / "edge" / "keys").mkdir(parents=True)
+        device = SigningKey.generate()
+        device.save(root / "edge/keys/device.key")
+        new_secret(root / "edge/keys/site.secret")
+        print("starting 4 validators, the embedded broker, the coordinator (this process), "
+              "the edge agent and the scanner (a process each) ...", flush=True)
+        with LocalCluster(n=4, workdir=root / "ledger") as cluster, BrokerProcess() as broker:
+            config = parse_config({
+                "broker": {"host": broker.host, "port": broker.port, "workers": 4},
+                "ledger": {"genesis": str(cluster.genesis_path), "ingest_key": str(cluster.key_path("ingest")),
+                           "operator_key": str(cluster.key_path("operator"))},
+                "store": {"url": "objects"}, "database": {"url": f"sqlite:///{root / 'cloud/cloud.sqlite'}"},
+                "keys": {"custodian": "keys/custodian.key", "model": "keys/model.key"},
+            }, state_dir=root / "cloud")
+            profile = load_profile(profile_path("x86-cpu"), base_dir=root / "edge")
+            with Coordinator(config, endpoint=broker.endpoint) as cloud:
+                write_enrollment(enroll(config, cloud.fleet, device_id="bench-edge", public_key=device.public,
+                                        site="bench", group="x86-cpu", profile="x86-cpu"),
+                                 profile.cloud.enrollment)
+                edge_conn, edge_end = ctx.Pipe()
+                edge = ctx.Process(target=_edge_process, args=(str(profile_path("x86-cpu")),
+                                                                str(root / "edge"), broker.port, edge_end))
+                edge.start()
+                port = edge_conn.recv()
+
+                def wait_acked(total: int) -> None:
+                    while True:
+                        edge_conn.send("depth")
+                        if edge_conn.recv() == 0 and cloud.catalog.count() >= total:
+                            return
+                        time.sleep(0.02)
+
+                def scanner(n: int, seed: int):
+                    conn, end = ctx.Pipe()
+                    proc = ctx.Process(target=_scanner_process, args=(port, n, seed, end))
+                    proc.start()
+                    conn.recv()  # studies generated: start the clock now
+                    return proc, conn
+
+                proc, conn = scanner(warmup, 1)
+                conn.send("go")
+                conn.recv()
+                proc.join()
+                wait_acked(warmup)
+                clock.reset()
+                edge_conn.send("reset")
+                proc, conn = scanner(instances, 2)
+                t0 = time.perf_counter()
+                conn.send("go")
+                success, attempted, t_sent = conn.recv()
+                proc.join()
+                wait_acked(warmup + success)
+                elapsed = time.perf_counter() - t0
+                edge_conn.send("stop")
+                busy = {**edge_conn.recv(), **dict(clock.busy)}
+                edge.join(30)
+                height = cloud.ledger.status(0)["executed"]
+    return {"instances": success, "refused": attempted - success, "elapsed": elapsed,
+            "scanner_done": t_sent, "busy": busy, "height": height}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--instances", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=16)
+    args = ap.parse_args(argv)
+    out = run(args.instances, args.warmup)
+    rate = out["instances"] / out["elapsed"]
+    total = sum(out["busy"].get(s, 0.0) for s in STAGES)
+    print(f"\ncores: {len(os.sched_getaffinity(0))}; {out['instances']} instances of 512x512 CT "
+          f"({out['refused']} refused); ledger height {out['height']}")
+    print(f"scanner finished after {out['scanner_done']:.2f} s; last ledger-committed ack after "
+          f"{out['elapsed']:.2f} s")
+    print(f"end to end: {rate:.1f} instances/s (target >= 50)")
+    print(f"\n{'stage':<11} {'busy s':>7} {'ms/inst':>8} {'share':>6}")
+    worst = ""
+    for stage in STAGES:
+        busy = out["busy"].get(stage, 0.0)
+        share = busy / total if total else 0.0
+        print(f"{stage:<11} {busy:7.2f} {1000 * busy / max(1, out['instances']):8.2f} {share:6.1%}")
+        if stage != "ledger" and share > 0.40:
+            worst = stage
+    print(f"\nno stage but the ledger above 40 %: {'yes' if not worst else 'NO (' + worst + ')'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Uplink throughput over MQTT with TLS (client certificates) against plain MQTT, same run.
+
+    python bench/transport.py [--envelopes 200] [--size 262144] [--rounds 3]
+
+Two private Mosquitto brokers on loopback, one plain and one whose only listener is TLS and
+requires client certificates (throwaway CA from ``tests/conftest.py``). For each, the real
+edge path: sealed envelopes in a SQLite outbox, the :class:`Uplink` publishing them at QoS 1,
+a receiver that verifies each envelope's signature and answers with a signed ack, and the
+outbox releasing it. The ledger is left out (it would dominate both alike). Rounds are
+interleaved; prints the median envelopes/s and MB/s per transport and the ratio tls/plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from conftest import MosquittoProcess, issue_pki  # noqa: E402  (tests/conftest.py)
+
+from edge_agent.outbox import Outbox  # noqa: E402
+from edge_agent.uplink import Uplink, UplinkSettings  # noqa: E402
+from ledger.identity import RecipientKey, SigningKey  # noqa: E402
+from medchain.mqtt import MqttLink  # noqa: E402
+from medchain.protocol import Ack, AckStatus, Envelope, ack_topic, decode_message, device_from_topic  # noqa: E402
+from medchain.protocol import encode, envelope_subscription  # noqa: E402
+from medchain.sealing import seal, verify  # noqa: E402
+
+
+def one_round(endpoint, cloud_endpoint, n: int, size: int, workdir: Path) -> float:
+    device, cloud, custodian = SigningKey.generate(), SigningKey.generate(), RecipientKey.generate()
+    device_id = f"bench-{device.public.id[:8]}"
+
+    def answer(topic, payload):
+        env = decode_message(payload, expect=Envelope)
+        verify(env, device.public)
+        ack = Ack(env.envelope_id, device_from_topic(topic), env.header.sequence, AckStatus.STORED, "")
+        receiver.publish(ack_topic(device_id), encode(ack.signed(cloud)))
+
+    receiver = MqttLink(cloud_endpoint, subscriptions=[(envelope_subscription(), 1)], on_message=answer,
+                        persistent_session=False)
+    with Outbox(workdir / f"{device_id}.db") as box, receiver:
+        assert receiver.wait_connected(10), receiver.last_error
+        for _ in range(n):
+            box.enqueue(lambda seq: (lambda e: (e.envelope_id, encode(e)))(seal(
+                {"dicom": bytes([seq % 256]) * size}, device_id=device_id, sequence=seq, signer=device,
+                recipient=custodian.public, created_ms=seq)))
+        settings = UplinkSettings(window=32, resend_after_s=60, heartbeat_s=3600, idle_poll_s=0.01)
+        with Uplink(box, endpoint, device_id=device_id, device_key=device, cloud_key=cloud.public,
+                    settings=settings) as up:
+            assert up.link.wait_connected(10), up.link.last_error
+            t0 = time.perf_counter()
+            assert up.wait_drained(300), f"outbox still holds {box.depth}"
+            elapsed = time.perf_counter() - t0
+    return n / elapsed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envelopes", type=int, default=200)
+    parser.add_argument("--size", type=int, default=256 * 1024, help="payload bytes per envelope")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plain = MosquittoProcess(tmp / "plain")
+        tls = MosquittoProcess(tmp / "tls", pki=issue_pki(tmp / "pki"))
+        plain.start()
+        tls.start()
+        try:
+            transports = {
+                "plain": (plain.endpoint, plain.endpoint),
+                "tls": (tls.endpoint_as(tls.pki.clients["edge"]), tls.endpoint_as(tls.pki.clients["cloud"])),
+            }
+            rates: dict[str, list[float]] = {k: [] for k in transports}
+            for r in range(args.rounds):
+                for name, (edge, cloud) in transports.items():
+                    rates[name].append(one_round(edge, cloud, args.envelopes, args.size, tmp))
+                    print(f"round {r + 1} {name:5s} {rates[name][-1]:8.1f} envelopes/s", flush=True)
+        finally:
+            plain.stop()
+            tls.stop()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    for name, rate in med.items():
+        print(f"{name:5s} median {rate:8.1f} envelopes/s  {rate * args.size / 1e6:7.1f} MB/s payload")
+    print(f"tls/plain = {med['tls'] / med['plain']:.2f}  ({args.envelopes} envelopes of {args.size} bytes, "
+          f"{args.rounds} rounds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

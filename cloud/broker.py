@@ -1,0 +1,153 @@
+"""The embedded MQTT broker: the one-machine default when no Mosquitto/EMQX is installed.
+
+It runs amqtt (a pure-Python MQTT 3.1.1 broker) on loopback, either on a thread of the
+calling process (:class:`EmbeddedBroker`) or as a process of its own
+(:class:`BrokerProcess`, ``medchain cloud broker``): moving large messages through a Python
+broker costs CPU that should not compete with ingest for one interpreter lock. It keeps
+nothing on disk and has no shared subscriptions: good for the demo and for a laptop; a
+hospital deployment points edge and cloud at a real broker instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from medchain.mqtt import MqttEndpoint
+
+from cloud.errors import BrokerError
+
+__all__ = ["EmbeddedBroker", "BrokerProcess", "BrokerError", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """``with EmbeddedBroker() as broker: broker.endpoint`` — started and stopped cleanly."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 10.0):
+        self.host = host
+        self.port = port or free_port(host)
+        self._start_timeout = start_timeout
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> MqttEndpoint:
+        return MqttEndpoint(host=self.host, port=self.port, max_message_bytes=8 * 1024 * 1024)
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        for name in ("amqtt", "transitions"):  # their INFO lines would drown ours
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._thread = threading.Thread(target=self._serve, name="embedded-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(self._start_timeout) or self._error:
+            raise BrokerError(f"embedded broker on {self.host}:{self.port} did not start: {self._error}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop and self._stop and self._thread and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout)
+
+    def _serve(self) -> None:
+        from amqtt.broker import Broker  # imported here: only the embedded default needs it
+
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            broker = Broker(config)
+            await broker.start()
+            self._ready.set()
+            await self._stop.wait()
+            await broker.shutdown()
+            current = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not current]
+            for task in rest:  # amqtt leaves per-client handler tasks behind
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as exc:  # reported to start(); the thread must not die silently
+            self._error = exc
+            self._ready.set()
+        finally:
+            # finalize amqtt's stray coroutines while their loop still takes callbacks: once
+            # closed, each one collected later raises "Event loop is closed" from a finalizer
+            gc.collect()
+            try:
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            finally:
+                self._loop.close()
+
+
+class BrokerProcess:
+    """The embedded broker as a child process (``medchain cloud broker``), started and
+    stopped as a context manager; ``endpoint`` as for :class:`EmbeddedBroker`."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 20.0):
+        self.host = host
+        self.port = port or free_port(host)
+        self._start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> MqttEndpoint:
+        return MqttEndpoint(host=self.host, port=self.port, max_message_bytes=8 * 1024 * 1024)
+
+    def __enter__(self) -> BrokerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "medchain.cli", "cloud", "broker", "--host", self.host, "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + self._start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerError(f"broker process on {self.host}:{self.port} exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"broker process on {self.host}:{self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

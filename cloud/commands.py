@@ -1,0 +1,346 @@
+"""``medchain cloud``: set up and run the coordinator, enrol and revoke devices, list the fleet,
+release and roll out models (and roll them back), prove an edge prediction.
+
+Imports nothing heavy at load time; each handler imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["register"]
+
+CONFIG_TEMPLATE = """\
+# MedChain cloud coordinator. Paths are relative to the state directory (--state-dir,
+# default: the directory this file is in). Key files only: no key is ever written here.
+
+[broker]
+host = "127.0.0.1"
+port = {port}
+embedded = {embedded}          # true: run the in-process broker (one machine); false: use Mosquitto/EMQX
+# shared_group = "ingest"      # with a broker that has shared subscriptions: several workers split the load
+workers = 1
+
+[ledger]
+genesis = "{genesis}"
+ingest_key = "{ingest_key}"       # principal 'ingest': registers images and signs acks
+operator_key = "{operator_key}"   # principal 'operator': enrols and revokes devices
+training_key = "{training_key}"   # principal 'training': reads consented images, releases models
+policy = "default"
+
+[store]
+url = "objects"                # a directory, file:///path, or s3://bucket/prefix
+
+[database]
+url = "sqlite:///{database}"
+
+[keys]
+custodian = "keys/custodian.key"   # X25519: data keys are wrapped for it
+model = "keys/model.key"           # Ed25519: signs model releases
+"""
+
+
+def _config(args):
+    from cloud.config import load_config
+
+    state = args.state_dir or args.config.resolve().parent
+    return load_config(args.config, state_dir=state)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from ledger.identity import RecipientKey, SigningKey
+
+    root = args.dir
+    (root / "keys").mkdir(parents=True, exist_ok=True)
+    made = []
+    if not (root / "keys" / "custodian.key").exists():
+        RecipientKey.generate().save(root / "keys" / "custodian.key")
+        made.append("keys/custodian.key")
+    if not (root / "keys" / "model.key").exists():
+        SigningKey.generate().save(root / "keys" / "model.key")
+        made.append("keys/model.key")
+    ledger = args.ledger_dir.resolve()
+    config = root / "cloud.toml"
+    if not config.exists():
+        config.write_text(CONFIG_TEMPLATE.format(
+            port=args.port, embedded="true" if args.embedded else "false",
+            genesis=ledger / "genesis.json", ingest_key=ledger / "keys" / "ingest.key",
+            operator_key=ledger / "keys" / "operator.key",
+            training_key=ledger / "keys" / "training.key", database=(root / "cloud.sqlite").resolve()))
+        made.append("cloud.toml")
+    print(f"{root}: {'created ' + ', '.join(made) if made else 'already set up'}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cloud.coordinator import Coordinator
+
+    coordinator = Coordinator(_config(args))
+
+    def ready(c) -> None:
+        print(f"cloud coordinator ready: broker {c.endpoint.describe()}, store {c.config.store_url}",
+              flush=True)
+
+    coordinator.serve(ready=ready)
+    print("cloud coordinator stopped: " + json.dumps({
+        "stored": coordinator.catalog.count(), "devices": len(coordinator.fleet.list())}), flush=True)
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from cloud.broker import EmbeddedBroker
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(args.host, args.port) as broker:
+        print(f"embedded MQTT broker ready on {broker.host}:{broker.port}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from cloud.enrolment import enroll, write_enrollment
+    from cloud.fleet import FleetRegistry
+    from ledger.identity import SigningKey, VerifyKey
+
+    config = _config(args)
+    public = VerifyKey.from_hex(args.public_key) if args.public_key else SigningKey.load(args.key_file).public
+    fleet = FleetRegistry(config.database_url)
+    enrollment = enroll(config, fleet, device_id=args.device_id, public_key=public, site=args.site,
+                        group=args.group, profile=args.profile)
+    write_enrollment(enrollment, args.out)
+    print(f"enrolled {args.device_id} (key {public.id}) on the ledger and in the fleet registry; "
+          f"give {args.out} to the device")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from cloud.enrolment import revoke
+    from cloud.fleet import FleetRegistry
+
+    config = _config(args)
+    revoke(config, FleetRegistry(config.database_url), args.device_id, args.reason)
+    print(f"revoked {args.device_id}: its envelopes are refused from now on")
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from cloud.fleet import FleetRegistry
+
+    fleet = FleetRegistry(_config(args).database_url)
+    for d in fleet.list(args.group):
+        print(json.dumps({"device_id": d.device_id, "group": d.group, "site": d.site, "state": d.state,
+                          "revoked": d.revoked, "last_seen_ms": d.last_seen_ms, "queue_depth": d.queue_depth,
+                          "model_version": d.model_version}, sort_keys=True))
+    return 0
+
+
+def _principal_client(config, name: str):
+    """A started ledger client acting as principal ``name`` (its key from cloud.toml)."""
+    from cloud.config import ConfigError
+    from ledger.client import LedgerClient
+    from ledger.identity import SigningKey
+
+    path = {"training": config.training_key, "ingest": config.ingest_key}[name]
+    if path is None:
+        raise ConfigError(f"[ledger] {name}_key is not set: this command acts as the {name} principal")
+    client = LedgerClient(config.genesis, SigningKey.load(path), name)
+    client.start()
+    return client
+
+
+def _rollout_shell(config):
+    from cloud.fleet import FleetRegistry
+    from cloud.rollout import Rollout
+    from ledger.identity import SigningKey
+
+    return Rollout(endpoint=config.endpoint, fleet=FleetRegistry(config.database_url),
+                   database=config.database_url, model_key=SigningKey.load(config.model_key))
+
+
+def _print_report(report) -> int:
+    print(json.dumps(report.to_dict(), sort_keys=True), flush=True)
+    return 0 if report.result == "complete" else 1
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    config = _config(args)
+    progress = (lambda line: print(f"rollout: {line}", flush=True))
+    with _rollout_shell(config) as shell:
+        if args.run is not None:
+            ledger = _principal_client(config, "training")
+            try:
+                release = shell.release(args.run, ledger, name=args.name)
+            finally:
+                ledger.close()
+            print(f"released {release.version} ({release.model_hash.hex()}): signed, recorded on "
+                  f"the ledger at height {release.receipt['header']['height']}, published", flush=True)
+            model_hash = release.model_hash
+        else:
+            model_hash = bytes.fromhex(args.model)
+        report = shell.run(model_hash, args.group, canary_share=args.canary,
+                           timeout_s=args.timeout, progress=progress)
+    return _print_report(report)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with _rollout_shell(config) as shell:
+        report = shell.rollback(args.group, timeout_s=args.timeout,
+                                progress=lambda line: print(f"rollback: {line}", flush=True))
+    return _print_report(report)
+
+
+def _prediction(args: argparse.Namespace) -> int:
+    from cloud.catalog import Catalog
+    from cloud.predictions import PredictionLog
+
+    config = _config(args)
+    ledger = _principal_client(config, "ingest")
+    try:
+        log = PredictionLog(Catalog(config.database_url), ledger)
+        record = log.get(args.envelope)
+        if record is None:
+            print(f"envelope {args.envelope}: no prediction recorded")
+            return 1
+        proof = log.prove(args.envelope)
+        if proof is None:
+            print(json.dumps({"prediction": record, "proof": "pending: not yet committed"}))
+            return 1
+        proof.verify(ledger.keyring)
+        print(json.dumps({"prediction": proof.record, "proof": {
+            "batch_root": record["batch_root"], "leaf_index": proof.proof.index,
+            "batch_size": proof.proof.size, "ledger_height": proof.receipt.header.height,
+            "verified": "inclusion proof and commit certificate check against the genesis validator keys"}},
+            sort_keys=True))
+        return 0
+    finally:
+        ledger.close()
+def _train(args: argparse.Namespace) -> int:
+    from cloud.training import train_from_store
+    from models.errors import ModelError
+    from models.training import Recipe
+
+    overrides = {k: v for k, v in {
+        "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size,
+        "patience": args.patience, "max_image_size": args.max_image_size}.items() if v is not None}
+    if args.model:
+        try:
+            overrides["model"] = json.loads(args.model)
+        except ValueError:
+            raise ModelError("--model must be a JSON object") from None
+        if not isinstance(overrides["model"], dict):
+            raise ModelError("--model must be a JSON object")
+    summary = train_from_store(_config(args), args.modality, args.out, Recipe(**overrides),
+                               max_images=args.max_images, device=args.device,
+                               progress=not args.no_progress)
+    h = summary["hybrid"]["val"]
+    print(f"validation: accuracy {h['accuracy']:.4f}, f1 {h['f1']:.4f} (epoch {summary['best_epoch']}); "
+          f"knn accuracy {summary['knn']['val']['accuracy']:.4f}, svm accuracy "
+          f"{summary['svm']['val']['accuracy']:.4f}; {summary['timings']['total_seconds']:.0f} s")
+    print(f"run folder: {args.out}")
+    return 0
+
+
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="the coordinator's cloud.toml")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="base for relative paths (default: the config file's directory)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    cloud = sub.add_parser("cloud", help="the cloud coordinator: ingest, fleet, enrolment")
+    actions = cloud.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = actions.add_parser("init", help="create the coordinator's keys (0600) and a cloud.toml")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--ledger-dir", type=Path, required=True,
+                   help="where `medchain ledger genesis/cluster` wrote genesis.json and keys/")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--embedded", action="store_true", help="run the in-process broker")
+    p.set_defaults(func=_init)
+
+    p = actions.add_parser("run", help="run ingest and the heartbeat monitor until SIGTERM")
+    _with_config(p)
+    p.set_defaults(func=_run)
+
+    p = actions.add_parser("broker", help="run the embedded MQTT broker (amqtt) until SIGTERM, "
+                                          "for one machine without Mosquitto")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.set_defaults(func=_broker)
+
+    p = actions.add_parser("enroll", help="enrol a device (ledger + registry) and write its enrolment file")
+    _with_config(p)
+    p.add_argument("--device-id", required=True)
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--public-key", help="the device's Ed25519 public key, hex")
+    key.add_argument("--key-file", type=Path, help="the device's key file (only its public half is used)")
+    p.add_argument("--site", required=True)
+    p.add_argument("--group", required=True)
+    p.add_argument("--profile", default="x86-cpu")
+    p.add_argument("--out", type=Path, required=True, help="where to write the enrolment file")
+    p.set_defaults(func=_enroll)
+
+    p = actions.add_parser("revoke", help="revoke a device: its envelopes are refused from then on")
+    _with_config(p)
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=_revoke)
+
+    p = actions.add_parser("rollout", help="release a trained run (sign, MODEL_RELEASED, publish) "
+                                           "and roll it out to a device group, canaries first")
+    _with_config(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", type=Path, help="a training run folder (model.onnx + model_card.json)")
+    what.add_argument("--model", help="the hash (hex) of a model released before")
+    p.add_argument("--group", required=True, help="the device group to roll out to")
+    p.add_argument("--canary", type=float, default=0.25, help="share of the group offered first")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for devices")
+    p.add_argument("--name", default="hybrid", help="release name recorded on the ledger")
+    p.set_defaults(func=_rollout)
+
+    p = actions.add_parser("rollback", help="offer a group the model it ran before its last rollout")
+    _with_config(p)
+    p.add_argument("--group", required=True)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=_rollback)
+
+    p = actions.add_parser("prediction", help="an image's edge prediction with its verified "
+                                              "ledger proof (INFERENCE_RECORDED batch)")
+    _with_config(p)
+    p.add_argument("--envelope", required=True, help="the envelope id (hex)")
+    p.set_defaults(func=_prediction)
+    p = actions.add_parser(
+        "train", help="train on the stored images the ledger grants for training; export ONNX",
+        description="For every stored image of the modality, ask the ledger for 'training' "
+                    "access as the training principal (decided by policy and consent, audited); "
+                    "decrypt only the granted ones, join their labels by pseudonym, split by "
+                    "patient, train and write the run folder (model.onnx, model_card.json, "
+                    "metrics, figures, access_report.json).")
+    _with_config(p)
+    p.add_argument("--modality", required=True, help="one modality, e.g. CR")
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
+    p.add_argument("--seed", type=int, help="seed of the split and of training (default 0)")
+    p.add_argument("--max-images", type=int, help="stop once this many labelled images are granted")
+    p.add_argument("--batch-size", type=int, help="batch size (default 64)")
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 6)")
+    p.add_argument("--max-image-size", type=int, help="longest side fed to the model (default 64)")
+    p.add_argument("--model", metavar="JSON", help='architecture overrides, e.g. \'{"depth": 1}\'')
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+
+    p = actions.add_parser("devices", help="list the fleet with its latest heartbeats (JSON lines)")
+    _with_config(p)
+    p.add_argument("--group", default=None)
+    p.set_defaults(func=_devices)
+

@@ -1,0 +1,104 @@
+"""The cloud coordinator's configuration (TOML), checked as strictly as device profiles.
+
+Relative paths resolve against the state directory. Holds paths to key files, never keys.
+An example with every field is ``cloud.example.toml`` at the top of the project::
+
+    [broker]      host, port, embedded, shared_group, workers, max_message_bytes, [broker.tls]
+    [ledger]      genesis, ingest_key, operator_key, training_key, policy
+    [store]       url        (a directory, file:///dir, or s3://bucket/prefix)
+    [database]    url        (SQLAlchemy: sqlite:///cloud.sqlite, postgresql+psycopg://...)
+    [keys]        custodian, model
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medchain.mqtt import MqttEndpoint
+from medchain.settings import Section, read_toml
+
+from cloud.errors import CloudError
+
+__all__ = ["CloudConfig", "load_config", "parse_config", "ConfigError"]
+
+
+class ConfigError(CloudError):
+    """The cloud configuration is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    endpoint: MqttEndpoint
+    embedded_broker: bool
+    shared_group: str | None
+    workers: int
+    genesis: Path
+    ingest_key: Path
+    operator_key: Path | None
+    training_key: Path | None
+    policy: str
+    store_url: str
+    database_url: str
+    custodian_key: Path
+    model_key: Path
+    state_dir: Path
+
+
+def load_config(path: str | Path, state_dir: str | Path | None = None) -> CloudConfig:
+    path = Path(path)
+    return parse_config(read_toml(path, ConfigError, "cloud configuration"),
+                        origin=str(path), state_dir=state_dir)
+
+
+def parse_config(raw: dict[str, Any], *, origin: str = "cloud configuration",
+                 state_dir: str | Path | None = None) -> CloudConfig:
+    base = Path(state_dir) if state_dir is not None else Path.cwd()
+    top = dict(raw)
+
+    def section(name: str) -> Section:
+        if name not in top:
+            raise ConfigError(f"{origin}: section [{name}] missing")
+        return Section(origin, name, top.pop(name), base, ConfigError)
+
+    b = section("broker")
+    embedded = b.bool("embedded", False)
+    tls = b.sub("tls")
+    ca, cert, key = (tls.path(k, None) for k in ("ca", "cert", "key"))
+    tls.done()
+    endpoint = MqttEndpoint(host=b.str("host", "127.0.0.1"), port=b.int("port", 1883, lo=0, hi=65535),
+                            tls_ca=str(ca) if ca else None, tls_cert=str(cert) if cert else None,
+                            tls_key=str(key) if key else None,
+                            keepalive=b.int("keepalive", 30, lo=5, hi=65535),
+                            max_message_bytes=b.int("max_message_bytes", 256 * 1024**2, lo=1024))
+    shared = b.str("shared_group", "", empty=True) or None
+    workers = b.int("workers", 1, lo=1, hi=64)
+    b.done()
+    if embedded and shared:
+        raise ConfigError(f"{origin}: [broker] shared_group: the embedded broker has no shared subscriptions")
+
+    s = section("ledger")
+    genesis, ingest_key = s.path("genesis"), s.path("ingest_key")
+    operator_key, policy = s.path("operator_key", None), s.str("policy", "default")
+    training_key = s.path("training_key", None)
+    s.done()
+
+    s = section("store")
+    url = s.str("url")
+    store_url = url if "://" in url else str(base / url)
+    s.done()
+
+    s = section("database")
+    database_url = s.str("url")
+    s.done()
+
+    s = section("keys")
+    custodian, model = s.path("custodian"), s.path("model")
+    s.done()
+
+    if top:
+        raise ConfigError(f"{origin}: unknown section(s): {', '.join(sorted(top))}")
+    return CloudConfig(endpoint, embedded, shared, workers, genesis, ingest_key, operator_key,
+                       training_key,
+                       policy, store_url, database_url, custodian, model, base)

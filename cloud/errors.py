@@ -1,0 +1,50 @@
+"""Cloud-side exceptions, rooted in :class:`medchain.errors.MedChainError`.
+
+Messages name the object and the reason, never a key, a secret or patient data.
+"""
+
+from medchain.errors import MedChainError
+
+__all__ = [
+    "CloudError",
+    "BrokerError",
+    "StoreError",
+    "ObjectMissing",
+    "FleetError",
+    "UnknownDevice",
+    "RegistrationRefused",
+    "TrainingDataError",
+]
+
+
+class CloudError(MedChainError):
+    """Base of cloud errors."""
+
+
+class BrokerError(CloudError):
+    """The embedded broker could not start."""
+
+
+class StoreError(CloudError):
+    """The object store failed to read or write."""
+
+
+class ObjectMissing(StoreError):
+    """No envelope with that id is stored (or one of its chunks is gone)."""
+
+
+class FleetError(CloudError):
+    """A fleet operation was refused (duplicate enrolment, bad heartbeat...)."""
+
+
+class UnknownDevice(FleetError):
+    """No device is enrolled under that id."""
+
+
+class RegistrationRefused(CloudError):
+    """The ledger refused an image registration; the reason is the contract's."""
+
+
+class TrainingDataError(CloudError):
+    """The stored images cannot make a training set (none granted, mixed edge chains,
+    a single class...); the message says which and how many."""

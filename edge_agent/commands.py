@@ -1,0 +1,101 @@
+"""``medchain edge``: run the DICOM node, import clinical records.
+
+Imports nothing heavy at load time; each handler imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def _profile(args: argparse.Namespace):
+    from edge_agent.config import load_profile
+
+    return load_profile(args.config, base_dir=args.state_dir)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge_agent.agent import build_node, load_site_secret, serve
+    from edge_agent.sink import FolderSink
+
+    profile = _profile(args)
+    secret = load_site_secret(profile, args.secret)
+    if args.out is None:
+        return _run_agent(args, profile, secret)
+    out = args.out
+    node = build_node(profile, secret, FolderSink(out), port=args.port, host=args.host)
+
+    def ready(n) -> None:
+        print(f"edge node {profile.device.id} ready: AE {profile.dicom.ae_title} on "
+              f"{n.dicom.host}:{n.port}, spool {profile.spool.dir}, output {out}", flush=True)
+
+    stats = serve(node, ready=ready)
+    print("edge node stopped: " + json.dumps(stats, sort_keys=True), flush=True)
+    return 0
+
+
+def _run_agent(args: argparse.Namespace, profile, secret: bytes) -> int:
+    """The full agent: de-identified instances are sealed, queued and sent to the cloud."""
+    from edge_agent.service import EdgeAgent
+
+    agent = EdgeAgent(profile, secret, port=args.port, host=args.host)
+
+    def ready(a) -> None:
+        print(f"edge agent {profile.device.id} ready: AE {profile.dicom.ae_title} on "
+              f"{a.node.dicom.host}:{a.node.port}; uplink to {a.uplink.link.endpoint.describe()}; "
+              f"outbox {profile.outbox.path} ({a.outbox.depth} waiting)", flush=True)
+
+    stats = agent.serve(ready=ready)
+    print("edge agent stopped: " + json.dumps(stats, sort_keys=True), flush=True)
+    return 0
+
+
+def _records_import(args: argparse.Namespace) -> int:
+    from edge_agent.agent import load_site_secret
+    from edge_agent.pseudonyms import Pseudonymizer
+    from edge_agent.records import RecordStore, pseudonymize, read_records_file
+
+    profile = _profile(args)
+    pz = Pseudonymizer(load_site_secret(profile, args.secret), profile.deid.patient_id_issuer)
+    records = pseudonymize(read_records_file(args.file), pz)
+    with RecordStore(profile.records.path) as store:
+        n = store.upsert(records)
+        counts = store.counts()
+    print(f"imported {n} record(s) from {args.file} into {profile.records.path} "
+          f"(now {counts['patients']} patient token(s), {counts['studies']} labelled stud(ies)); "
+          "identifiers replaced by keyed pseudonyms", file=sys.stdout)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="device profile, e.g. firmware_configs/x86-cpu.toml")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="base for the profile's relative paths (default: current directory)")
+    p.add_argument("--secret", type=Path, default=None,
+                   help="site pseudonymization secret (default: the profile's [deid] secret_path)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    edge = sub.add_parser("edge", help="the edge agent: DICOM node and clinical records")
+    actions = edge.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = actions.add_parser("run", help="run the edge agent until SIGTERM (receive, de-identify, "
+                                         "prepare, seal, queue, send to the cloud)")
+    _common(run)
+    run.add_argument("--port", type=int, default=None, help="override the profile's DICOM port (0: any free port)")
+    run.add_argument("--host", default=None, help="override the profile's bind address")
+    run.add_argument("--out", type=Path, default=None,
+                     help="stand-alone mode: write de-identified instances to this folder instead "
+                          "of sealing and sending them (needs no enrolment)")
+    run.set_defaults(func=_run)
+    records = actions.add_parser("records", help="clinical records (labels and consent)")
+    ra = records.add_subparsers(dest="records_action", required=True, metavar="ACTION")
+    imp = ra.add_parser("import", help="import a CSV or JSON export keyed by patient ID and accession; "
+                                       "keys are replaced by keyed pseudonyms")
+    _common(imp)
+    imp.add_argument("file", type=Path)
+    imp.set_defaults(func=_records_import)

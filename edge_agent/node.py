@@ -1,0 +1,446 @@
+"""The DICOM node: a pynetdicom SCP that spools, then a worker that de-identifies and hands off.
+
+The shell around the pure cores. What a PACS administrator sees is an ordinary storage SCP:
+C-ECHO, C-STORE of every storage SOP class in every transfer syntax we can decode, calling
+AE titles checked at association, a PDU size and an association limit from the profile.
+
+Durability contract: a C-STORE is answered Success only after the received object is in the
+spool (fsynced and renamed); the spooled original is deleted only after the sink accepted
+the de-identified instance. Malformed objects get a failure status (cannot be parsed) or a
+quarantine entry (parsed, but cannot be de-identified or decoded); one bad object never
+stops the node. Back-pressure: a callable that returns a reason (or the spool's own
+``max_bytes``) makes C-STORE answer 0xA700 Out of Resources without storing anything.
+
+Processing (parse, de-identify, pixel check, re-encode) runs by default in a separate worker
+process, so that it uses a core of its own instead of sharing the GIL with the SCP threads that
+answer the scanner; the worker threads here only hand spool paths over, then call the sink and
+remove the spool entry. A worker process that dies (a decoder crashing on a hostile file) is
+replaced; the instances it held are retried, each suspect one alone, and the one that kills
+a worker on its own is quarantined as ``worker-crashed``: one bad object never stops the node.
+Worker processes are spawned, so a script that starts a node needs the usual
+``if __name__ == "__main__":`` guard (or pass ``processes=0``).
+
+Logs name spool ids, AE titles, SOP classes and reasons — never an attribute value.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pydicom.pixels import get_decoder
+from pydicom.uid import RLELossless
+
+from edge_agent.config import DicomConfig
+from edge_agent.errors import Quarantined, SpoolError, SpoolFull
+from edge_agent.pipeline import Processor, parse_received
+from edge_agent.sink import DeidentifiedInstance, Sink
+from edge_agent.spool import Spool
+
+__all__ = ["EdgeNode", "NodeStats", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND",
+           "ACCEPTED_TRANSFER_SYNTAXES"]
+
+log = logging.getLogger("medchain.edge.node")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+
+
+
+def _decodable(ts: str) -> bool:
+    try:
+        return get_decoder(ts).is_available
+    except NotImplementedError:
+        return False
+
+
+# every transfer syntax an installed pixel decoder can read (uncompressed, deflated, RLE,
+# JPEG, JPEG-LS, JPEG 2000, HTJ2K): a syntax we could only quarantine is not offered, so the
+# scanner falls back to one we can de-identify and check. pynetdicom accepts, per context,
+# the first of *our* syntaxes the peer proposed: compressed ones come first, so an object
+# the peer holds compressed (and proposes as such) arrives as it is, never transcoded by a
+# peer that may lack the codec; uncompressed data still arrives uncompressed.
+_UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
+ACCEPTED_TRANSFER_SYNTAXES = sorted(
+    (ts for ts in dict.fromkeys([*ALL_TRANSFER_SYNTAXES, RLELossless]) if _decodable(ts)),
+    key=lambda ts: (ts in _UNCOMPRESSED, _UNCOMPRESSED.index(ts) if ts in _UNCOMPRESSED else 0))
+
+Backpressure = Callable[[], "str | None"]
+
+# -- processing, in this process or in a worker process ----------------------------------------
+# An outcome is ("ok", instance) | ("quarantined", reason, detail) | ("spool-error", message)
+# | ("internal-error", exception class name): plain tuples, so nothing but a class name of an
+# unexpected exception crosses the process boundary (its text could quote an attribute value).
+
+Outcome = tuple
+
+
+def process_spooled(processor: Processor, path: str, spool_id: str) -> Outcome:
+    """Read one spooled object and run it through ``processor``; never raises."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        return ("spool-error", f"spool entry {spool_id}: cannot read ({exc.strerror or exc})")
+    try:
+        return ("ok", processor.process(raw, spool_id))
+    except Quarantined as q:
+        return ("quarantined", q.reason, q.detail)
+    except Exception as exc:  # a bug must not kill the worker; keep the object for a person
+        return ("internal-error", exc.__class__.__name__)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a worker process: exit as soon as the node's process is gone. A node killed with
+    SIGKILL (or crashing) cannot shut its pool down, and the idle worker would otherwise live
+    on, orphaned, holding its memory, through every later restart."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _child_ready() -> bool:
+    """Run once per worker process at start, so that its imports are done before traffic."""
+    import edge_agent.pipeline  # noqa: F401
+
+    return True
+
+
+class _Gate:
+    """Shared/exclusive admission to the worker pool: a suspect instance (one that was in
+    flight when a worker process died) runs alone, so a second death names its culprit."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    def acquire(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._waiting_exclusive += 1
+                while self._shared or self._exclusive:
+                    self._cond.wait()
+                self._waiting_exclusive -= 1
+                self._exclusive = True
+            else:
+                while self._exclusive or self._waiting_exclusive:
+                    self._cond.wait()
+                self._shared += 1
+
+    def release(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._exclusive = False
+            else:
+                self._shared -= 1
+            self._cond.notify_all()
+
+
+@dataclass
+class NodeStats:
+    received: int = 0
+    stored: int = 0  # answered Success
+    forwarded: int = 0  # accepted by the sink
+    refused: collections.Counter = field(default_factory=collections.Counter)  # failure statuses by reason
+    quarantined: collections.Counter = field(default_factory=collections.Counter)
+    sink_failures: int = 0
+    rejected_associations: int = 0
+
+    def as_dict(self) -> dict:
+        return {"received": self.received, "stored": self.stored, "forwarded": self.forwarded,
+                "refused": dict(self.refused), "quarantined": dict(self.quarantined),
+                "sink_failures": self.sink_failures, "rejected_associations": self.rejected_associations}
+
+
+class EdgeNode:
+    """Start with ``with EdgeNode(...) as node:`` or ``start()``/``stop()``."""
+
+    def __init__(self, dicom: DicomConfig, spool: Spool, processor: Processor, sink: Sink, *,
+                 backpressure: Backpressure | None = None, retry_delay: float = 2.0,
+                 precheck: bool = True, workers: int = 3, processes: int = 1) -> None:
+        self.dicom, self.spool, self.processor, self.sink = dicom, spool, processor, sink
+        self.backpressure = backpressure
+        self.retry_delay = retry_delay
+        self.precheck = precheck
+        self.stats = NodeStats()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._idle = threading.Condition()
+        self._in_flight = 0
+        self._server = None
+        # threads that feed the processing and call the sink: >1 overlaps one's sink fsyncs with
+        # another's processing; processes: worker processes (0: process in these threads)
+        self.workers = max(1, workers)
+        self.processes = max(0, processes)
+        self._workers: list[threading.Thread] = []
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._gate = _Gate()
+        self._suspects: set[str] = set()
+        self._retry_timers: list[threading.Timer] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.dicom.ae_title)
+        ae.maximum_pdu_size = self.dicom.max_pdu
+        ae.maximum_associations = self.dicom.max_associations
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        if not self.dicom.accepts_any_caller:
+            ae.require_calling_aet = list(self.dicom.allowed_calling_aets)
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: this process runs threads (SCP, timers), and a forked child would
+        # inherit their locks in whatever state they were in
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+    def start(self) -> EdgeNode:
+        if self.processes:
+            self._pool = self._new_pool()
+            # start the worker processes now, not on the first C-STORE
+            for ready in [self._pool.submit(_child_ready) for _ in range(self.processes)]:
+                ready.result(timeout=120)
+        pending = self.spool.pending()
+        if pending:
+            log.info("spool holds %d object(s) from before; processing them first", len(pending))
+        for spool_id in pending:
+            self._queue.put(spool_id)
+        self._workers = [threading.Thread(target=self._work, name=f"edge-worker-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for worker in self._workers:
+            worker.start()
+        handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_REJECTED, self._on_rejected)]
+        self._ae = self._make_ae()
+        self._server = self._ae.start_server((self.dicom.host, self.dicom.port), block=False,
+                                             evt_handlers=handlers)
+        log.info("DICOM node %s listening on %s:%d (max PDU %d, max %d associations)",
+                 self.dicom.ae_title, self.dicom.host, self.port, self.dicom.max_pdu,
+                 self.dicom.max_associations)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.dicom.port
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop listening, let open associations finish (up to ``grace`` seconds, then abort
+        them), finish the object being processed, and return. Spooled work stays on disk."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        deadline = time.monotonic() + grace
+        while self._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self._ae.active_associations:
+            log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+        self._server = None
+        self._stop.set()
+        for timer in self._retry_timers:
+            timer.cancel()
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(timeout=grace)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        log.info("DICOM node stopped: %s", self.stats.as_dict())
+
+    def __enter__(self) -> EdgeNode:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Wait until nothing is queued or in flight (tests, demo). True when drained."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._queue.unfinished_tasks or self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.1))
+        return True
+
+    # -- network handlers ----------------------------------------------------------------------
+
+    def _on_echo(self, event) -> int:
+        return SUCCESS
+
+    def _on_rejected(self, event) -> None:
+        with self._lock:
+            self.stats.rejected_associations += 1
+        log.warning("association from calling AE %r at %s rejected: calling AE title not allowed "
+                    "or request not acceptable", event.assoc.requestor.ae_title,
+                    event.assoc.requestor.address)
+
+    def _refuse(self, reason: str, status: int) -> int:
+        with self._lock:
+            self.stats.refused[reason] += 1
+        return status
+
+    def _on_store(self, event) -> int:
+        with self._lock:
+            self.stats.received += 1
+        calling = event.assoc.requestor.ae_title
+        if self.backpressure is not None:
+            reason = self.backpressure()
+            if reason:
+                log.warning("C-STORE from %s refused (0xA700 out of resources): %s", calling, reason)
+                return self._refuse("backpressure", OUT_OF_RESOURCES)
+        data = event.encoded_dataset(include_meta=True)
+        if self.precheck:
+            try:
+                parse_received(data, headers_only=True)
+            except Quarantined as q:
+                log.warning("C-STORE from %s refused (0xC210 cannot understand): %s", calling, q)
+                return self._refuse(q.reason, CANNOT_UNDERSTAND)
+        try:
+            spool_id = self.spool.put(data)
+        except SpoolFull as exc:
+            log.warning("C-STORE from %s refused (0xA700 out of resources): %s", calling, exc)
+            return self._refuse("spool-full", OUT_OF_RESOURCES)
+        except SpoolError as exc:
+            log.error("C-STORE from %s refused (0xA700 out of resources): %s", calling, exc)
+            return self._refuse("spool-error", OUT_OF_RESOURCES)
+        with self._lock:
+            self.stats.stored += 1
+        self._queue.put(spool_id)
+        return SUCCESS
+
+    # -- worker --------------------------------------------------------------------------------
+
+    def _retry_later(self, spool_id: str) -> None:
+        timer = threading.Timer(self.retry_delay, self._queue.put, args=(spool_id,))
+        timer.daemon = True
+        self._retry_timers = [t for t in self._retry_timers if t.is_alive()] + [timer]
+        timer.start()
+
+    def _work(self) -> None:
+        while True:
+            spool_id = self._queue.get()
+            try:
+                if spool_id is None or self._stop.is_set():
+                    return
+                with self._idle:
+                    self._in_flight += 1
+                try:
+                    self._process(spool_id)
+                finally:
+                    with self._idle:
+                        self._in_flight -= 1
+            finally:
+                with self._idle:
+                    self._queue.task_done()
+                    self._idle.notify_all()
+
+    def _run(self, spool_id: str) -> Outcome | None:
+        """Process one spooled object here or in a worker process; None: try again later (the
+        worker process died while it held this object, and it was not yet known to be the cause)."""
+        path = str(self.spool.path(spool_id))
+        if self.processes == 0:
+            return process_spooled(self.processor, path, spool_id)
+        with self._pool_lock:
+            suspect = spool_id in self._suspects
+        self._gate.acquire(suspect)
+        try:
+            with self._pool_lock:
+                pool = self._pool
+            if pool is None:  # stopping
+                return None
+            try:
+                # the processor travels with each object (a few hundred bytes): options
+                # changed on a running node apply from the next object on, as in-thread
+                outcome = pool.submit(process_spooled, self.processor, path, spool_id).result()
+            except BrokenProcessPool:
+                with self._pool_lock:
+                    if self._pool is pool and not self._stop.is_set():
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        self._pool = self._new_pool()
+                    if not suspect:
+                        self._suspects.add(spool_id)
+                        log.warning("worker process died while processing spool entry %s; retrying "
+                                    "it on its own", spool_id)
+                        return None
+                    self._suspects.discard(spool_id)
+                return ("worker-crashed", "the processing worker process died on this object alone")
+            with self._pool_lock:
+                self._suspects.discard(spool_id)
+            return outcome
+        finally:
+            self._gate.release(suspect)
+
+    def _quarantine(self, spool_id: str, reason: str, detail: str) -> None:
+        try:
+            self.spool.quarantine(spool_id, reason, detail)
+        except OSError as exc:
+            log.error("spool entry %s could not be quarantined (%s); left spooled", spool_id,
+                      exc.__class__.__name__)
+            return
+        with self._lock:
+            self.stats.quarantined[reason] += 1
+
+    def _process(self, spool_id: str) -> None:
+        outcome = self._run(spool_id)
+        if outcome is None:
+            if not self._stop.is_set():
+                self._queue.put(spool_id)
+            return
+        kind = outcome[0]
+        if kind == "spool-error":
+            log.error("%s", outcome[1])
+            return
+        if kind in ("quarantined", "worker-crashed"):
+            reason, detail = (outcome[1], outcome[2]) if kind == "quarantined" else (kind, outcome[1])
+            self._quarantine(spool_id, reason, detail)
+            log.warning("spool entry %s quarantined: %s", spool_id, f"{reason}: {detail}" if detail else reason)
+            return
+        if kind == "internal-error":
+            self._quarantine(spool_id, "internal-error", outcome[1])
+            # class name only: exception text from a parser may quote attribute values
+            log.error("spool entry %s quarantined after an internal error (%s)", spool_id, outcome[1])
+            return
+        instance: DeidentifiedInstance = outcome[1]
+        try:
+            self.sink.accept(instance)
+        except Exception as exc:
+            with self._lock:
+                self.stats.sink_failures += 1
+            log.warning("sink refused spool entry %s (%s); kept spooled, retrying in %.1f s",
+                        spool_id, exc.__class__.__name__, self.retry_delay)
+            if not self._stop.is_set():
+                self._retry_later(spool_id)
+            return
+        self.spool.remove(spool_id)
+        with self._lock:
+            self.stats.forwarded += 1
+        log.debug("spool entry %s forwarded as %s", spool_id, instance.modality)

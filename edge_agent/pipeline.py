@@ -1,0 +1,106 @@
+"""One spooled object in, one de-identified instance out — or a quarantine reason.
+
+Deterministic (bytes + secret + options in, bytes + report out), so the crash-and-replay
+story holds: processing the same spooled file twice yields the same output file under the
+same pseudonymous SOP Instance UID.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from dataclasses import dataclass, replace
+
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import dcmwrite
+
+from edge_agent.config import BurnedInPolicy, DeidConfig
+from edge_agent.deid import DeidOptions, deidentify
+from edge_agent.errors import DeidError, Quarantined
+from edge_agent.pixels import blank_regions, burned_in_suspect, decode_check, has_pixels
+from edge_agent.pseudonyms import Pseudonymizer
+from edge_agent.sink import DeidentifiedInstance
+
+__all__ = ["Processor", "parse_received", "IMPLEMENTATION_VERSION", "IMPLEMENTATION_CLASS_UID"]
+
+IMPLEMENTATION_VERSION = "MEDCHAIN_01"
+# our own implementation class UID (a UUID-derived 2.25 UID), so nothing in a de-identified
+# file's meta can echo a UID from some other implementation's root
+IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "urn:medchain:edge-agent:v1").int)
+
+
+def parse_received(raw: bytes, *, headers_only: bool = False):
+    """Parse a received Part-10 stream, reading every top-level element header; raise
+    ``Quarantined`` with a reason a person can act on. ``headers_only`` stops before the
+    pixel data (the SCP's quick check while the scanner waits)."""
+    if len(raw) < 132 or raw[128:132] != b"DICM":
+        raise Quarantined("missing-file-meta", "no DICM preamble and file meta information")
+    try:
+        ds = dcmread(io.BytesIO(raw), stop_before_pixels=headers_only)
+        len(ds)  # materialises the element table: truncation and framing errors surface here
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+    except Quarantined:
+        raise
+    except Exception as exc:
+        raise Quarantined("undecodable-dataset", exc.__class__.__name__) from None
+    if not str(ds.get("SOPClassUID", "") or "") or not str(ds.get("SOPInstanceUID", "") or ""):
+        raise Quarantined("missing-sop-uids", "SOP Class UID or SOP Instance UID absent")
+    return ds, transfer_syntax
+
+
+@dataclass(frozen=True)
+class Processor:
+    pseudonymizer: Pseudonymizer
+    options: DeidOptions
+    burned_in: BurnedInPolicy
+
+    @classmethod
+    def from_config(cls, cfg: DeidConfig, secret: bytes) -> Processor:
+        return cls(Pseudonymizer(secret, cfg.patient_id_issuer),
+                   DeidOptions(cfg.retain_longitudinal_modified_dates, cfg.retain_patient_characteristics),
+                   cfg.burned_in)
+
+    def process(self, raw: bytes, spool_id: str) -> DeidentifiedInstance:
+        ds, transfer_syntax = parse_received(raw)
+        options = self.options
+        suspect = has_pixels(ds) and burned_in_suspect(ds, self.burned_in)
+        if suspect and self.burned_in.action == "quarantine":
+            raise Quarantined("burned-in-annotation", "pixels may carry burned-in text "
+                              "(Burned In Annotation not NO); policy is quarantine")
+        if suspect:
+            options = replace(options, pixels_cleaned=True)
+        try:
+            out, report = deidentify(ds, self.pseudonymizer, options)
+        except DeidError as exc:
+            raise Quarantined("deid-failed", str(exc)) from None
+        if has_pixels(out):
+            if suspect:
+                out, transfer_syntax = blank_regions(out, transfer_syntax, self.burned_in.regions)
+            else:
+                decode_check(out, transfer_syntax)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = out.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+        meta.TransferSyntaxUID = transfer_syntax
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        out.file_meta = meta
+        buf = io.BytesIO()
+        try:
+            dcmwrite(buf, out, enforce_file_format=True)
+        except Exception as exc:
+            raise Quarantined("unencodable", exc.__class__.__name__) from None
+        return DeidentifiedInstance(
+            spool_id=spool_id,
+            dicom=buf.getvalue(),
+            modality=str(out.get("Modality", "") or "OT"),
+            sop_class_uid=str(out.SOPClassUID),
+            transfer_syntax=transfer_syntax,
+            patient_token=report.patient_token,
+            study_uid=str(out.get("StudyInstanceUID", "") or ""),
+            series_uid=str(out.get("SeriesInstanceUID", "") or ""),
+            sop_instance_uid=str(out.SOPInstanceUID),
+            accession_pseudonym=report.accession_pseudonym,
+            report=report,
+        )

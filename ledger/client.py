@@ -1,0 +1,442 @@
+"""The ledger client: submit transactions, wait for f + 1 matching replies, ask questions.
+
+:class:`AsyncLedgerClient` is the asyncio core; :class:`LedgerClient` runs one on a private
+event-loop thread and offers the same calls as plain blocking methods, as a context manager::
+
+    with LedgerClient(genesis, key, "ingest") as ledger:
+        result = ledger.submit(ImageRegistered(...))       # blocks until f + 1 agree
+        proof = ledger.image(envelope_id)                  # verified inclusion proof
+
+A request goes to every validator (so a silent primary is noticed by the others); the client
+resends the *same* signed request (same request id) until f + 1 validators reply with the
+same result, and the ledger executes it once. A query is answered by each validator from its
+own state; the client accepts an answer that f + 1 validators gave identically. Every reply
+and answer is signed by its validator and checked against the genesis keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ledger.canonical import canonical_bytes
+from ledger.errors import (
+    CertificateInvalid,
+    LedgerUnavailable,
+    MessageInvalid,
+    ProofInvalid,
+    QueryFailed,
+    SubmitTimeout,
+)
+from ledger.genesis import Genesis
+from ledger.identity import SigningKey
+from ledger.messages import (
+    Hello,
+    Query,
+    QueryResult,
+    Reply,
+    Request,
+    RequestBatch,
+    decode_frame,
+    encode_frame,
+    sign_frame,
+)
+from ledger.quorum import Keyring
+from ledger.receipts import TxReceipt
+from ledger.transactions import AccessRequested, Transaction, parse
+from ledger.transport import Link
+
+__all__ = ["AsyncLedgerClient", "LedgerClient", "Result", "ImageProof", "AccessDecision",
+           "DeviceStatus"]
+
+
+@dataclass(frozen=True)
+class Result:
+    """A transaction's outcome as f + 1 validators reported it."""
+
+    rid: int
+    status: str           # committed | rejected
+    reason: str
+    height: int
+    index: int
+    state_root: bytes
+    output: dict = field(default_factory=dict)
+    attestations: dict[int, bytes] = field(default_factory=dict)  # validator -> audit signature
+
+    @property
+    def committed(self) -> bool:
+        return self.status == "committed"
+
+
+ImageProof = TxReceipt  # an image record with its verified receipt
+
+
+@dataclass(frozen=True)
+class AccessDecision:
+    granted: bool
+    reason: str
+    audit: dict
+    result: Result
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    device_id: str
+    enrolled: bool      # enrolled and not revoked: its envelopes may be accepted
+    revoked: bool
+    public_key: bytes | None
+    site: str | None = None
+    group: str | None = None
+
+
+def _load(genesis, key) -> tuple[Genesis, SigningKey]:
+    if not isinstance(genesis, Genesis):
+        genesis = Genesis.load(genesis)
+    if not isinstance(key, SigningKey):
+        key = SigningKey.load(key)
+    return genesis, key
+
+
+def _decision(result: Result) -> AccessDecision:
+    if not result.committed:
+        raise QueryFailed(f"access request rejected: {result.reason}")
+    out = result.output
+    return AccessDecision(out["granted"], out["reason"], out["audit"], result)
+
+
+def _fingerprint(value) -> bytes:
+    return hashlib.sha256(canonical_bytes(value, check=False)).digest()  # decoded CBOR
+
+
+class _Tally:
+    """Replies gathered for one request or query: validator -> (fingerprint, payload)."""
+
+    def __init__(self, need: int):
+        self.need = need
+        self.votes: dict[int, tuple[bytes, object]] = {}
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def add(self, sender: int, fingerprint: bytes, payload) -> None:
+        self.votes[sender] = (fingerprint, payload)
+        if self.done.done():
+            return
+        agreeing = [s for s, (fp, _) in self.votes.items() if fp == fingerprint]
+        if len(agreeing) >= self.need:
+            self.done.set_result({s: self.votes[s][1] for s in agreeing})
+
+
+class AsyncLedgerClient:
+    def __init__(self, genesis, key, name: str, *, retry_s: float = 1.0,
+                 timeout_s: float = 30.0, connect_s: float = 10.0):
+        self.genesis, self.key = _load(genesis, key)
+        self.name = name
+        self.keyring = Keyring(self.genesis.validator_keys())
+        self.f = self.keyring.f
+        self.retry_s, self.timeout_s, self.connect_s = retry_s, timeout_s, connect_s
+        self.links: dict[int, Link] = {}
+        self._submits: dict[int, _Tally] = {}
+        self._queries: dict[int, _Tally] = {}
+        self._outbox: dict[int, list[bytes]] = {}
+        self._flush_scheduled = False
+        self._qids = itertools.count(1)
+        self.dropped = 0
+
+    async def __aenter__(self) -> AsyncLedgerClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        def hello() -> bytes:
+            return sign_frame(Hello("client", self.name, self.genesis.chain_id,
+                                    int(time.time() * 1000)), self.key)[1]
+        for v in self.genesis.validators:
+            link = Link(v.host, v.port, hello, self._on_frame, name=f"validator-{v.id}")
+            self.links[v.id] = link
+            link.start()
+        # usable once 2f + 1 validators answer; the rest join when they come up
+        deadline = time.monotonic() + self.connect_s
+        while sum(link.connected.is_set() for link in self.links.values()) < self.keyring.quorum:
+            if time.monotonic() > deadline:
+                raise LedgerUnavailable(f"fewer than {self.keyring.quorum} validators reachable")
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        for link in self.links.values():
+            await link.close()
+
+    # -- wire ----------------------------------------------------------------------------------
+
+    def _send_all(self, frame: bytes, *, request: bool = True) -> None:
+        """Send to every validator; requests are coalesced into one batch frame per turn."""
+        if not request:
+            for link in self.links.values():
+                link.send(frame)
+            return
+        for vid in self.links:
+            self._outbox.setdefault(vid, []).append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        outbox, self._outbox = self._outbox, {}
+        for vid, frames in outbox.items():
+            self.links[vid].send(encode_frame(RequestBatch(tuple(frames))))
+
+    def _on_frame(self, frame: bytes) -> None:
+        try:
+            msg, body = decode_frame(frame)
+        except MessageInvalid:
+            self.dropped += 1
+            return
+        if not isinstance(msg, (Reply, QueryResult)) or msg.client != self.name or \
+                not self.keyring.valid(msg.sender, msg.KIND, body, msg.sig):
+            self.dropped += 1
+            return
+        if isinstance(msg, Reply):
+            for rid, result in msg.results:
+                tally = self._submits.get(rid)
+                if tally is not None:
+                    compared = {k: v for k, v in result.items() if k != "attestation"}
+                    tally.add(msg.sender, _fingerprint(compared), result)
+        else:
+            tally = self._queries.get(msg.qid)
+            if tally is not None:
+                shown = {k: v for k, v in (msg.answer or {}).items() if k != "cert"} \
+                    if isinstance(msg.answer, dict) else msg.answer
+                tally.add(msg.sender, _fingerprint([msg.ok, shown]), msg)
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def prepare(self, tx: Transaction, rid: int | None = None) -> tuple[int, bytes]:
+        """Sign ``tx`` into a request frame (checked locally first, so a malformed
+        transaction fails here with a clear error). Returns ``(rid, frame)``."""
+        wire = tx.to_wire()
+        parse(wire)
+        rid = secrets.randbits(62) if rid is None else rid
+        _, frame = sign_frame(Request(self.name, rid, int(time.time() * 1000), wire), self.key)
+        return rid, frame
+
+    async def submit_frame(self, rid: int, frame: bytes, timeout_s: float | None = None) -> Result:
+        """Send a prepared request and wait for f + 1 matching results, resending the same
+        frame after ``retry_s``, then twice as long each time (at most 8 x ``retry_s``), so a
+        loaded cluster is not buried under retries."""
+        tally = self._submits.setdefault(rid, _Tally(self.f + 1))
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        wait = self.retry_s
+        try:
+            while True:
+                self._send_all(frame)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SubmitTimeout(f"request {rid}: no f + 1 matching replies in time; "
+                                        "resubmitting the same request is safe")
+                try:
+                    agreed = await asyncio.wait_for(asyncio.shield(tally.done), min(wait, left))
+                    break
+                except TimeoutError:
+                    wait = min(2 * wait, 8 * self.retry_s)
+                    continue
+        finally:
+            self._submits.pop(rid, None)
+        first = next(iter(agreed.values()))
+        return Result(rid, first["status"], first.get("reason", ""), first["height"],
+                      first["index"], first["state_root"], first.get("output", {}),
+                      {s: r["attestation"] for s, r in agreed.items() if "attestation" in r})
+
+    async def submit(self, tx: Transaction, *, rid: int | None = None,
+                     timeout_s: float | None = None) -> Result:
+        rid, frame = self.prepare(tx, rid)
+        return await self.submit_frame(rid, frame, timeout_s)
+
+    async def submit_many(self, txs: Iterable[Transaction]) -> list[Result]:
+        return list(await asyncio.gather(*(self.submit(tx) for tx in txs)))
+
+    async def access(self, user: str, envelope_id: bytes, purpose: str,
+                     action: str) -> AccessDecision:
+        """Ask the ledger to decide (and audit) ``user``'s access to an image."""
+        return _decision(await self.submit(AccessRequested(user, envelope_id, purpose, action)))
+
+    async def access_many(self, user: str, envelope_ids: Iterable[bytes], purpose: str,
+                          action: str) -> list[AccessDecision]:
+        """:meth:`access` for many images at once, in order: the requests travel together
+        (coalesced into batch frames) so the ledger decides them in a few blocks, not one
+        block per image. Each is decided and audited on its own."""
+        txs = [AccessRequested(user, e, purpose, action) for e in envelope_ids]
+        return [_decision(r) for r in await self.submit_many(txs)]
+
+    # -- queries -------------------------------------------------------------------------------
+
+    async def _ask(self, what: str, args: dict | None = None, *,
+                   validator: int | None = None,
+                   timeout_s: float | None = None) -> list[QueryResult]:
+        """The answers f + 1 validators gave identically (or the one ``validator`` gave)."""
+        qid = next(self._qids)
+        tally = self._queries[qid] = _Tally(1 if validator is not None else self.f + 1)
+        _, frame = sign_frame(Query(self.name, qid, what, args or {}), self.key)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        try:
+            while True:
+                if validator is None:
+                    self._send_all(frame, request=False)
+                else:
+                    self.links[validator].send(frame)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LedgerUnavailable(f"query {what}: no f + 1 matching answers in time")
+                try:
+                    agreed = await asyncio.wait_for(asyncio.shield(tally.done),
+                                                    min(self.retry_s, left))
+                    break
+                except TimeoutError:
+                    continue
+        finally:
+            self._queries.pop(qid, None)
+        answers = list(agreed.values())
+        if not answers[0].ok:
+            raise QueryFailed(f"query {what}: {answers[0].answer}")
+        return answers
+
+    async def query(self, what: str, args: dict | None = None):
+        """The answer to a query, as f + 1 validators gave it."""
+        return (await self._ask(what, args))[0].answer
+
+    async def _proven(self, what: str, args: dict, check) -> TxReceipt | None:
+        """A record with its receipt, verified here; ``check(tx, record)`` says whether the
+        proven transaction is the one asked for."""
+        answers = await self._ask(what, args)
+        if answers[0].answer is None:
+            return None
+        for qr in answers:  # any one honest validator's certificate suffices
+            try:
+                receipt = TxReceipt.from_wire(qr.answer)
+                if not check(receipt.verify(self.keyring), receipt.record):
+                    raise ProofInvalid(f"{what} record: proven transaction does not match")
+                return receipt
+            except (ProofInvalid, CertificateInvalid):
+                continue
+        raise CertificateInvalid(f"{what} record: no validator sent a valid proof")
+
+    async def image(self, envelope_id: bytes) -> ImageProof | None:
+        """The image record for an envelope id, with its transaction's inclusion proof in
+        its block and the block's commit certificate, all verified here."""
+        return await self._proven("image", {"envelope_id": envelope_id}, lambda tx, rec: (
+            tx.get("envelope_id") == envelope_id and tx.get("merkle_root") == rec["merkle_root"]))
+
+    async def model_receipt(self, model_hash: bytes) -> TxReceipt | None:
+        """The ``MODEL_RELEASED`` record for a model hash with its verified receipt."""
+        return await self._proven("model", {"model_hash": model_hash, "proof": True},
+                                  lambda tx, rec: tx.get("model_hash") == model_hash)
+
+    async def inference_receipt(self, batch_root: bytes) -> TxReceipt | None:
+        """The ``INFERENCE_RECORDED`` record for a batch root with its verified receipt."""
+        return await self._proven("inference", {"batch_root": batch_root, "proof": True},
+                                  lambda tx, rec: tx.get("batch_root") == batch_root)
+
+    async def consent(self, patient: str) -> dict:
+        """Current consent per purpose and its full history for one patient token."""
+        return await self.query("consent", {"patient": patient})
+
+    async def audit(self, *, user: str | None = None, patient: str | None = None,
+                    image: bytes | None = None) -> list[dict]:
+        """Audit entries (oldest first) for one user, patient token or image; each carries
+        the signatures of the f + 1 validators that vouched for it."""
+        (by, key), = [(b, k) for b, k in (("user", user), ("patient", patient),
+                                           ("image", image)) if k is not None]
+        answers = await self._ask("audit", {"by": by, "key": key})
+        entries = [dict(e, signatures={}) for e in answers[0].answer["entries"]]
+        by_id = {e["id"]: e for e in entries}
+        for qr in answers:
+            for audit_id, sig in qr.attestation.get("signatures", []):
+                if audit_id in by_id:
+                    by_id[audit_id]["signatures"][qr.sender] = sig
+        return entries
+
+    async def model(self, model_hash: bytes) -> dict | None:
+        return await self.query("model", {"model_hash": model_hash})
+
+    async def inference(self, batch_root: bytes) -> dict | None:
+        return await self.query("inference", {"batch_root": batch_root})
+
+    async def principal(self, name: str) -> dict | None:
+        return await self.query("principal", {"name": name})
+
+    async def policy(self, policy_id: str) -> dict | None:
+        return await self.query("policy", {"policy": policy_id})
+
+    async def device(self, device_id: str) -> DeviceStatus:
+        """Is the device enrolled and not revoked, and its public key (for cloud ingest)."""
+        d = await self.query("device", {"device_id": device_id})
+        if d is None:
+            return DeviceStatus(device_id, False, False, None)
+        revoked = d["status"] == "revoked"
+        return DeviceStatus(device_id, not revoked, revoked, d["public_key"], d["site"],
+                            d["group"])
+
+    async def status(self, validator: int, timeout_s: float = 5.0) -> dict:
+        """One validator's own view of itself (height, view, drop counters)."""
+        return (await self._ask("status", validator=validator, timeout_s=timeout_s))[0].attestation
+
+    async def headers(self, validator: int, start: int = 0, end: int = 10**9) -> list:
+        """``[height, header hash, state root]`` rows from one validator's block store."""
+        answers = await self._ask("headers", {"start": start, "end": end}, validator=validator)
+        return answers[0].attestation["headers"]
+
+
+class LedgerClient:
+    """Blocking facade over :class:`AsyncLedgerClient` (its own event-loop thread)."""
+
+    def __init__(self, genesis, key, name: str, **options):
+        self._async = AsyncLedgerClient(genesis, key, name, **options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name=f"ledger-client-{name}")
+        self._started = False
+
+    def __enter__(self) -> LedgerClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> None:
+        if not self._started:
+            self._thread.start()
+            self._started = True
+            self._run(self._async.start())
+
+    def close(self) -> None:
+        if self._started:
+            with contextlib.suppress(Exception):
+                self._run(self._async.close(), 10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()
+            self._started = False
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._async, name)
+        if not asyncio.iscoroutinefunction(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            return self._run(attr(*args, **kwargs))
+        call.__doc__ = attr.__doc__
+        call.__name__ = name
+        return call
+

@@ -1,0 +1,132 @@
+"""``medchain ledger``: run validators and local clusters, write a genesis, simulate.
+
+Imports nothing heavy at load time; each handler imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def _genesis(args: argparse.Namespace) -> int:
+    from ledger.genesis import make_local_genesis
+
+    if (args.dir / "genesis.json").exists():
+        print(f"{args.dir}/genesis.json already exists; not overwriting", flush=True)
+        return 2
+    ports = list(range(args.base_port, args.base_port + args.n)) if args.base_port else None
+    g = make_local_genesis(args.dir, args.n, host=args.host, ports=ports,
+                           genesis_time_ms=int(time.time() * 1000))
+    print(f"wrote {args.dir}/genesis.json: chain {g.chain_id}, n={g.n}, f={g.f}; "
+          f"keys in {args.dir}/keys (mode 0600)")
+    for v in g.validators:
+        print(f"  validator {v.id}: {v.host}:{v.port} key {v.public_key[:16]}...")
+    for p in g.principals:
+        print(f"  principal {p.name} ({p.role}): key {p.public_key[:16]}...")
+    return 0
+
+
+def _validator(args: argparse.Namespace) -> int:
+    from ledger.validator import run_validator
+
+    base = args.genesis.parent
+    key = args.key or base / "keys" / f"validator-{args.id}.key"
+    data = args.data or base / "data"
+    return run_validator(args.genesis, args.id, key, data, args.byzantine)
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from ledger.cluster import LocalCluster
+
+    workdir = args.dir
+    with LocalCluster(args.n, workdir, log_level=args.log_level) as cluster:
+        g = cluster.genesis
+        print(f"ledger cluster up: chain {g.chain_id}, n={g.n}, f={g.f}")
+        print(f"  genesis: {cluster.genesis_path}")
+        print(f"  keys:    {workdir}/keys  (operator, ingest, training, custodian)")
+        print(f"  logs:    {workdir}/logs")
+        for v in g.validators:
+            print(f"  validator {v.id} on {v.host}:{v.port}")
+        print("Ctrl-C stops the cluster.", flush=True)
+        try:
+            while True:
+                time.sleep(args.report_s)
+                rows = []
+                for i in range(g.n):
+                    try:
+                        s = cluster.status(i, timeout_s=1.0)
+                        rows.append(f"v{i}: h={s['executed']} view={s['view']}")
+                    except Exception:  # a validator that is down is reported, not fatal
+                        rows.append(f"v{i}: down")
+                print("  " + "  ".join(rows), flush=True)
+        except KeyboardInterrupt:
+            print("stopping")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ledger.simulation import run_seeds
+
+    failures = run_seeds(args.start, args.seeds, long=args.long, progress=True)
+    return 1 if failures else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ledger.client import LedgerClient
+    from ledger.genesis import Genesis
+
+    g = Genesis.load(args.genesis)
+    key = args.key or args.genesis.parent / "keys" / f"{args.name}.key"
+    with LedgerClient(g, key, args.name) as client:
+        for i in range(g.n):
+            try:
+                s = client.status(i, timeout_s=2.0)
+                print(f"validator {i}: height {s['executed']} view {s['view']} "
+                      f"{'normal' if s['normal'] else 'view-change'} stable {s['stable']} "
+                      f"state {s['state_root'].hex()[:16]} dropped {s['dropped']}")
+            except Exception as exc:  # report every validator even if one is down
+                print(f"validator {i}: unreachable ({type(exc).__name__})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ledger = sub.add_parser("ledger", help="the permissioned PBFT ledger")
+    actions = ledger.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    g = actions.add_parser("genesis", help="create validator and principal keys and a genesis")
+    g.add_argument("--n", type=int, default=4, help="validators, n = 3f + 1 (default 4)")
+    g.add_argument("--dir", type=Path, required=True, help="where genesis.json and keys/ go")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--base-port", type=int, default=0, help="first port (default: free ports)")
+    g.set_defaults(func=_genesis)
+
+    v = actions.add_parser("validator", help="run one validator in the foreground")
+    v.add_argument("--genesis", type=Path, required=True)
+    v.add_argument("--id", type=int, required=True)
+    v.add_argument("--key", type=Path, help="default: <genesis dir>/keys/validator-<id>.key")
+    v.add_argument("--data", type=Path, help="block store folder (default: <genesis dir>/data)")
+    v.add_argument("--byzantine", help=argparse.SUPPRESS)  # test-only, needs an env flag
+    v.set_defaults(func=_validator)
+
+    c = actions.add_parser("cluster", help="run a local cluster of validator processes")
+    c.add_argument("--n", type=int, default=4)
+    c.add_argument("--dir", type=Path, default=Path(".medchain-demo/ledger"),
+                   help="work folder (reused if it holds a genesis; default .medchain-demo/ledger)")
+    c.add_argument("--report-s", type=float, default=5.0, help="status line period")
+    c.set_defaults(func=_cluster)
+
+    s = actions.add_parser("simulate", help="randomized simulation of the PBFT replicas")
+    s.add_argument("--seeds", type=int, default=50)
+    s.add_argument("--start", type=int, default=0)
+    s.add_argument("--long", action="store_true", help="longer runs with harsher faults")
+    s.set_defaults(func=_simulate)
+
+    st = actions.add_parser("status", help="ask every validator for its status")
+    st.add_argument("--genesis", type=Path, required=True)
+    st.add_argument("--name", default="operator", help="principal to ask as")
+    st.add_argument("--key", type=Path, help="default: <genesis dir>/keys/<name>.key")
+    st.set_defaults(func=_status)

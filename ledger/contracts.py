@@ -1,0 +1,318 @@
+"""The contracts: consent, role-based access, audit, devices, images, models, principals.
+
+A pure state machine over :class:`ledger.state.State`: ``apply(ctx, tx)`` either writes and
+returns an output, or raises :class:`Rejected` (the caller rolls the writes back). Time is
+``ctx.time``, the agreed block time, never a clock, so every honest validator reaches the same
+state from the same committed log.
+
+Access rule (DESIGN §4): ``Access(U, I) = 1 iff role(U) ∈ policy(I).allowed[purpose] and
+consent(I.patient, purpose) is valid``, where consent is valid when the latest CONSENT_SET for
+that patient token and purpose grants it and has not expired, or, when there is none, when
+the image was registered with that purpose among its consent flags. Every ACCESS_REQUESTED
+becomes an audit entry, granted or denied, indexed by user, patient token and image.
+
+State keys (values are canonical-CBOR maps): ``principal/<name>`` (+
+``principal_key/<hex>``), ``device/<id>``,
+``devseq/<device>/<sequence>``, ``image/<envelope hex>``, ``consent/<token>/<purpose>``,
+``consent_h/<token>/<k>`` (+ ``consent_n/<token>``), ``policy/<id>``, ``audit/<k>`` (+
+``audit_n``) with ``audit_u|audit_p|audit_i/<key>/<j>`` indexes, ``model/<hash hex>``,
+``inference/<root hex>``, ``config/permissions``, ``config/on_behalf``, ``meta/time``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ledger.state import State
+from ledger.transactions import (
+    AccessRequested,
+    ConsentSet,
+    DeviceEnrolled,
+    DeviceRevoked,
+    ImageRegistered,
+    InferenceRecorded,
+    ModelReleased,
+    PolicySet,
+    PrincipalSet,
+    Transaction,
+)
+
+__all__ = ["Contracts", "TxContext", "Rejected", "genesis_state", "AUDIT_INDEXES"]
+
+AUDIT_INDEXES = {"user": "audit_u", "patient": "audit_p", "image": "audit_i"}
+MAX_LIST = 1000  # most entries a history or audit query returns at once
+
+
+class Rejected(Exception):
+    """A contract refuses a transaction; ``reason`` is safe to show (no PHI, no keys)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class TxContext:
+    submitter: str
+    role: str
+    time: int
+    height: int
+    index: int
+
+
+def genesis_state(genesis) -> State:
+    """The state at height 0, from a :class:`ledger.genesis.Genesis`."""
+    state = State()
+    for p in genesis.principals:
+        state.put(f"principal/{p.name}",
+                  {"role": p.role, "key": bytes.fromhex(p.public_key), "active": True})
+        state.put(f"principal_key/{p.public_key}", p.name)
+    state.put("config/permissions", {r: sorted(t) for r, t in genesis.permissions.items()})
+    state.put("config/on_behalf", sorted(genesis.on_behalf))
+    for name, allowed in genesis.policies.items():
+        state.put(f"policy/{name}", {p: sorted(r) for p, r in allowed.items()})
+    state.put("meta/time", genesis.genesis_time_ms)
+    state.put("meta/chain", genesis.chain_id)
+    state.seal(0)
+    return state
+
+
+def _append(state: State, counter: str, prefix: str, value: Any) -> int:
+    k = state.get(counter, 0)
+    state.put(f"{prefix}/{k}", value)
+    state.put(counter, k + 1)
+    return k
+
+
+def _list(state: State, counter: str, prefix: str, start: int, limit: int) -> list:
+    total = state.get(counter, 0)
+    return [state.get(f"{prefix}/{k}") for k in range(start, min(total, start + limit))]
+
+
+class Contracts:
+    """Transaction rules and read-only queries over one :class:`State`."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    # -- principals and permissions ------------------------------------------------------------
+
+    def principal(self, name: str) -> dict | None:
+        return self.state.get(f"principal/{name}")
+
+    def may_submit(self, role: str, tx_type: str) -> bool:
+        return tx_type in self.state.get("config/permissions", {}).get(role, ())
+
+    @property
+    def now(self) -> int:
+        return self.state.get("meta/time", 0)
+
+    def advance_time(self, t: int) -> int:
+        """The block time: the proposal time, never going backwards (null blocks have t=0)."""
+        now = max(self.now, t)
+        if now != self.now:
+            self.state.put("meta/time", now)
+        return now
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def apply(self, ctx: TxContext, tx: Transaction) -> dict:
+        """Apply ``tx``; return its output map or raise :class:`Rejected`."""
+        if isinstance(tx, AccessRequested):
+            return self._access(ctx, tx)  # decided and audited even when not permitted
+        if not self.may_submit(ctx.role, tx.TYPE):
+            raise Rejected(f"role {ctx.role!r} may not submit {tx.TYPE}")
+        handler = getattr(self, "_" + tx.TYPE.lower())
+        return handler(ctx, tx)
+
+    def _stamp(self, ctx: TxContext) -> dict:
+        return {"t": ctx.time, "height": ctx.height, "index": ctx.index, "by": ctx.submitter}
+
+    def _principal_set(self, ctx: TxContext, tx: PrincipalSet) -> dict:
+        if tx.name == ctx.submitter and (not tx.active or tx.role != ctx.role):
+            raise Rejected("an operator cannot deactivate or demote itself")
+        owner = self.state.get(f"principal_key/{tx.public_key.hex()}")
+        if owner is not None and owner != tx.name:
+            raise Rejected("public key already belongs to another principal")
+        old = self.principal(tx.name)
+        if old is not None and old["key"] != tx.public_key:
+            self.state.delete(f"principal_key/{old['key'].hex()}")
+        self.state.put(f"principal/{tx.name}",
+                       {"role": tx.role, "key": tx.public_key, "active": tx.active})
+        self.state.put(f"principal_key/{tx.public_key.hex()}", tx.name)
+        return {"principal": tx.name, "role": tx.role, "active": tx.active}
+
+    def _device_enrolled(self, ctx: TxContext, tx: DeviceEnrolled) -> dict:
+        key = f"device/{tx.device_id}"
+        existing = self.state.get(key)
+        if existing is not None:
+            if existing["status"] == "revoked":
+                raise Rejected("device is revoked; enrol it under a new id")
+            if existing["public_key"] != tx.public_key:
+                raise Rejected("device already enrolled with another key")
+            return {"device": dict(existing), "duplicate": True}
+        record = {"device_id": tx.device_id, "public_key": tx.public_key, "site": tx.site,
+                  "group": tx.group, "status": "enrolled", "enrolled": self._stamp(ctx)}
+        self.state.put(key, record)
+        return {"device": record, "duplicate": False}
+
+    def _device_revoked(self, ctx: TxContext, tx: DeviceRevoked) -> dict:
+        key = f"device/{tx.device_id}"
+        existing = self.state.get(key)
+        if existing is None:
+            raise Rejected("unknown device")
+        if existing["status"] == "revoked":
+            return {"device": dict(existing), "duplicate": True}
+        record = dict(existing, status="revoked",
+                      revoked=dict(self._stamp(ctx), reason=tx.reason))
+        self.state.put(key, record)
+        return {"device": record, "duplicate": False}
+
+    def _active_device(self, device_id: str) -> dict:
+        device = self.state.get(f"device/{device_id}")
+        if device is None:
+            raise Rejected("device not enrolled")
+        if device["status"] != "enrolled":
+            raise Rejected("device revoked")
+        return device
+
+    def _image_registered(self, ctx: TxContext, tx: ImageRegistered) -> dict:
+        key = f"image/{tx.envelope_id.hex()}"
+        existing = self.state.get(key)
+        if existing is not None:  # at-least-once delivery: a duplicate returns the record
+            return {"record": existing, "duplicate": True}
+        self._active_device(tx.device_id)
+        seq_key = f"devseq/{tx.device_id}/{tx.sequence}"
+        if seq_key in self.state:
+            raise Rejected("device sequence number already used by another envelope")
+        if f"policy/{tx.policy}" not in self.state:
+            raise Rejected("unknown policy")
+        record = dict(tx.to_wire(), consent=sorted(tx.consent), **self._stamp(ctx))
+        del record["type"]
+        self.state.put(key, record)
+        self.state.put(seq_key, tx.envelope_id)
+        return {"duplicate": False}  # the record is the transaction itself
+
+    def _consent_set(self, ctx: TxContext, tx: ConsentSet) -> dict:
+        entry = {"purpose": tx.purpose, "granted": tx.granted, "time_ms": tx.time_ms,
+                 "expires_ms": tx.expires_ms, **self._stamp(ctx)}
+        self.state.put(f"consent/{tx.patient}/{tx.purpose}", entry)
+        k = _append(self.state, f"consent_n/{tx.patient}", f"consent_h/{tx.patient}", entry)
+        return {"consent": entry, "version": k}
+
+    def _policy_set(self, ctx: TxContext, tx: PolicySet) -> dict:
+        allowed = {p: sorted(set(r)) for p, r in tx.allowed.items()}
+        self.state.put(f"policy/{tx.policy}", allowed)
+        return {"policy": tx.policy, "allowed": allowed}
+
+    def _model_released(self, ctx: TxContext, tx: ModelReleased) -> dict:
+        key = f"model/{tx.model_hash.hex()}"
+        if key in self.state:
+            raise Rejected("model already released")
+        record = dict(tx.to_wire(), **self._stamp(ctx))
+        del record["type"]
+        self.state.put(key, record)
+        return {"model": record}
+
+    def _inference_recorded(self, ctx: TxContext, tx: InferenceRecorded) -> dict:
+        key = f"inference/{tx.batch_root.hex()}"
+        existing = self.state.get(key)
+        if existing is not None:
+            return {"record": existing, "duplicate": True}
+        self._active_device(tx.device_id)
+        if tx.model_hash is not None and f"model/{tx.model_hash.hex()}" not in self.state:
+            raise Rejected("unknown model")
+        record = dict(tx.to_wire(), **self._stamp(ctx))
+        del record["type"]
+        self.state.put(key, record)
+        return {"record": record, "duplicate": False}
+
+    # -- access decisions and audit ------------------------------------------------------------
+
+    def consent_valid(self, patient: str, purpose: str, flags: list | tuple,
+                      now: int) -> tuple[bool, str]:
+        latest = self.state.get(f"consent/{patient}/{purpose}")
+        if latest is None:
+            return (True, "consent given at acquisition") if purpose in flags else (
+                False, "no consent for purpose")
+        if not latest["granted"]:
+            return False, "consent revoked"
+        if latest["expires_ms"] and now >= latest["expires_ms"]:
+            return False, "consent expired"
+        return True, "consent granted"
+
+    def decide(self, submitter: dict | None, submitter_name: str, tx: AccessRequested,
+               now: int) -> tuple[bool, str, dict | None]:
+        """The access decision, its reason, and the image record when it exists (so the
+        audit entry names the patient token whenever the image is known)."""
+        image = self.state.get(f"image/{tx.envelope_id.hex()}")
+        if submitter is None or not self.may_submit(submitter["role"], tx.TYPE):
+            return False, "submitter may not request access", image
+        if tx.user != submitter_name and submitter["role"] not in self.state.get(
+                "config/on_behalf", ()):
+            return False, "submitter may not request access for another user", image
+        user = self.principal(tx.user)
+        if user is None or not user["active"]:
+            return False, "unknown or inactive user", image
+        if image is None:
+            return False, "unknown image", None
+        policy = self.state.get(f"policy/{image['policy']}")
+        if policy is None:
+            return False, "unknown policy", image
+        if user["role"] not in policy.get(tx.purpose, ()):
+            return False, "role not allowed for purpose", image
+        ok, reason = self.consent_valid(image["patient"], tx.purpose, image["consent"], now)
+        return ok, ("granted" if ok else reason), image
+
+    def _access(self, ctx: TxContext, tx: AccessRequested) -> dict:
+        granted, reason, image = self.decide(self.principal(ctx.submitter), ctx.submitter, tx,
+                                             ctx.time)
+        entry = {"id": self.state.get("audit_n", 0), "user": tx.user, "image": tx.envelope_id,
+                 "patient": image["patient"] if image else None, "purpose": tx.purpose,
+                 "action": tx.action, "granted": granted, "reason": reason,
+                 **self._stamp(ctx)}
+        audit_id = _append(self.state, "audit_n", "audit", entry)
+        for field, prefix in AUDIT_INDEXES.items():
+            value = entry[field]
+            if value is None:
+                continue
+            key = value.hex() if isinstance(value, bytes) else value
+            _append(self.state, f"{prefix}_n/{key}", f"{prefix}/{key}", audit_id)
+        return {"granted": granted, "reason": reason, "audit": entry}
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def device(self, device_id: str) -> dict | None:
+        return self.state.get(f"device/{device_id}")
+
+    def image(self, envelope_id: bytes) -> dict | None:
+        return self.state.get(f"image/{envelope_id.hex()}")
+
+    def model(self, model_hash: bytes) -> dict | None:
+        return self.state.get(f"model/{model_hash.hex()}")
+
+    def inference(self, batch_root: bytes) -> dict | None:
+        return self.state.get(f"inference/{batch_root.hex()}")
+
+    def policy(self, policy_id: str) -> dict | None:
+        return self.state.get(f"policy/{policy_id}")
+
+    def consent(self, patient: str, start: int = 0, limit: int = MAX_LIST) -> dict:
+        """Current consent per purpose and the full history, oldest first."""
+        current = {p: self.state.get(f"consent/{patient}/{p}") for p in
+                   ("diagnosis", "research", "training", "sharing")}
+        return {"current": {p: c for p, c in current.items() if c is not None},
+                "history": _list(self.state, f"consent_n/{patient}", f"consent_h/{patient}",
+                                 start, min(limit, MAX_LIST)),
+                "total": self.state.get(f"consent_n/{patient}", 0)}
+
+    def audit(self, by: str, key: str | bytes, start: int = 0, limit: int = MAX_LIST) -> dict:
+        """Audit entries for one user, patient token or image (envelope id), oldest first."""
+        if by not in AUDIT_INDEXES:
+            raise KeyError(by)
+        prefix = AUDIT_INDEXES[by]
+        k = key.hex() if isinstance(key, bytes) else key
+        ids = _list(self.state, f"{prefix}_n/{k}", f"{prefix}/{k}", start, min(limit, MAX_LIST))
+        return {"entries": [self.state.get(f"audit/{i}") for i in ids],
+                "total": self.state.get(f"{prefix}_n/{k}", 0)}

@@ -1,0 +1,73 @@
+"""Ledger-side exceptions, rooted in :class:`medchain.errors.MedChainError`."""
+
+from medchain.errors import MedChainError, ProtocolError, VerificationError
+
+__all__ = [
+    "LedgerError",
+    "KeyFileError",
+    "SignatureInvalid",
+    "EncodingError",
+    "ProofInvalid",
+    "MessageInvalid",
+    "TransactionInvalid",
+    "GenesisError",
+    "StoreError",
+    "CertificateInvalid",
+    "LedgerUnavailable",
+    "SubmitTimeout",
+    "QueryFailed",
+]
+
+
+class LedgerError(MedChainError):
+    """Base of ledger errors."""
+
+
+class KeyFileError(LedgerError):
+    """A key file is missing, truncated, of the wrong kind or readable by others."""
+
+
+class EncodingError(LedgerError):
+    """A value has no canonical encoding (unsupported type, non-finite float, non-str key)."""
+
+
+class SignatureInvalid(VerificationError):
+    """A signature does not verify. Says nothing about why (no oracle)."""
+
+
+class ProofInvalid(VerificationError):
+    """A Merkle inclusion proof does not lead to the expected root."""
+
+
+class MessageInvalid(ProtocolError):
+    """A ledger wire message is malformed: unknown kind, wrong version, missing or mistyped
+    field, or over a size limit. The message names the field, never its content."""
+
+
+class TransactionInvalid(LedgerError):
+    """A transaction is malformed (unknown type, missing or mistyped field)."""
+
+
+class GenesisError(LedgerError):
+    """A genesis file is missing, malformed or inconsistent (n != 3f + 1, duplicate keys)."""
+
+
+class StoreError(LedgerError):
+    """The block store on disk is unreadable or belongs to another chain or validator."""
+
+
+class CertificateInvalid(VerificationError):
+    """A commit, prepared or checkpoint certificate lacks a quorum of valid signatures."""
+
+
+class LedgerUnavailable(LedgerError):
+    """Not enough validators answered (fewer than f + 1 matching replies)."""
+
+
+class SubmitTimeout(LedgerUnavailable):
+    """A transaction was not confirmed by f + 1 validators before the deadline. It may still
+    commit later; resubmitting it with the same request id is safe (deduplicated)."""
+
+
+class QueryFailed(LedgerError):
+    """A query was refused by the validators (unknown kind, bad arguments, not allowed)."""

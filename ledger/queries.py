@@ -1,0 +1,93 @@
+"""Read-only queries a validator answers from its own state and block store.
+
+Each validator answers on its own; a client accepts an answer once f + 1 validators gave
+the same one (at least one honest validator vouches for it). An image record — and a model
+or inference record when asked with ``proof`` — also comes with its receipt
+(:class:`ledger.receipts.TxReceipt`): the signed request frame, its RFC 6962 inclusion proof
+under the header's ``tx_root``, the header and the block's commit certificate, so anyone can
+check it against the validator keys alone.
+
+``answer`` is what clients compare; ``attestation`` carries what legitimately differs per
+validator (its own signatures on audit entries, its local status).
+"""
+
+from __future__ import annotations
+
+from ledger.contracts import AUDIT_INDEXES, MAX_LIST
+from ledger.errors import QueryFailed
+from ledger.pbft import Replica
+from ledger.store import BlockStore
+
+__all__ = ["answer_query", "QUERY_KINDS"]
+
+QUERY_KINDS = ("status", "headers", "principal", "device", "image", "consent", "audit",
+               "model", "inference", "policy")
+
+
+def _arg(args: dict, key: str, typ: type, size: int | None = None):
+    value = args.get(key)
+    if not isinstance(value, typ) or (size is not None and len(value) != size):
+        raise QueryFailed(f"query argument {key!r} is missing or malformed")
+    return value
+
+
+def _proven(store: BlockStore, record: dict | None) -> dict | None:
+    """``record`` with its receipt (request, inclusion proof, header, certificate)."""
+    if record is None:
+        return None
+    block = store.block(record["height"])
+    if block is None:  # executed but not yet on disk: ask again in a moment
+        raise QueryFailed("record is not yet persisted; retry")
+    return {"record": record, "request": block.requests[record["index"]],
+            "proof": block.proof(record["index"]).to_wire(), "header": block.header.to_wire(),
+            "cert": block.cert.to_wire() if block.cert else None}
+
+
+def _status(replica: Replica, store: BlockStore) -> dict:
+    return {"validator": replica.me, "view": replica.view, "normal": replica.normal,
+            "executed": replica.executed, "stable": replica.h,
+            "state_root": replica.ledger.header.state_root,
+            "header_hash": replica.ledger.header.hash, "pending": len(replica.pending),
+            "dropped": dict(replica.dropped),
+            "dropped_from": {f"{s}:{r}": c for (s, r), c in replica.dropped_from.items()},
+            "counters": dict(replica.counters)}
+
+
+def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> tuple[object, dict]:
+    """``(answer, attestation)`` for one query; :class:`QueryFailed` for a bad one."""
+    ledger = replica.ledger
+    c = ledger.contracts
+    if what == "status":
+        return None, _status(replica, store)
+    if what == "headers":
+        start = _arg(args, "start", int)
+        end = min(_arg(args, "end", int), start + 10_000)
+        return None, {"headers": [list(h) for h in store.hashes(start, end)]}
+    if what == "principal":
+        p = c.principal(_arg(args, "name", str))
+        return (None if p is None else {"role": p["role"], "key": p["key"],
+                                        "active": p["active"]}), {}
+    if what == "device":
+        return c.device(_arg(args, "device_id", str)), {}
+    if what == "image":
+        return _proven(store, c.image(_arg(args, "envelope_id", bytes, 16))), {}
+    if what == "consent":
+        return c.consent(_arg(args, "patient", str), int(args.get("start", 0)),
+                         int(args.get("limit", MAX_LIST))), {}
+    if what == "audit":
+        by = _arg(args, "by", str)
+        if by not in AUDIT_INDEXES:
+            raise QueryFailed(f"audit: 'by' must be one of {sorted(AUDIT_INDEXES)}")
+        key = args.get("key")
+        if not isinstance(key, (str, bytes)):
+            raise QueryFailed("query argument 'key' is missing or malformed")
+        result = c.audit(by, key, int(args.get("start", 0)), int(args.get("limit", MAX_LIST)))
+        sigs = store.attestations(e["id"] for e in result["entries"])
+        return result, {"signatures": [[i, s] for i, s in sorted(sigs.items())]}
+    if what in ("model", "inference"):
+        key = "model_hash" if what == "model" else "batch_root"
+        record = getattr(c, what)(_arg(args, key, bytes, 32))
+        return (_proven(store, record) if args.get("proof") else record), {}
+    if what == "policy":
+        return c.policy(_arg(args, "policy", str)), {}
+    raise QueryFailed(f"unknown query {what!r}; known: {', '.join(QUERY_KINDS)}")

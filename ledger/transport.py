@@ -1,0 +1,123 @@
+"""TCP transport for validators and clients: length-prefixed frames over asyncio streams.
+
+A frame on the wire is a 4-byte big-endian length and that many bytes (a
+:mod:`ledger.messages` frame). The first frame of every connection is a signed ``Hello``.
+:class:`Link` is an outgoing connection that reconnects by itself with back-off and, while
+the peer is unreachable or too slow, drops frames rather than queueing without bound (PBFT
+tolerates lost messages; status gossip and state transfer repair the gaps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from ledger.messages import MAX_FRAME
+
+__all__ = ["read_frame", "write_frame", "write_frames", "Link", "FrameTooLarge"]
+
+log = logging.getLogger(__name__)
+MAX_BUFFERED = 64 * 1024 * 1024  # bytes waiting on a slow peer before we start dropping
+
+
+class FrameTooLarge(ConnectionError):
+    """The peer announced a frame above the size limit; the connection is closed."""
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> bytes:
+    """The next frame; raises ``asyncio.IncompleteReadError`` at end of stream."""
+    size = int.from_bytes(await reader.readexactly(4), "big")
+    if size > limit:
+        raise FrameTooLarge(f"frame of {size} bytes announced (limit {limit})")
+    return await reader.readexactly(size)
+
+
+def write_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:
+    writer.write(len(frame).to_bytes(4, "big") + frame)  # one write: one syscall, one segment
+
+
+def write_frames(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
+    """Several frames in one write (what one event-loop turn produced for one peer)."""
+    writer.write(b"".join(part for f in frames for part in (len(f).to_bytes(4, "big"), f)))
+
+
+class Link:
+    """An outgoing connection to one address, kept open.
+
+    ``hello`` returns the first frame to send on each new connection; ``on_frame`` (if given)
+    receives frames the peer sends back on it."""
+
+    def __init__(self, host: str, port: int, hello: Callable[[], bytes],
+                 on_frame: Callable[[bytes], None] | None = None, name: str = "",
+                 on_connect: Callable[[], None] | None = None):
+        self.host, self.port, self.name = host, port, name or f"{host}:{port}"
+        self._hello = hello
+        self._on_frame = on_frame
+        self._on_connect = on_connect
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task | None = None
+        self.dropped = 0
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._drop_writer()
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.connected.clear()
+
+    def send(self, frame: bytes) -> bool:
+        """Queue ``frame``; False (and counted) when the peer is down or far behind."""
+        return self.send_many([frame])
+
+    def send_many(self, frames: list[bytes]) -> bool:
+        w = self._writer
+        if w is None or w.is_closing() or w.transport.get_write_buffer_size() > MAX_BUFFERED:
+            self.dropped += len(frames)
+            return False
+        write_frames(w, frames)
+        return True
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            opened = asyncio.get_running_loop().time()
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                import socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            write_frame(writer, self._hello())
+            self._writer = writer
+            self.connected.set()
+            if self._on_connect:
+                self._on_connect()
+            try:
+                while True:
+                    frame = await read_frame(reader)
+                    if self._on_frame:
+                        self._on_frame(frame)
+            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                pass
+            finally:
+                self._drop_writer()
+            # a peer that hangs up at once (refusing our hello) is retried ever more slowly
+            lived = asyncio.get_running_loop().time() - opened
+            delay = 0.05 if lived > 5 else min(delay * 2, 1.0)
+            await asyncio.sleep(delay)

@@ -1,0 +1,270 @@
+"""The validator process: a thin asyncio shell around one :class:`ledger.pbft.Replica`.
+
+It listens on its genesis address, keeps a :class:`ledger.transport.Link` to every other
+validator, feeds the replica what arrives (validator frames, client request batches) and a
+tick every ``TICK_S`` of wall-clock time, and for each burst of work takes the replica's
+``Ready``: first persists it (SQLite, one transaction, one fsync), then sends its frames and
+replies. Everything received in one event-loop turn is stepped before a single flush, so the
+fsync is shared by all of it (group commit).
+
+Connections start with a signed ``Hello``: a validator by its genesis key, a client by its
+principal key as the ledger state holds it. A client connection carries request batches and
+queries; replies and query answers go back on it.
+
+Consensus traffic goes first: client requests wait in an admission queue and are admitted
+(signature checked, queued for ordering) ``ADMIT_CHUNK`` at a time between event-loop turns,
+so validator messages are never stuck behind a flood of requests; when the queue is full the
+shell stops reading from clients (TCP back-pressure). Under overload clients see latency,
+not view changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import deque
+from pathlib import Path
+
+from ledger.byzantine import ENV_FLAG, Byzantine
+from ledger.errors import LedgerError, MessageInvalid, QueryFailed
+from ledger.execution import AUDIT_DOMAIN
+from ledger.genesis import Genesis
+from ledger.identity import SigningKey
+from ledger.messages import (
+    Hello,
+    Query,
+    QueryResult,
+    RequestBatch,
+    decode_frame,
+    encode_frame,
+    sign_frame,
+)
+from ledger.pbft import Replica
+from ledger.queries import answer_query
+from ledger.quorum import Keyring, Signer
+from ledger.ready import BROADCAST, Ready
+from ledger.store import BlockStore
+from ledger.transport import MAX_BUFFERED, Link, read_frame, write_frame
+
+__all__ = ["Validator", "run_validator", "TICK_S", "HELLO_SKEW_MS", "ADMIT_CHUNK",
+           "MAX_ADMISSION"]
+
+log = logging.getLogger(__name__)
+TICK_S = 0.01
+HELLO_SKEW_MS = 5 * 60 * 1000
+ADMIT_CHUNK = 128        # client requests admitted per event-loop turn
+MAX_ADMISSION = 8192     # requests waiting for admission before clients are paused
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Validator:
+    def __init__(self, genesis: Genesis, vid: int, key: SigningKey, data_dir: str | os.PathLike,
+                 byzantine: str | None = None):
+        if not 0 <= vid < genesis.n:
+            raise LedgerError(f"validator id {vid} is not in the genesis (0..{genesis.n - 1})")
+        if key.public.hex() != genesis.validators[vid].public_key:
+            raise LedgerError(f"key does not match validator {vid} in the genesis")
+        self.genesis, self.id, self.key = genesis, vid, key
+        self.signer = Signer(vid, key)
+        self.keyring = Keyring(genesis.validator_keys())
+        self.store = BlockStore(Path(data_dir) / f"validator-{vid}.sqlite")
+        ledger, restored = self.store.restore(
+            genesis, vid, attest=lambda b: key.sign_encoded(AUDIT_DOMAIN, b))
+        self.replica = Replica(self.signer, self.keyring, ledger, genesis.params, self.store,
+                               restored, now_ms())
+        self.byz = None
+        if byzantine:
+            if os.environ.get(ENV_FLAG) != "1":
+                raise LedgerError(f"byzantine mode needs {ENV_FLAG}=1 (test clusters only)")
+            self.byz = Byzantine(byzantine, self.signer, genesis.n, seed=vid)
+        self.links: dict[int, Link] = {}
+        self.clients: dict[str, set[asyncio.StreamWriter]] = {}
+        self._ready = Ready()
+        self._flush_scheduled = False
+        self._admission: deque[bytes] = deque()
+        self._admit_scheduled = False
+        self._room = asyncio.Event()
+        self._room.set()
+        self._server: asyncio.base_events.Server | None = None
+        log.info("validator %d: height %d, view %d, chain %s", vid, ledger.height,
+                 restored.view, genesis.chain_id)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _hello(self) -> bytes:
+        return sign_frame(Hello("validator", str(self.id), self.genesis.chain_id, now_ms()),
+                          self.key)[1]
+
+    def _absorb(self, ready: Ready) -> None:
+        self._ready.merge(ready)
+        if not self._flush_scheduled and self._ready:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        ready, self._ready = self._ready, Ready()
+        self.store.persist(ready)  # durable first ...
+        per_peer: dict[int, list[bytes]] = {}
+        for dest, frame in ready.messages:  # ... then tell anyone
+            outgoing = self.byz.outgoing(dest, frame) if self.byz else [(dest, frame)]
+            for d, f in outgoing:
+                for peer in (self.links if d == BROADCAST else (d,)):
+                    per_peer.setdefault(peer, []).append(f)
+        for peer, frames in per_peer.items():
+            self.links[peer].send_many(frames)
+        for client, frame in ready.replies:
+            for writer in self.clients.get(client, ()):
+                # a client that stops reading loses replies (it will retry), not our memory
+                if not writer.is_closing() and \
+                        writer.transport.get_write_buffer_size() < MAX_BUFFERED:
+                    write_frame(writer, frame)
+
+    async def _ticker(self) -> None:
+        while True:
+            self._absorb(self.replica.tick(now_ms()))
+            await asyncio.sleep(TICK_S)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _check_hello(self, frame: bytes) -> Hello:
+        msg, body = decode_frame(frame)
+        if not isinstance(msg, Hello) or msg.chain != self.genesis.chain_id:
+            raise MessageInvalid("hello: wrong kind or chain")
+        if abs(msg.ts - now_ms()) > HELLO_SKEW_MS:
+            raise MessageInvalid("hello: stale timestamp")
+        if msg.role == "validator":
+            vid = int(msg.name) if msg.name.isdigit() else -1
+            if not self.keyring.valid(vid, "hello", body, msg.sig):
+                raise MessageInvalid("hello: not a validator of this chain")
+        else:
+            if not self.replica.ledger.verify_principal(msg.name, "hello", body, msg.sig):
+                raise MessageInvalid("hello: unknown principal or bad signature")
+        return msg
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = None
+        try:
+            hello = self._check_hello(await read_frame(reader))
+            if hello.role == "client":
+                peer = hello.name
+                self.clients.setdefault(peer, set()).add(writer)
+            while True:
+                frame = await read_frame(reader)
+                if hello.role == "validator":
+                    self._on_validator_frame(frame)
+                else:
+                    self._on_client_frame(frame, hello.name, writer)
+                    await self._room.wait()  # back-pressure while admission is full
+        except (MessageInvalid, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            if not isinstance(exc, (asyncio.IncompleteReadError, ConnectionResetError)):
+                log.info("validator %d: closing a connection: %s", self.id, exc)
+        except asyncio.CancelledError:  # shutting down: end quietly (asyncio would log it)
+            pass
+        finally:
+            if peer is not None:
+                self.clients.get(peer, set()).discard(writer)
+            writer.close()
+
+    def _on_validator_frame(self, frame: bytes) -> None:
+        try:
+            msg, body = decode_frame(frame)
+        except MessageInvalid:
+            self.replica.dropped["malformed"] += 1
+            return
+        self._absorb(self.replica.step(msg, body))
+
+    def _on_client_frame(self, frame: bytes, name: str, writer: asyncio.StreamWriter) -> None:
+        try:
+            msg, body = decode_frame(frame)
+        except MessageInvalid:
+            self.replica.dropped["malformed"] += 1
+            return
+        if isinstance(msg, RequestBatch):
+            self._admission.extend(msg.requests)
+            if len(self._admission) >= MAX_ADMISSION:
+                self._room.clear()
+            if not self._admit_scheduled:
+                self._admit_scheduled = True
+                asyncio.get_running_loop().call_soon(self._admit)
+        elif isinstance(msg, Query):
+            self._answer(msg, body, name, writer)
+        else:
+            self.replica.dropped["unexpected_kind"] += 1
+
+    def _admit(self) -> None:
+        """Admit one chunk of queued client requests, then yield to the event loop."""
+        chunk = [self._admission.popleft()
+                 for _ in range(min(ADMIT_CHUNK, len(self._admission)))]
+        self._absorb(self.replica.requests(chunk))
+        if len(self._admission) < MAX_ADMISSION // 2:
+            self._room.set()
+        if self._admission:
+            asyncio.get_running_loop().call_soon(self._admit)
+        else:
+            self._admit_scheduled = False
+
+    def _answer(self, q: Query, body: bytes, name: str, writer: asyncio.StreamWriter) -> None:
+        if q.client != name or not self.replica.ledger.verify_principal(
+                q.client, "query", body, q.sig):
+            self.replica.dropped["bad_signature"] += 1
+            return
+        try:
+            answer, attestation = answer_query(q.what, q.args, self.replica, self.store)
+            result = QueryResult(self.id, q.client, q.qid, True, answer, attestation)
+        except QueryFailed as exc:
+            result = QueryResult(self.id, q.client, q.qid, False, str(exc), {})
+        signed, rbody = self.signer.sign(result)
+        write_frame(writer, encode_frame(signed, rbody))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        me = self.genesis.validators[self.id]
+        self._server = await asyncio.start_server(self._serve, me.host, me.port)
+        for v in self.genesis.validators:
+            if v.id != self.id:
+                link = Link(v.host, v.port, self._hello, name=f"validator-{v.id}")
+                self.links[v.id] = link
+                link.start()
+        ticker = asyncio.get_running_loop().create_task(self._ticker())
+        log.info("validator %d listening on %s:%d", self.id, me.host, me.port)
+        print(f"validator {self.id} ready on {me.host}:{me.port}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            self._server.close()
+            for link in self.links.values():
+                await link.close()
+            for writers in self.clients.values():
+                for w in writers:
+                    w.close()
+            if self._ready:
+                self._flush()
+            self.store.close()
+
+
+def run_validator(genesis_path, vid: int, key_path, data_dir, byzantine: str | None = None) -> int:
+    """Run one validator in the foreground until SIGINT/SIGTERM."""
+    genesis = Genesis.load(genesis_path)
+    validator = Validator(genesis, vid, SigningKey.load(key_path), data_dir, byzantine)
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await validator.run(stop)
+
+    asyncio.run(main())
+    return 0

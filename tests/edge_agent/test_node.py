@@ -1,0 +1,256 @@
+"""The DICOM node over real sockets: pynetdicom and dcmtk as peers, statuses, back-pressure,
+malformed input, burned-in text, sink failures and restarts."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless
+
+from edge_agent.config import BurnedInPolicy, Region
+from edge_agent.node import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from edge_agent.pipeline import Processor
+from edge_agent.sink import FolderSink
+from edge_agent.spool import Spool
+from scanner_sim.sender import Item, items_from_datasets, send
+from scanner_sim.studies import generate_studies, part10_bytes, write_studies
+
+
+def _send(node, items, calling="SCANNER", concurrency=1):
+    return send("127.0.0.1", node.port, items, calling_ae=calling, called_ae=node.dicom.ae_title,
+                concurrency=concurrency, progress=False)
+
+
+def _ct(n=1, seed=3):
+    return [ds for st in generate_studies("CT", n, seed, images_per_study=2) for ds in st.datasets]
+
+
+def test_store_spools_deidentifies_and_forwards(make_node, tmp_path):
+    node = make_node().start()
+    datasets = _ct(2)
+    result = _send(node, items_from_datasets(datasets), concurrency=2)
+    assert result.success == 4 and not result.statuses
+    assert node.drain(30)
+    files = FolderSink(tmp_path / "out").files()
+    assert len(files) == 4 and node.spool.pending() == []
+    names = {str(ds.PatientName) for ds in datasets} | {ds.PatientID for ds in datasets}
+    for f in files:
+        data = f.read_bytes()
+        assert not any(n.encode() in data for n in names)
+        out = dcmread(f)
+        assert out.PatientIdentityRemoved == "YES" and out.SOPInstanceUID.startswith("2.25.")
+        assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+        assert out.pixel_array.shape == (512, 512)
+    assert node.stats.as_dict()["forwarded"] == 4
+
+
+def test_dcmtk_echoscu_storescu_and_rejected_caller(make_node, tmp_path, storescu, echoscu):
+    node = make_node().start()
+    port = str(node.port)
+    paths = write_studies(generate_studies("MR", 1, 5), tmp_path / "mr")
+    ok = subprocess.run([echoscu, "-aet", "ECHOSCU", "-aec", node.dicom.ae_title, "127.0.0.1", port],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    stored = subprocess.run([storescu, "-aet", "STORESCU", "-aec", node.dicom.ae_title, "127.0.0.1", port,
+                             *map(str, paths)], capture_output=True, text=True, timeout=60)
+    assert stored.returncode == 0, stored.stderr
+    bad = subprocess.run([echoscu, "-aet", "INTRUDER", "-aec", node.dicom.ae_title, "127.0.0.1", port],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "Calling AE Title Not Recognized" in bad.stderr + bad.stdout
+    assert node.drain(30)
+    assert node.stats.stored == len(paths) == node.stats.forwarded
+    assert node.stats.rejected_associations == 1
+
+
+def test_backpressure_and_full_spool_answer_out_of_resources(make_node, tmp_path):
+    reason = ["outbox full (demo)"]
+    node = make_node(backpressure=lambda: reason[0]).start()
+    result = _send(node, items_from_datasets(_ct(1)))
+    assert result.statuses == {OUT_OF_RESOURCES: 2} and node.spool.pending() == []
+    reason[0] = None
+    assert _send(node, items_from_datasets(_ct(1))).success == 2
+    node.stop()
+
+    # the spool's own max_bytes: room for one 512x512 slice, not two, while the sink holds on
+    release = threading.Event()
+
+    class SlowSink(FolderSink):
+        def accept(self, instance):
+            release.wait(30)
+            super().accept(instance)
+
+    small = make_node(spool_bytes=600_000, sink=SlowSink(tmp_path / "slow")).start()
+    result = _send(small, items_from_datasets(_ct(1, seed=9)))
+    assert result.success == 1 and result.statuses == {OUT_OF_RESOURCES: 1}
+    assert small.stats.refused == {"spool-full": 1}
+    release.set()
+    assert small.drain(30) and small.stats.forwarded == 1
+
+
+def test_malformed_input_is_refused_or_quarantined_and_the_node_keeps_serving(make_node, tmp_path):
+    node = make_node().start()
+    good = _ct(1, seed=11)
+    raw = part10_bytes(good[0])
+    # truncated in the middle of the pixel data
+    (tmp_path / "truncated.dcm").write_bytes(raw[: len(raw) // 2])
+    # a bad VR ("ZZ") in the middle of the dataset, in an explicit VR stream
+    at = raw.index(b"\x08\x00\x70\x00LO")  # Manufacturer
+    (tmp_path / "badvr.dcm").write_bytes(raw[:at + 4] + b"ZZ" + raw[at + 6:])
+    # pixel data that claims to be JPEG 2000 but is not a codestream
+    j2k = good[1].copy()
+    j2k.file_meta = good[1].file_meta.copy()
+    j2k.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    j2k.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 4])
+    j2k["PixelData"].VR = "OB"
+    items = [Item(str(good[0].SOPClassUID), "1.2.840.10008.1.2.1", tmp_path / "truncated.dcm", "truncated"),
+             Item(str(good[0].SOPClassUID), "1.2.840.10008.1.2.1", tmp_path / "badvr.dcm", "badvr"),
+             Item(str(j2k.SOPClassUID), JPEG2000Lossless, tmp_path / "j2k.dcm", "j2k")]
+    j2k.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
+    result = _send(node, items)
+    assert node.drain(30)
+    outcomes = result.statuses.get(CANNOT_UNDERSTAND, 0) + sum(node.stats.quarantined.values())
+    assert outcomes == 3, (result.summary(), node.stats.as_dict())
+    assert node.stats.quarantined["undecodable-pixel-data"] >= 1
+    for entry in node.spool.quarantined():
+        assert entry.reason in ("undecodable-pixel-data", "undecodable-dataset", "deid-failed")
+    # and the next scanner is served as usual
+    assert _send(node, items_from_datasets(_ct(1, seed=12))).success == 2
+    assert node.drain(30) and node.stats.forwarded == 2
+
+
+def test_missing_file_meta_in_the_spool_is_quarantined(secret, profile):
+    from edge_agent.errors import Quarantined
+
+    proc = Processor.from_config(profile.deid, secret)
+    raw = part10_bytes(_ct(1)[0])
+    with pytest.raises(Quarantined, match="missing-file-meta"):
+        proc.process(raw[132 + 200:], "x")  # a dataset stream without preamble and meta
+    assert proc.process(raw, "y").modality == "CT"
+
+
+def _us(flag: str | None):
+    ds = generate_studies("US", 1, 21)[0].datasets[0]
+    if flag is None:
+        del ds.BurnedInAnnotation
+    else:
+        ds.BurnedInAnnotation = flag
+    return ds
+
+
+def test_burned_in_text_is_quarantined_under_the_quarantine_policy(make_node):
+    node = make_node().start()
+    assert _send(node, items_from_datasets([_us("YES"), _us(None), _us("NO")])).success == 3
+    assert node.drain(30)
+    assert node.stats.quarantined["burned-in-annotation"] == 2 and node.stats.forwarded == 1
+
+
+def test_blank_policy_blanks_the_configured_region(make_node, tmp_path):
+    policy = BurnedInPolicy("blank", (Region(0, 0, 100, 20),), ("US",))
+    node = make_node(burned_in=policy).start()
+    source = _us("YES")
+    assert _send(node, items_from_datasets([source])).success == 1
+    assert node.drain(30)
+    [f] = FolderSink(tmp_path / "out").files()
+    out = dcmread(f)
+    pixels = out.pixel_array
+    assert out.BurnedInAnnotation == "NO" and "113101" in [c.CodeValue for c in out.DeidentificationMethodCodeSequence]
+    assert not pixels[:, :20, :100].any()
+    assert np.array_equal(pixels[:, 20:, :], source.pixel_array[:, 20:, :])
+
+
+class FlakySink(FolderSink):
+    """Fails the first ``n`` times, like a full disk that gets freed."""
+
+    def __init__(self, root, n):
+        super().__init__(root)
+        self.left = n
+
+    def accept(self, instance):
+        if self.left > 0:
+            self.left -= 1
+            raise OSError("disk full")
+        super().accept(instance)
+
+
+def test_a_failing_sink_leaves_the_object_spooled_and_it_is_retried(make_node, tmp_path):
+    sink = FlakySink(tmp_path / "out", 2)
+    node = make_node(sink=sink, retry_delay=0.2).start()
+    assert _send(node, items_from_datasets(_ct(1)[:1])).success == 1
+    import time
+
+    deadline = time.monotonic() + 20
+    while node.stats.forwarded < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node.stats.sink_failures == 2 and node.stats.forwarded == 1
+    assert len(sink.files()) == 1 and node.spool.pending() == []
+
+
+def test_spooled_objects_from_before_a_restart_are_processed_first(profile, secret, tmp_path):
+    spool = Spool(profile.spool.dir, profile.spool.max_bytes)
+    for ds in _ct(1):
+        spool.put(part10_bytes(ds))
+    from edge_agent.node import EdgeNode
+
+    node = EdgeNode(profile.dicom, Spool(profile.spool.dir, profile.spool.max_bytes),
+                    Processor.from_config(profile.deid, secret), FolderSink(tmp_path / "out"))
+    with node:
+        assert node.drain(30)
+    assert node.stats.forwarded == 2 and len(FolderSink(tmp_path / "out").files()) == 2
+
+
+def test_same_object_twice_is_stored_once(make_node, tmp_path):
+    node = make_node().start()
+    ds = _ct(1)[0]
+    for _ in range(2):
+        assert _send(node, items_from_datasets([ds])).success == 1
+    assert node.drain(30)
+    assert len(FolderSink(tmp_path / "out").files()) == 1 and node.stats.forwarded == 2
+    raw = FolderSink(tmp_path / "out").files()[0].read_bytes()
+    assert dcmread(io.BytesIO(raw)).SOPInstanceUID != ds.SOPInstanceUID
+
+
+CRASHING_PROCESSOR = '''
+import os
+from dataclasses import dataclass
+from edge_agent.pipeline import Processor
+
+@dataclass(frozen=True)
+class CrashingProcessor(Processor):
+    """Kills its worker process on one marked object, as a decoder crash on a hostile file would."""
+
+    def process(self, raw, spool_id):
+        if b"KILLTHEWORKER" in raw:
+            os._exit(3)
+        return super().process(raw, spool_id)
+'''
+
+
+def test_an_object_that_kills_the_worker_process_is_quarantined_and_the_rest_go_through(
+        make_node, tmp_path, monkeypatch, secret, profile):
+    """The worker process is spawned, so the crashing processor lives in a module it can import."""
+    (tmp_path / "crashing_processor.py").write_text(CRASHING_PROCESSOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    module = importlib.import_module("crashing_processor")
+    node = make_node(processes=1)
+    node.processor = module.CrashingProcessor(**{f: getattr(node.processor, f) for f in ("pseudonymizer", "options",
+                                                                                        "burned_in")})
+    node.start()
+    datasets = _ct(1, seed=31)
+    datasets[1].ImageComments = "KILLTHEWORKER"
+    assert _send(node, items_from_datasets(datasets)).success == 2
+    assert node.drain(120)
+    assert node.stats.quarantined == {"worker-crashed": 1} and node.stats.forwarded == 1
+    [entry] = node.spool.quarantined()
+    assert b"KILLTHEWORKER" in (node.spool.quarantine_dir / f"{entry.spool_id}.dcm").read_bytes()
+    assert node.spool.pending() == []
+    # and the node keeps serving with a fresh worker process
+    assert _send(node, items_from_datasets(_ct(1, seed=32))).success == 2
+    assert node.drain(60) and node.stats.forwarded == 3

@@ -1,0 +1,111 @@
+"""The training loop: reproducible, early-stopping, resumable, and DDP under torchrun."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from models.card import ModelCard
+from models.errors import ModelError
+from models.hybrid import HybridConfig, build_model
+from models.synthetic import synthetic_images, write_synthetic_npz
+from models.training import Recipe, fit
+from models.transforms import from_config
+
+
+def _data(n, seed, classes=2):
+    x, y = synthetic_images(n, (16, 16), seed=seed, classes=classes)
+    return ((x.astype(np.float32) / 255 - 0.4) / 0.2)[:, None], y[:, 0].astype(np.int64)
+
+
+def _fit(recipe, tiny_model, tmp=None, resume=False, labels=None, on_epoch_end=None):
+    xt, yt = _data(96, 0)
+    xv, yv = _data(32, 1)
+    if labels is not None:
+        yt, yv = labels(yt), labels(yv)
+    net = build_model(HybridConfig(1, 2, (16, 16), **{k: tuple(v) if isinstance(v, list) else v
+                                                        for k, v in tiny_model.items()}), seed=recipe.seed)
+    return fit(net, xt, yt, xv, yv, recipe, from_config(recipe.augment), checkpoint_dir=tmp,
+               resume=resume, progress=False, on_epoch_end=on_epoch_end)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_model):
+    r = Recipe(epochs=2, batch_size=16, model=tiny_model)
+    a, b = _fit(r, tiny_model), _fit(r, tiny_model)
+    assert all(torch.equal(a.best_state[k], b.best_state[k]) for k in a.best_state)
+    assert [h.val_loss for h in a.history] == [h.val_loss for h in b.history]
+    c = _fit(Recipe(epochs=2, batch_size=16, model=tiny_model, seed=1), tiny_model)
+    assert not all(torch.equal(a.best_state[k], c.best_state[k]) for k in a.best_state)
+
+
+def test_early_stopping_on_validation(tiny_model):
+    rng = np.random.default_rng(0)
+    noise = lambda y: rng.integers(0, 2, len(y))  # noqa: E731  labels carry no signal
+    res = _fit(Recipe(epochs=12, batch_size=16, patience=2, lr=5e-3, model=tiny_model), tiny_model,
+               labels=noise)
+    assert res.stopped_early and len(res.history) < 12
+    assert res.best_epoch == min(res.history, key=lambda h: h.val_loss).epoch
+
+
+def test_checkpoints_and_resume(tmp_path, tiny_model):
+    r = Recipe(epochs=2, batch_size=16, model=tiny_model)
+    first = _fit(r, tiny_model, tmp_path)
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+    again = _fit(r, tiny_model, tmp_path, resume=True)  # nothing left to do: same result
+    assert again.history == first.history and again.best_epoch == first.best_epoch
+    assert all(torch.equal(first.best_state[k], again.best_state[k]) for k in first.best_state)
+    with pytest.raises(ModelError, match="another recipe"):
+        _fit(Recipe(epochs=3, batch_size=16, model=tiny_model), tiny_model, tmp_path, resume=True)
+
+
+def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, tiny_model):
+    r = Recipe(epochs=4, batch_size=16, model=tiny_model)
+    whole = _fit(r, tiny_model, tmp_path / "a")
+
+    def interrupt(rec):
+        if rec.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(r, tiny_model, tmp_path / "b", on_epoch_end=interrupt)
+    resumed = _fit(r, tiny_model, tmp_path / "b", resume=True)
+    assert all(torch.equal(whole.best_state[k], resumed.best_state[k]) for k in whole.best_state)
+    strip = lambda hist: [(h.epoch, h.train_loss, h.val_loss, h.val_auc) for h in hist]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history) and len(whole.history) == 4
+
+
+def test_recipe_is_validated():
+    with pytest.raises(ModelError):
+        Recipe(epochs=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_model):
+    """The user's command, unchanged, under torchrun: gloo, 2 processes, one run folder."""
+    import json
+
+    data = write_synthetic_npz(tmp_path / "d.npz", {"train": 120, "val": 40}, size=(16, 16))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "medchain.cli", "train", "--data", str(data), "--out", str(out), "--epochs", "2",
+           "--batch-size", "16", "--no-progress", "--device", "cpu", "--model", json.dumps(tiny_model)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = ModelCard.load(out / "model_card.json")
+    assert card.training["world_size"] == 2 and card.training["device"] == "cpu"
+    assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports and writes
+    assert (out / "model.onnx").is_file() and (out / "metrics.json").is_file()
+    shutil.rmtree(out)

@@ -1,0 +1,1 @@
+"""Shared fixtures for the scanner simulator tests (none beyond the suite's own yet)."""
