@@ -7,8 +7,8 @@ Both receivers get the same 512x512 16-bit CT instances from the same sender
 round by round so drift hits both alike:
 
 * bare  — a pynetdicom SCP whose C-STORE handler only writes the received bytes to a file;
-* edge  — the MedChain node: parse check, durable spool (write, fsync, rename, fsync dir)
-          before Success, then de-identification (Annex E), pixel decode check, Part-10
+* edge  — the MedChain node: parse check, durable spool (append to the log, group
+          fdatasync) before Success, then de-identification (Annex E), pixel decode check, Part-10
           encoding and a durable hand-off to a folder sink (fsync again), spool entry removed.
 
 The edge rate counts until the last instance is de-identified and handed off (not only

@@ -5,7 +5,7 @@ C-ECHO, C-STORE of every storage SOP class in every transfer syntax we can decod
 AE titles checked at association, a PDU size and an association limit from the profile.
 
 Durability contract: a C-STORE is answered Success only after the received object is in the
-spool (fsynced and renamed); the spooled original is deleted only after the sink accepted
+spool (appended and fdatasynced); the spooled original is removed only after the sink accepted
 the de-identified instance. Malformed objects get a failure status (cannot be parsed) or a
 quarantine entry (parsed, but cannot be de-identified or decoded); one bad object never
 stops the node. Back-pressure: a callable that returns a reason (or the spool's own
@@ -13,7 +13,7 @@ stops the node. Back-pressure: a callable that returns a reason (or the spool's 
 
 Processing (parse, de-identify, pixel check, re-encode) runs by default in a separate worker
 process, so that it uses a core of its own instead of sharing the GIL with the SCP threads that
-answer the scanner; the worker threads here only hand spool paths over, then call the sink and
+answer the scanner; the worker threads here only hand spool locations over, then call the sink and
 remove the spool entry. A worker process that dies (a decoder crashing on a hostile file) is
 replaced; the instances it held are retried, each suspect one alone, and the one that kills
 a worker on its own is quarantined as ``worker-crashed``: one bad object never stops the node.
@@ -36,7 +36,6 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -47,7 +46,7 @@ from edge_agent.config import DicomConfig
 from edge_agent.errors import Quarantined, SpoolError, SpoolFull
 from edge_agent.pipeline import Processor, parse_received
 from edge_agent.sink import DeidentifiedInstance, Sink
-from edge_agent.spool import Spool
+from edge_agent.spool import Spool, SpoolRef, read_ref
 
 __all__ = ["EdgeNode", "NodeStats", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND",
            "ACCEPTED_TRANSFER_SYNTAXES"]
@@ -88,10 +87,10 @@ Backpressure = Callable[[], "str | None"]
 Outcome = tuple
 
 
-def process_spooled(processor: Processor, path: str, spool_id: str) -> Outcome:
+def process_spooled(processor: Processor, ref: SpoolRef, spool_id: str) -> Outcome:
     """Read one spooled object and run it through ``processor``; never raises."""
     try:
-        raw = Path(path).read_bytes()
+        raw = read_ref(ref)
     except OSError as exc:
         return ("spool-error", f"spool entry {spool_id}: cannot read ({exc.strerror or exc})")
     try:
@@ -272,6 +271,7 @@ class EdgeNode:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self.spool.close()
         log.info("DICOM node stopped: %s", self.stats.as_dict())
 
     def __enter__(self) -> EdgeNode:
@@ -366,9 +366,12 @@ class EdgeNode:
     def _run(self, spool_id: str) -> Outcome | None:
         """Process one spooled object here or in a worker process; None: try again later (the
         worker process died while it held this object, and it was not yet known to be the cause)."""
-        path = str(self.spool.path(spool_id))
+        try:
+            ref = self.spool.ref(spool_id)
+        except SpoolError as exc:
+            return ("spool-error", str(exc))
         if self.processes == 0:
-            return process_spooled(self.processor, path, spool_id)
+            return process_spooled(self.processor, ref, spool_id)
         with self._pool_lock:
             suspect = spool_id in self._suspects
         self._gate.acquire(suspect)
@@ -380,7 +383,7 @@ class EdgeNode:
             try:
                 # the processor travels with each object (a few hundred bytes): options
                 # changed on a running node apply from the next object on, as in-thread
-                outcome = pool.submit(process_spooled, self.processor, path, spool_id).result()
+                outcome = pool.submit(process_spooled, self.processor, ref, spool_id).result()
             except BrokenProcessPool:
                 with self._pool_lock:
                     if self._pool is pool and not self._stop.is_set():

@@ -71,7 +71,7 @@ def _stream(port: int, items, acked: list, stop: threading.Event) -> None:
 def _settled(out: Path, spool: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not list((spool / "ready").glob("*.dcm")):
+        if not list((spool / "segments").glob("*.log")):  # every record handed off
             return
         time.sleep(0.2)
     pytest.fail("spool did not drain after restart")
@@ -130,4 +130,4 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path):
         assert len(list(out.rglob(f"{pz.uid(uid)}.dcm"))) == 1, "an acknowledged instance is missing or doubled"
     files = list(out.rglob("*.dcm"))
     assert len(files) == len({f.name for f in files}) >= len(acked)
-    assert not list(out.rglob("*.part")) and not list((state / "spool" / "incoming").iterdir())
+    assert not list(out.rglob("*.part")) and not list((state / "spool" / "segments").iterdir())
