@@ -56,7 +56,7 @@ def bare_round(items, concurrency: int, workdir: Path) -> float:
     try:
         t0 = time.perf_counter()
         result = send("127.0.0.1", server.server_address[1], items, calling_ae="BENCH", called_ae="BARE",
-                      concurrency=concurrency, progress=False)
+                      concurrency=concurrency, progress=False, retries=1)
         elapsed = time.perf_counter() - t0
     finally:
         server.shutdown()
@@ -73,7 +73,7 @@ def edge_round(items, concurrency: int, workdir: Path, secret: bytes) -> tuple[f
     try:
         t0 = time.perf_counter()
         result = send("127.0.0.1", node.port, items, calling_ae="BENCH", called_ae=dicom.ae_title,
-                      concurrency=concurrency, progress=False)
+                      concurrency=concurrency, progress=False, retries=1)
         acked = time.perf_counter() - t0
         assert node.drain(600)
         done = time.perf_counter() - t0

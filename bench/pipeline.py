@@ -154,7 +154,7 @@ def _scanner_process(port: int, instances: int, seed: int, conn) -> None:
     conn.recv()
     t0 = time.perf_counter()
     result = send("127.0.0.1", port, items, calling_ae="SCANNER_CT", called_ae="MEDCHAIN_EDGE",
-                  concurrency=2, progress=False)
+                  concurrency=2, progress=False, retries=1)
     conn.send((result.success, result.attempted, time.perf_counter() - t0))
 
 

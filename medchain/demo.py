@@ -113,7 +113,7 @@ class _Edge:
         datasets = [ds for st in studies for ds in st.datasets]
         return send("127.0.0.1", self.agent.node.port, items_from_datasets(datasets),
                     calling_ae=f"SCANNER_{MODALITY}", called_ae=self.profile.dicom.ae_title,
-                    concurrency=2, progress=False)
+                    concurrency=2, progress=False, retries=1)
 
     def settled(self, timeout: float) -> bool:
         agent, deadline = self.agent, time.monotonic() + timeout

@@ -32,7 +32,7 @@ def _send(args: argparse.Namespace) -> int:
     items = items_from_datasets([ds for st in studies for ds in st.datasets])
     calling = args.calling_ae or f"SCANNER_{args.modality.upper()}"
     result = send(args.host, args.port, items, calling_ae=calling, called_ae=args.called_ae,
-                  concurrency=args.concurrency, progress=not args.no_progress)
+                  concurrency=args.concurrency, progress=not args.no_progress, retries=args.retries)
     print(f"{args.modality.upper()}: {len(studies)} stud(ies), {result.summary()}")
     return 0 if result.success == result.attempted else 1
 
@@ -44,7 +44,7 @@ def _replay(args: argparse.Namespace) -> int:
     for why, n in sorted(skipped.items()):
         print(f"skipped {n} file(s): {why}")
     result = send(args.host, args.port, items, calling_ae=args.calling_ae, called_ae=args.called_ae,
-                  concurrency=args.concurrency, progress=not args.no_progress)
+                  concurrency=args.concurrency, progress=not args.no_progress, retries=args.retries)
     print(f"replay {args.dir}: {result.summary()}")
     return 0 if result.success == result.attempted else 1
 
@@ -65,6 +65,9 @@ def _peer(p: argparse.ArgumentParser, calling_default: str | None) -> None:
     p.add_argument("--calling-ae", default=calling_default,
                    help="our AE title" + (" (default SCANNER_<MODALITY>)" if calling_default is None else ""))
     p.add_argument("--concurrency", type=int, default=4, help="parallel associations (default 4)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="times a lost or refused association is opened again for the objects that got "
+                        "no answer, as a scanner's retry queue does (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -25,6 +25,7 @@ __all__ = ["SendResult", "Item", "send", "items_from_datasets", "items_from_fold
 
 log = logging.getLogger("medchain.scanner")
 MAX_CONTEXTS = 128
+RETRY_DELAY = 1.0  # seconds before an association is opened again
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SendResult:
     statuses: collections.Counter = field(default_factory=collections.Counter)  # non-success status -> n
     errors: collections.Counter = field(default_factory=collections.Counter)  # association problems
     elapsed: float = 0.0
+    retried: int = 0  # associations opened again after one was lost
     succeeded: list[str] = field(default_factory=list)  # item names that got Success
 
     @property
@@ -56,6 +58,8 @@ class SendResult:
             parts.append("statuses " + ", ".join(f"0x{s:04X}: {n}" for s, n in sorted(self.statuses.items())))
         if self.errors:
             parts.append("errors " + ", ".join(f"{k}: {n}" for k, n in sorted(self.errors.items())))
+        if self.retried:
+            parts.append(f"{self.retried} association(s) opened again")
         return "; ".join(parts)
 
 
@@ -125,53 +129,103 @@ def _batches(items: Sequence[Item]) -> list[list[Item]]:
     return out
 
 
-def _send_share(host: str, port: int, calling: str, called: str, share: Sequence[Item], result: SendResult,
-                lock: threading.Lock, tick: Callable[[], None], max_pdu: int) -> None:
-    for batch in _batches(share):
-        ae = AE(ae_title=calling)
-        ae.maximum_pdu_size = max_pdu
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-        for sop_class, syntax in _contexts(batch):
-            ae.add_requested_context(sop_class, syntax)
-        assoc = ae.associate(host, port, ae_title=called)
-        if not assoc.is_established:
+def _keep_stolen_responses(assoc) -> None:
+    """Work around a race in pynetdicom's requestor (seen with 3.0): ``send_c_store`` pauses
+    the association's reactor thread by clearing an event and then polling a flag the reactor
+    sets *before* it waits on that event, so a reactor that had just passed the wait can still
+    take the C-STORE response off the queue and drop it as an "unexpected service message";
+    the sender then waits out the DIMSE timeout. Under heavy CPU contention this hit about one
+    800-instance benchmark run in six. A response the reactor takes goes back on the queue."""
+    serve, queue = assoc._serve_request, assoc.dimse.msg_queue
+
+    def serve_or_requeue(msg, context_id):
+        if not msg.is_valid_request and getattr(msg, "MessageIDBeingRespondedTo", None) is not None:
+            queue.put((context_id, msg))
+            log.info("a C-STORE response taken by pynetdicom's reactor thread was put back for the sender")
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_requeue
+
+
+def _send_association(host: str, port: int, calling: str, called: str, batch: Sequence[Item],
+                      result: SendResult, lock: threading.Lock, tick: Callable[[], None], max_pdu: int,
+                      final: bool) -> int:
+    """Send ``batch`` over one association; returns how many items got an answer (a status or
+    an encoding error). When the association is lost (or never established) the item that
+    got no answer and the rest are left to the caller, counted as errors only if ``final``."""
+    ae = AE(ae_title=calling)
+    ae.maximum_pdu_size = max_pdu
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    for sop_class, syntax in _contexts(batch):
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        if final:
             why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
             with lock:
                 result.errors[f"association {why}"] += len(batch)
                 result.attempted += len(batch)
             for _ in batch:
                 tick()
-            continue
-        try:
-            for it in batch:
-                try:
-                    status = assoc.send_c_store(it.payload)
-                    code = int(status.Status) if status is not None and "Status" in status else None
-                except Exception as exc:  # a dataset pynetdicom cannot encode for any context
-                    code, err = None, exc.__class__.__name__
+        return 0
+    _keep_stolen_responses(assoc)
+    answered = 0
+    try:
+        for it in batch:
+            try:
+                status = assoc.send_c_store(it.payload)
+                code = int(status.Status) if status is not None and "Status" in status else None
+            except Exception as exc:  # a dataset pynetdicom cannot encode for any context
+                code, err = None, exc.__class__.__name__
+            else:
+                err = "no response (association lost)"
+            if code is None and err.startswith("no response") and not final:
+                return answered  # retried on a new association by the caller
+            with lock:
+                result.attempted += 1
+                if code == 0x0000:
+                    result.success += 1
+                    result.succeeded.append(it.name)
+                elif code is not None:
+                    result.statuses[code] += 1
                 else:
-                    err = "no response (association lost)"
-                with lock:
-                    result.attempted += 1
-                    if code == 0x0000:
-                        result.success += 1
-                        result.succeeded.append(it.name)
-                    elif code is not None:
-                        result.statuses[code] += 1
-                    else:
-                        result.errors[err] += 1
-                tick()
-                if not assoc.is_established:
-                    break
-        finally:
-            if assoc.is_established:
-                assoc.release()
+                    result.errors[err] += 1
+            tick()
+            answered += 1
+            if code is None and err.startswith("no response") or not assoc.is_established:
+                break  # pynetdicom may not yet have marked the lost association
+        return answered
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _send_share(host: str, port: int, calling: str, called: str, share: Sequence[Item], result: SendResult,
+                lock: threading.Lock, tick: Callable[[], None], max_pdu: int, retries: int) -> None:
+    for batch in _batches(share):
+        remaining, tries = list(batch), retries
+        while remaining:
+            answered = _send_association(host, port, calling, called, remaining, result, lock, tick,
+                                         max_pdu, final=tries == 0)
+            remaining = remaining[answered:]
+            if not remaining or tries == 0:
+                break
+            tries -= 1
+            time.sleep(RETRY_DELAY)
+            log.warning("association to %s:%s lost with %d object(s) unanswered; sending them again "
+                        "on a new association", host, port, len(remaining))
+            with lock:
+                result.retried += 1
 
 
 def send(host: str, port: int, items: Sequence[Item], *, calling_ae: str = "SCANNER", called_ae: str = "ANY-SCP",
-         concurrency: int = 4, progress: bool = True, max_pdu: int = 65536) -> SendResult:
+         concurrency: int = 4, progress: bool = True, max_pdu: int = 65536, retries: int = 0) -> SendResult:
     """Send ``items`` over ``concurrency`` associations in parallel; never raises for a
-    refused object or association — see the returned counts."""
+    refused object or association — see the returned counts. With ``retries``, an
+    association that is lost or refused is opened again (up to that many times per share) and
+    the objects that got no answer are sent again, as a scanner's retry queue does; the
+    receiver must take a repeated object as the same one (the edge does, by SOP Instance UID)."""
     result = SendResult()
     lock = threading.Lock()
     bar = None
@@ -189,7 +243,7 @@ def send(host: str, port: int, items: Sequence[Item], *, calling_ae: str = "SCAN
     shares = [list(items[i::concurrency]) for i in range(concurrency)]
     t0 = time.perf_counter()
     threads = [threading.Thread(target=_send_share, args=(host, port, calling_ae, called_ae, share, result, lock,
-                                                          tick, max_pdu), name=f"scu-{i}")
+                                                          tick, max_pdu, retries), name=f"scu-{i}")
                for i, share in enumerate(shares) if share]
     for t in threads:
         t.start()
