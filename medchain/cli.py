@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.log_level != "DEBUG":  # pynetdicom narrates every association at INFO
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if args.log_level != "DEBUG":  # these narrate every association / export pass at INFO
+        for noisy in ("pynetdicom", "onnxscript", "onnx_ir"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except MedChainError as exc:
