@@ -374,7 +374,9 @@ class Spool:
         return entries
 
     def close(self) -> None:
-        """Close the segment being appended to (deleting it if nothing in it is live)."""
+        """Close the segment being appended to (deleting it if nothing in it is live). Call it
+        once no put is in flight (the node does, after its SCP stopped); a later put opens a
+        new segment."""
         with self._lock:
             active, self._active = self._active, None
             if active is not None:

@@ -130,12 +130,13 @@ def _batches(items: Sequence[Item]) -> list[list[Item]]:
 
 
 def _keep_stolen_responses(assoc) -> None:
-    """Work around a race in pynetdicom's requestor (seen with 3.0): ``send_c_store`` pauses
+    """Work around a race in pynetdicom's requestor (seen with 3.0.4): ``send_c_store`` pauses
     the association's reactor thread by clearing an event and then polling a flag the reactor
     sets *before* it waits on that event, so a reactor that had just passed the wait can still
     take the C-STORE response off the queue and drop it as an "unexpected service message";
-    the sender then waits out the DIMSE timeout. Under heavy CPU contention this hit about one
-    800-instance benchmark run in six. A response the reactor takes goes back on the queue."""
+    the sender then waits out the DIMSE timeout. Under heavy CPU contention this hit one
+    800-instance pipeline benchmark run in four to eight. A response the reactor takes goes
+    back on the queue."""
     serve, queue = assoc._serve_request, assoc.dimse.msg_queue
 
     def serve_or_requeue(msg, context_id):
