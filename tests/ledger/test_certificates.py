@@ -155,3 +155,20 @@ def test_batches_from_state_transfer_are_checked_at_execution():
 
 def test_sim_params_are_valid():
     assert isinstance(GENESIS.params, Params)
+
+
+def test_a_request_executed_before_its_own_copy_arrives_is_not_verified_again(monkeypatch):
+    """Under load a backup executes a request from the primary's batch before the client's own
+    copy leaves its admission queue; admitting that copy must not check the signature again
+    (the replica answers it from the stored result). Anything not executed here is checked."""
+    ledger = Ledger(GENESIS)
+    f = frame(7, 1000)
+    ledger.execute(1, 1000, [f])
+    checks = []
+    verify = Ledger._verify
+    monkeypatch.setattr(Ledger, "_verify", lambda self, *a, **k: checks.append(1) or verify(self, *a, **k))
+    adm = ledger.admit(f)
+    assert not isinstance(adm, str) and adm.request.rid == 7 and checks == []
+    assert ledger.result_for("registrar", 7)["status"] == "committed"  # answered from the result
+    forged = frame(8, 1000, key=Signer(9, VKEYS[0]).key)
+    assert ledger.admit(forged) == "bad_signature" and checks == [1]  # anything new is checked
