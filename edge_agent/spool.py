@@ -234,14 +234,16 @@ class Spool:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        self._active = _Segment(path, 0, fd)
         if old is not None:
             self._retire(old)
+        self._active = _Segment(path, 0, fd)
         return self._active
 
     def _retire(self, segment: _Segment) -> None:
         """Stop appending to ``segment``; delete it if nothing in it is still live (lock held).
         Its fd stays open until then, for group syncs still in flight."""
+        if self._active is segment:
+            self._active = None
         if segment.live == 0:
             self._delete(segment)
 
@@ -320,7 +322,6 @@ class Spool:
             try:
                 os.ftruncate(segment.fd, start)
             except OSError:
-                self._active = None
                 self._retire(segment)
             raise
 
@@ -378,10 +379,9 @@ class Spool:
         once no put is in flight (the node does, after its SCP stopped); a later put opens a
         new segment."""
         with self._lock:
-            active, self._active = self._active, None
+            active = self._active
             if active is not None:
-                if active.live == 0:
-                    self._delete(active)
-                elif active.fd is not None:
+                self._retire(active)
+                if active.fd is not None:  # still live: closed now, deleted once drained
                     os.close(active.fd)
                     active.fd = None

@@ -160,14 +160,8 @@ class Ledger:
 
     def _resolve(self, frame: bytes, digest: bytes) -> Admitted | str:
         adm = self._admitted.pop(digest, None)
-        if adm is None:
-            adm = self._check(frame)
-        else:
-            principal = self.contracts.principal(adm.request.client)
-            if principal is None or not principal["active"]:
-                return "unknown_principal"
-            if principal["key"] != adm.key:  # re-keyed since admission: the current key decides
-                adm = self._check(frame)
+        if adm is None or not self._current(adm):  # deactivated or re-keyed since admission:
+            adm = self._check(frame)  # the principal as it is now decides
         if isinstance(adm, Admitted):
             self._recent[digest] = adm
             if len(self._recent) > RECENT_CACHE:

@@ -150,11 +150,11 @@ def _keep_stolen_responses(assoc) -> None:
 
 
 def _send_association(host: str, port: int, calling: str, called: str, batch: Sequence[Item],
-                      result: SendResult, lock: threading.Lock, tick: Callable[[], None], max_pdu: int,
-                      final: bool) -> int:
-    """Send ``batch`` over one association; returns how many items got an answer (a status or
-    an encoding error). When the association is lost (or never established) the item that
-    got no answer and the rest are left to the caller, counted as errors only if ``final``."""
+                      result: SendResult, lock: threading.Lock, tick: Callable[[], None],
+                      max_pdu: int) -> tuple[int, str | None]:
+    """Send ``batch`` over one association and count what was answered (a status, or an
+    encoding error). Returns how many items were answered and, when the association was lost
+    or never established before all were, why; the rest is the caller's."""
     ae = AE(ae_title=calling)
     ae.maximum_pdu_size = max_pdu
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
@@ -162,27 +162,20 @@ def _send_association(host: str, port: int, calling: str, called: str, batch: Se
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(host, port, ae_title=called)
     if not assoc.is_established:
-        if final:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-            with lock:
-                result.errors[f"association {why}"] += len(batch)
-                result.attempted += len(batch)
-            for _ in batch:
-                tick()
-        return 0
+        return 0, "association " + ("rejected" if assoc.is_rejected else
+                                    "aborted" if assoc.is_aborted else "no answer")
     _keep_stolen_responses(assoc)
     answered = 0
     try:
         for it in batch:
             try:
                 status = assoc.send_c_store(it.payload)
-                code = int(status.Status) if status is not None and "Status" in status else None
             except Exception as exc:  # a dataset pynetdicom cannot encode for any context
                 code, err = None, exc.__class__.__name__
             else:
-                err = "no response (association lost)"
-            if code is None and err.startswith("no response") and not final:
-                return answered  # retried on a new association by the caller
+                if status is None or "Status" not in status:
+                    return answered, "no response (association lost)"
+                code, err = int(status.Status), None
             with lock:
                 result.attempted += 1
                 if code == 0x0000:
@@ -194,9 +187,9 @@ def _send_association(host: str, port: int, calling: str, called: str, batch: Se
                     result.errors[err] += 1
             tick()
             answered += 1
-            if code is None and err.startswith("no response") or not assoc.is_established:
-                break  # pynetdicom may not yet have marked the lost association
-        return answered
+            if not assoc.is_established and answered < len(batch):
+                return answered, "association lost"
+        return answered, None
     finally:
         if assoc.is_established:
             assoc.release()
@@ -204,20 +197,28 @@ def _send_association(host: str, port: int, calling: str, called: str, batch: Se
 
 def _send_share(host: str, port: int, calling: str, called: str, share: Sequence[Item], result: SendResult,
                 lock: threading.Lock, tick: Callable[[], None], max_pdu: int, retries: int) -> None:
+    """Each batch on one association, opened again up to ``retries`` times for what got no
+    answer; what is still unanswered after that is counted as errors, never dropped silently."""
     for batch in _batches(share):
-        remaining, tries = list(batch), retries
-        while remaining:
-            answered = _send_association(host, port, calling, called, remaining, result, lock, tick,
-                                         max_pdu, final=tries == 0)
+        remaining = list(batch)
+        for attempt in range(retries + 1):
+            answered, lost = _send_association(host, port, calling, called, remaining, result, lock,
+                                               tick, max_pdu)
             remaining = remaining[answered:]
-            if not remaining or tries == 0:
+            if not remaining:
                 break
-            tries -= 1
-            time.sleep(RETRY_DELAY)
-            log.warning("association to %s:%s lost with %d object(s) unanswered; sending them again "
-                        "on a new association", host, port, len(remaining))
+            if attempt == retries:
+                with lock:
+                    result.attempted += len(remaining)
+                    result.errors[lost or "not sent"] += len(remaining)
+                for _ in remaining:
+                    tick()
+                break
+            log.warning("association to %s:%s: %s with %d object(s) unanswered; sending them again "
+                        "on a new association", host, port, lost, len(remaining))
             with lock:
                 result.retried += 1
+            time.sleep(RETRY_DELAY)
 
 
 def send(host: str, port: int, items: Sequence[Item], *, calling_ae: str = "SCANNER", called_ae: str = "ANY-SCP",
