@@ -290,6 +290,11 @@ class Replica(StateTransfer, ViewChanges):
     def _accept(self, slot: Slot, pp: PrePrepare) -> None:
         """Take ``pp`` as this view's proposal for its seq and vote for it."""
         slot.pp = pp
+        # prepares for another batch at this (view, seq) that came before the proposal: the same
+        # evidence of an equivocating primary as those that come after it (see _on_prepare)
+        self.counters["conflicting_votes"] += sum(
+            len(votes) for (view, digest), votes in slot.prepares.items()
+            if view == pp.view and digest != pp.digest)
         slot.batches[pp.digest] = (pp.t, pp.requests)
         for frame in pp.requests:
             self.queue.pop(request_digest(frame), None)

@@ -182,6 +182,24 @@ def test_equivocating_primary_is_replaced(net):
     net.assert_converged([1, 2, 3])
 
 
+def test_a_conflicting_prepare_before_the_proposal_is_counted_too(net):
+    """Evidence of equivocation must not depend on arrival order: a backup that hears another
+    backup's prepare for a different batch before its own pre-prepare counts it as well."""
+    run_requests(net, 1)
+    net.block = lambda src, dest, msg: src == 0 and isinstance(msg, PrePrepare)
+    rid, frame = net.request()
+    net.submit([frame])
+    net.deliver()
+    n = net.replicas[0].next_seq - 1
+    mine, other = (batch_digest(n, net.now + k, tx_root([frame])) for k in (1, 2))
+    prep, pbody = Signer(2, net.vkeys[2]).sign(Prepare(0, n, other, 2))
+    net.inject(1, prep, pbody)  # first the other backup's vote for another batch ...
+    assert net.replicas[1].counters["conflicting_votes"] == 0
+    pp, body = Signer(0, net.vkeys[0]).sign(PrePrepare(0, n, net.now + 1, mine, 0, requests=(frame,)))
+    net.inject(1, pp, body)  # ... then the primary's proposal to this one
+    assert net.replicas[1].counters["conflicting_votes"] == 1
+
+
 def test_restarted_replica_recovers_from_its_store_and_catches_up(net):
     run_requests(net, 5)
     net.crash(3)
