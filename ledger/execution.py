@@ -27,14 +27,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger.blocks import BlockHeader, genesis_header, tx_root
 from ledger.canonical import canonical_bytes
 from ledger.contracts import Contracts, Rejected, TxContext, genesis_state
 from ledger.errors import MessageInvalid, TransactionInvalid
-from ledger.identity import encoded_message
+from ledger.identity import ed25519_valid, encoded_message
 from ledger.messages import Request, decode_frame, domain, request_digest
 from ledger.state import State
 from ledger.transactions import Transaction, parse
@@ -84,7 +82,6 @@ class Ledger:
         self.header = header or genesis_header(genesis.chain_id, self.state.root)
         self.retain_ms = 2 * genesis.params.request_max_age_ms
         self._attest = attest
-        self._keys: dict[bytes, Ed25519PublicKey] = {}
         self._admitted: OrderedDict[bytes, Admitted] = OrderedDict()
         self._recent: OrderedDict[bytes, Admitted] = OrderedDict()
         self._done: dict[tuple[str, int], dict] = {}
@@ -97,14 +94,7 @@ class Ledger:
     # -- admission -----------------------------------------------------------------------------
 
     def _verify(self, key: bytes, body: bytes, sig: bytes, kind: str = "request") -> bool:
-        pub = self._keys.get(key)
-        if pub is None:
-            pub = self._keys[key] = Ed25519PublicKey.from_public_bytes(key)
-        try:
-            pub.verify(sig, encoded_message(domain(kind), body))
-        except InvalidSignature:
-            return False
-        return True
+        return ed25519_valid(key, sig, encoded_message(domain(kind), body))
 
     def verify_principal(self, name: str, kind: str, body: bytes, sig: bytes) -> bool:
         """Is ``sig`` the active principal ``name``'s signature over a ``kind`` message?"""

@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger.blocks import batch_digest, tx_root
 from ledger.errors import CertificateInvalid
-from ledger.identity import SigningKey, encoded_message
+from ledger.identity import SigningKey, ed25519_valid, encoded_message
 from ledger.messages import Certificate, Checkpoint, Commit, Prepare, PrePrepare, domain
 
 __all__ = ["Keyring", "Signer", "check_certificate", "check_checkpoint_proof"]
@@ -25,7 +23,7 @@ __all__ = ["Keyring", "Signer", "check_certificate", "check_checkpoint_proof"]
 class Keyring:
     """The validator set: ids ``0..n-1`` and their public keys."""
 
-    __slots__ = ("n", "f", "quorum", "raw", "_keys")
+    __slots__ = ("n", "f", "quorum", "raw")
 
     def __init__(self, public_keys: Sequence[bytes]):
         self.n = len(public_keys)
@@ -33,8 +31,9 @@ class Keyring:
         if self.n < 1 or self.n != 3 * self.f + 1:
             raise ValueError(f"need n = 3f + 1 validators, got {self.n}")
         self.quorum = 2 * self.f + 1
+        if any(not isinstance(k, bytes) or len(k) != 32 for k in public_keys):
+            raise ValueError("validator keys must be 32-byte Ed25519 public keys")
         self.raw = tuple(public_keys)
-        self._keys = tuple(Ed25519PublicKey.from_public_bytes(k) for k in public_keys)
 
     def primary(self, view: int) -> int:
         return view % self.n
@@ -43,11 +42,7 @@ class Keyring:
         """True iff ``sig`` is validator ``sender``'s signature over ``body`` for ``kind``."""
         if not 0 <= sender < self.n:
             return False
-        try:
-            self._keys[sender].verify(sig, encoded_message(domain(kind), body))
-        except (InvalidSignature, ValueError, TypeError):
-            return False
-        return True
+        return ed25519_valid(self.raw[sender], sig, encoded_message(domain(kind), body))
 
 
 @dataclass(frozen=True, slots=True)
