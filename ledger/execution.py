@@ -27,7 +27,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-
 from ledger.blocks import BlockHeader, genesis_header, tx_root
 from ledger.canonical import canonical_bytes
 from ledger.contracts import Contracts, Rejected, TxContext, genesis_state

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-
 from ledger.blocks import batch_digest, tx_root
 from ledger.errors import CertificateInvalid
 from ledger.identity import SigningKey, ed25519_valid, encoded_message

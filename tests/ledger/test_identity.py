@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from ledger.errors import KeyFileError, SignatureInvalid
-from ledger.identity import RecipientKey, SigningKey, VerifyKey
+from ledger.identity import RecipientKey, SigningKey, VerifyKey, ed25519_valid, encoded_message
 
 
 def test_signing_key_file_round_trip_is_private(tmp_path):
@@ -108,3 +108,20 @@ def test_encoded_signing_matches_value_signing():
     key.public.verify_encoded("test/v1", canonical_bytes(value), sig)
     with pytest.raises(SignatureInvalid):
         key.public.verify_encoded("test/v2", canonical_bytes(value), sig)
+
+
+def test_ed25519_valid_accepts_exactly_the_signed_bytes():
+    # libsodium checks what cryptography (OpenSSL) signed; a signature of the wrong size must
+    # not shift into the message (the check concatenates signature and message)
+    key = SigningKey.generate()
+    encoded = os.urandom(200)
+    sig = key.sign_encoded("medchain/v1/test", encoded)
+    message = encoded_message("medchain/v1/test", encoded)
+    raw = key.public.raw
+    assert ed25519_valid(raw, sig, message)
+    assert not ed25519_valid(raw, sig, message + b"x")
+    assert not ed25519_valid(raw, sig[:-1], sig[-1:] + message)  # 63-byte signature
+    assert not ed25519_valid(raw, bytes([sig[0] ^ 1]) + sig[1:], message)
+    assert not ed25519_valid(raw[:31], sig, message)
+    assert not ed25519_valid(SigningKey.generate().public.raw, sig, message)
+    assert not ed25519_valid(raw, bytearray(sig), message)  # only bytes are judged
