@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
 import struct
@@ -44,6 +45,8 @@ from edge_agent.errors import SpoolError, SpoolFull
 
 __all__ = ["Spool", "SpoolRef", "QuarantineEntry", "read_ref", "fsync_dir", "durable_write",
            "write_synced", "GroupSync", "DirSync"]
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"MCS1"
 _HEADER = struct.Struct("<4sHQI")  # magic, id length, data length, CRC-32 of data + id
@@ -159,9 +162,9 @@ class _Segment:
         os.fdatasync(self.fd)
 
 
-def _scan(path: Path) -> tuple[list[tuple[str, int, int]], int]:
+def _scan(path: Path) -> tuple[list[tuple[str, int, int]], int, int]:
     """The valid records of a segment as (id, data offset, length), up to its first torn or
-    corrupt record; and the file's size."""
+    corrupt record; the file's size; and where the valid records end."""
     data = path.read_bytes()
     records, pos = [], 0
     while pos + _HEADER.size <= len(data):
@@ -177,7 +180,7 @@ def _scan(path: Path) -> tuple[list[tuple[str, int, int]], int]:
         except UnicodeDecodeError:
             break
         pos = start + length
-    return records, len(data)
+    return records, len(data), pos
 
 
 class Spool:
@@ -202,7 +205,11 @@ class Spool:
             self._used = sum(p.stat().st_size for p in self.quarantine_dir.iterdir())
             for path in sorted(self.segments_dir.glob("*.log")):
                 self._next_segment = max(self._next_segment, int(path.stem) + 1)
-                records, size = _scan(path)
+                records, size, end = _scan(path)
+                if end < size:  # never silent: a torn tail is expected after a crash, rot is not
+                    log.warning("spool segment %s: %d byte(s) after its last valid record (of %d) "
+                                "ignored: an object whose store was cut off before Success, or "
+                                "damage", path.name, size - end, len(records))
                 if not records:
                     path.unlink()  # empty, or a crash before its first acknowledged record
                     continue
@@ -315,9 +322,10 @@ class Spool:
         start = segment.size
         try:
             written = os.writev(segment.fd, parts)
-            while written < record:  # short writes happen only on errors; finish or fail
-                rest = b"".join(parts)[written:]
-                written += os.write(segment.fd, rest)
+            if written < record:  # short writes happen only on errors; finish or fail
+                rest = memoryview(b"".join(parts))
+                while written < record:
+                    written += os.write(segment.fd, rest[written:])
         except OSError:
             try:
                 os.ftruncate(segment.fd, start)

@@ -30,8 +30,6 @@ class Keyring:
         if self.n < 1 or self.n != 3 * self.f + 1:
             raise ValueError(f"need n = 3f + 1 validators, got {self.n}")
         self.quorum = 2 * self.f + 1
-        if any(not isinstance(k, bytes) or len(k) != 32 for k in public_keys):
-            raise ValueError("validator keys must be 32-byte Ed25519 public keys")
         self.raw = tuple(public_keys)
 
     def primary(self, view: int) -> int:

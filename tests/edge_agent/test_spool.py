@@ -38,14 +38,17 @@ def test_put_read_remove_and_order(tmp_path):
     assert spool.used_bytes == 0 and not _segments(tmp_path / "s")
 
 
-def test_restart_keeps_complete_records_and_drops_a_torn_tail(tmp_path):
+def test_restart_keeps_complete_records_and_drops_a_torn_tail(tmp_path, caplog):
     spool = Spool(tmp_path / "s", 10_000)
     kept = spool.put(b"complete")
     torn = spool.put(b"half written")
     [segment] = _segments(tmp_path / "s")
     os.truncate(segment, segment.stat().st_size - 3)  # a crash in the middle of the append
-    again = Spool(tmp_path / "s", 10_000)
+    with caplog.at_level("WARNING", logger="edge_agent.spool"):
+        again = Spool(tmp_path / "s", 10_000)
     assert again.pending() == [kept] and again.read(kept) == b"complete" and torn not in again.pending()
+    [warning] = [r.getMessage() for r in caplog.records]  # dropped bytes are said, by size only
+    assert segment.name in warning and "after its last valid record (of 1)" in warning
     newer = again.put(b"next")
     assert again.pending() == [kept, newer]  # FIFO across restarts, in a new segment
     assert len(_segments(tmp_path / "s")) == 2
