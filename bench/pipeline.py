@@ -12,12 +12,17 @@ inside the stage, so waiting for the GIL counts), as a share of all stage time.
 
     receive    C-STORE handler: encoded dataset to durable spool (fsync) and Success
     deid       parse + PS3.15 de-identification + re-encode (edge worker process, timed from
-               the feeder thread that hands each object over, so the hand-over counts)
-    preprocess modality values, window, resize, denoise, HOG, wavelets
+               the feeder thread that hands each object over, so the hand-over counts;
+               less the preprocess time the worker reports)
+    preprocess modality values, window, resize, denoise, HOG, wavelets (edge worker process,
+               beside de-identification: the node's own prepare_seconds)
     package    seal (AES-GCM chunks, Merkle, HPKE, Ed25519) and durable outbox insert
     uplink     outbox read and MQTT publish (edge uplink thread)
     ingest     decode, verify, object store write, catalog (cloud)
     ledger     IMAGE_REGISTERED submitted until f + 1 validators report it committed
+
+Then the CPU each process used during the measured run (from /proc, where there is one):
+stages overlap and wait on each other, the CPU they burn is what shares the machine's cores.
 
 Targets (issue 5): >= 50 instances/s end to end; no stage but the ledger above 40 %.
 """
@@ -101,14 +106,39 @@ def instrument(clock: Clock) -> None:
     import edge_agent.uplink as uplink
 
     clock.wrap(node.EdgeNode, "_on_store", "receive")
-    # de-identification runs in the node's worker process: timed from the feeder thread that
-    # hands it over and waits (the wrapped method in the child would report to nobody)
+    # de-identification and preprocessing run in the node's worker process: timed from the
+    # feeder thread that hands each object over and waits (a wrapped method in the child would
+    # report to nobody); the node's stats say how much of that was preprocessing
     clock.wrap(node.EdgeNode, "_run", "deid")
-    clock.wrap_inner(packager, "prepare", "preprocess")  # called inside Packager.build
-    clock.wrap(packager.Packager, "accept", "package", minus="preprocess")
+    clock.wrap(packager.Packager, "accept", "package")
     clock.wrap(uplink.Uplink, "_publish_due", "uplink")
     clock.wrap_inner(registration.LedgerRegistrar, "register", "ledger")
     clock.wrap(ingest.IngestService, "handle", "ingest", minus="ledger")
+
+
+def _cpu(pids) -> tuple[float, float]:
+    """CPU seconds (user, system) the live ``pids`` have used so far (Linux /proc)."""
+    user = system = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
+        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return user, system
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
 
 
 def ct_items(n: int, seed: int):
@@ -138,12 +168,18 @@ def _edge_process(profile_path_: str, state: str, broker_port: int, conn) -> Non
     with EdgeAgent(profile, load_secret(Path(state) / "keys/site.secret"), endpoint=endpoint,
                    port=0, host="127.0.0.1") as agent:
         conn.send(agent.node.port)
+        prepared_before = 0.0
         while (msg := conn.recv()) != "stop":
             if msg == "reset":
                 clock.reset()
+                prepared_before = agent.node.stats.prepare_seconds
             elif msg == "depth":
                 conn.send(agent.outbox.depth + len(agent.node.spool.pending()))
-    conn.send(dict(clock.busy))
+        prepared = agent.node.stats.prepare_seconds - prepared_before
+    busy = dict(clock.busy)
+    busy["deid"] = busy.get("deid", 0.0) - prepared
+    busy["preprocess"] = prepared
+    conn.send(busy)
 
 
 def _scanner_process(port: int, instances: int, seed: int, conn) -> None:
@@ -152,10 +188,12 @@ def _scanner_process(port: int, instances: int, seed: int, conn) -> None:
     items = ct_items(instances, seed)
     conn.send("ready")
     conn.recv()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), os.times()
     result = send("127.0.0.1", port, items, calling_ae="SCANNER_CT", called_ae="MEDCHAIN_EDGE",
                   concurrency=2, progress=False, retries=1)
-    conn.send((result.success, result.attempted, time.perf_counter() - t0))
+    cpu1 = os.times()
+    conn.send((result.success, result.attempted, time.perf_counter() - t0,
+               (cpu1.user - cpu0.user, cpu1.system - cpu0.system)))
 
 
 def run(instances: int, warmup: int) -> dict:
@@ -225,18 +263,25 @@ def run(instances: int, warmup: int) -> dict:
                 clock.reset()
                 edge_conn.send("reset")
                 proc, conn = scanner(instances, 2)
-                t0 = time.perf_counter()
+                groups = {"edge agent": [edge.pid], "edge worker process": _children(edge.pid),
+                          "broker": [broker.proc.pid], "validators (4)": [p.pid for p in cluster.procs.values()]}
+                cpu0 = {name: _cpu(pids) for name, pids in groups.items()}
+                t0, own0 = time.perf_counter(), os.times()
                 conn.send("go")
-                success, attempted, t_sent = conn.recv()
+                success, attempted, t_sent, cpu_scanner = conn.recv()
                 proc.join()
                 wait_acked(warmup + success)
                 elapsed = time.perf_counter() - t0
+                own1 = os.times()
+                cpu = {"scanner": cpu_scanner,
+                       **{name: tuple(b - a for a, b in zip(cpu0[name], _cpu(pids))) for name, pids in groups.items()},
+                       "coordinator (this process)": (own1.user - own0.user, own1.system - own0.system)}
                 edge_conn.send("stop")
                 busy = {**edge_conn.recv(), **dict(clock.busy)}
                 edge.join(30)
                 height = cloud.ledger.status(0)["executed"]
     return {"instances": success, "refused": attempted - success, "elapsed": elapsed,
-            "scanner_done": t_sent, "busy": busy, "height": height}
+            "scanner_done": t_sent, "busy": busy, "height": height, "cpu": cpu}
 
 
 def main(argv=None) -> int:
@@ -261,6 +306,16 @@ def main(argv=None) -> int:
         if stage != "ledger" and share > 0.40:
             worst = stage
     print(f"\nno stage but the ledger above 40 %: {'yes' if not worst else 'NO (' + worst + ')'}")
+    if Path("/proc/self/stat").exists():
+        cores = len(os.sched_getaffinity(0))
+        n = max(1, out["instances"])
+        print(f"\n{'CPU during the measured run':<28} {'user s':>7} {'sys s':>6} {'ms/inst':>8}")
+        for name, (user, system) in sorted(out["cpu"].items(), key=lambda kv: -sum(kv[1])):
+            print(f"{name:<28} {user:7.2f} {system:6.2f} {1000 * (user + system) / n:8.2f}")
+        user, system = (sum(c[i] for c in out["cpu"].values()) for i in (0, 1))
+        busy = (user + system) / (cores * out["elapsed"])
+        print(f"{'all':<28} {user:7.2f} {system:6.2f} {1000 * (user + system) / n:8.2f}   "
+              f"({busy:.0%} of {cores} cores for {out['elapsed']:.1f} s)")
     return 0
 
 

@@ -18,6 +18,7 @@ from edge_agent.config import Profile
 from edge_agent.errors import ConfigError
 from edge_agent.node import Backpressure, EdgeNode
 from edge_agent.pipeline import Processor
+from edge_agent.preparation import Preparer
 from edge_agent.sink import Sink
 from edge_agent.spool import Spool
 
@@ -42,14 +43,16 @@ def load_site_secret(profile: Profile, override: str | Path | None = None) -> by
 
 
 def build_node(profile: Profile, secret: bytes, sink: Sink, *, backpressure: Backpressure | None = None,
-               port: int | None = None, host: str | None = None) -> EdgeNode:
+               port: int | None = None, host: str | None = None,
+               preparer: Preparer | None = None) -> EdgeNode:
     from dataclasses import replace
 
     dicom = profile.dicom
     if port is not None or host is not None:
         dicom = replace(dicom, port=dicom.port if port is None else port, host=host or dicom.host)
     spool = Spool(profile.spool.dir, profile.spool.max_bytes)
-    return EdgeNode(dicom, spool, Processor.from_config(profile.deid, secret), sink, backpressure=backpressure)
+    return EdgeNode(dicom, spool, Processor.from_config(profile.deid, secret), sink, backpressure=backpressure,
+                    preparer=preparer)
 
 
 def serve(node: EdgeNode, *, ready: Callable[[EdgeNode], None] | None = None,

@@ -11,10 +11,11 @@ quarantine entry (parsed, but cannot be de-identified or decoded); one bad objec
 stops the node. Back-pressure: a callable that returns a reason (or the spool's own
 ``max_bytes``) makes C-STORE answer 0xA700 Out of Resources without storing anything.
 
-Processing (parse, de-identify, pixel check, re-encode) runs by default in a separate worker
-process, so that it uses a core of its own instead of sharing the GIL with the SCP threads that
-answer the scanner; the worker threads here only hand spool locations over, then call the sink and
-remove the spool entry. A worker process that dies (a decoder crashing on a hostile file) is
+Processing (parse, de-identify, pixel check, re-encode and, given a preparer, the model-ready
+tensor and metadata record) runs by default in a separate worker process, so that it uses a
+core of its own instead of sharing the GIL with the SCP threads that answer the scanner; the
+worker threads here only hand spool locations over, then call the sink and remove the spool
+entry. A worker process that dies (a decoder crashing on a hostile file) is
 replaced; the instances it held are retried, each suspect one alone, and the one that kills
 a worker on its own is quarantined as ``worker-crashed``: one bad object never stops the node.
 Worker processes are spawned, so a script that starts a node needs the usual
@@ -35,7 +36,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -45,6 +46,7 @@ from pydicom.uid import RLELossless
 from edge_agent.config import DicomConfig
 from edge_agent.errors import Quarantined, SpoolError, SpoolFull
 from edge_agent.pipeline import Processor, parse_received
+from edge_agent.preparation import Preparer
 from edge_agent.sink import DeidentifiedInstance, Sink
 from edge_agent.spool import Spool, SpoolRef, read_ref
 
@@ -80,21 +82,29 @@ ACCEPTED_TRANSFER_SYNTAXES = sorted(
 Backpressure = Callable[[], "str | None"]
 
 # -- processing, in this process or in a worker process ----------------------------------------
-# An outcome is ("ok", instance) | ("quarantined", reason, detail) | ("spool-error", message)
-# | ("internal-error", exception class name): plain tuples, so nothing but a class name of an
-# unexpected exception crosses the process boundary (its text could quote an attribute value).
+# An outcome is ("ok", instance, deid seconds, prepare seconds) | ("quarantined", reason,
+# detail) | ("spool-error", message) | ("internal-error", exception class name): plain tuples,
+# so nothing but a class name of an unexpected exception crosses the process boundary (its
+# text could quote an attribute value).
 
 Outcome = tuple
 
 
-def process_spooled(processor: Processor, ref: SpoolRef, spool_id: str) -> Outcome:
-    """Read one spooled object and run it through ``processor``; never raises."""
+def process_spooled(processor: Processor, ref: SpoolRef, spool_id: str,
+                    preparer: Preparer | None = None) -> Outcome:
+    """Read one spooled object, run it through ``processor`` and, with a ``preparer``, prepare
+    the de-identified dataset while it is parsed; never raises."""
     try:
         raw = read_ref(ref)
     except OSError as exc:
         return ("spool-error", f"spool entry {spool_id}: cannot read ({exc.strerror or exc})")
     try:
-        return ("ok", processor.process(raw, spool_id))
+        t0 = time.perf_counter()
+        instance, ds = processor.process_keeping_dataset(raw, spool_id)
+        t1 = time.perf_counter()
+        if preparer is not None:
+            instance = replace(instance, preparation=preparer.prepare(ds, instance.modality))
+        return ("ok", instance, t1 - t0, time.perf_counter() - t1)
     except Quarantined as q:
         return ("quarantined", q.reason, q.detail)
     except Exception as exc:  # a bug must not kill the worker; keep the object for a person
@@ -117,6 +127,7 @@ def _exit_with_parent(parent: int) -> None:
 def _child_ready() -> bool:
     """Run once per worker process at start, so that its imports are done before traffic."""
     import edge_agent.pipeline  # noqa: F401
+    import edge_agent.preparation  # noqa: F401
 
     return True
 
@@ -162,11 +173,16 @@ class NodeStats:
     quarantined: collections.Counter = field(default_factory=collections.Counter)
     sink_failures: int = 0
     rejected_associations: int = 0
+    # time spent de-identifying and preparing objects that came out whole (where the CPU goes)
+    deid_seconds: float = 0.0
+    prepare_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return {"received": self.received, "stored": self.stored, "forwarded": self.forwarded,
                 "refused": dict(self.refused), "quarantined": dict(self.quarantined),
-                "sink_failures": self.sink_failures, "rejected_associations": self.rejected_associations}
+                "sink_failures": self.sink_failures, "rejected_associations": self.rejected_associations,
+                "deid_seconds": round(self.deid_seconds, 3),
+                "prepare_seconds": round(self.prepare_seconds, 3)}
 
 
 class EdgeNode:
@@ -174,8 +190,12 @@ class EdgeNode:
 
     def __init__(self, dicom: DicomConfig, spool: Spool, processor: Processor, sink: Sink, *,
                  backpressure: Backpressure | None = None, retry_delay: float = 2.0,
-                 precheck: bool = True, workers: int = 3, processes: int = 1) -> None:
+                 precheck: bool = True, workers: int = 3, processes: int = 1,
+                 preparer: Preparer | None = None) -> None:
         self.dicom, self.spool, self.processor, self.sink = dicom, spool, processor, sink
+        # with a preparer, the model-ready tensor and metadata record are made beside
+        # de-identification (in the worker process) and travel to the sink in the instance
+        self.preparer = preparer
         self.backpressure = backpressure
         self.retry_delay = retry_delay
         self.precheck = precheck
@@ -371,7 +391,7 @@ class EdgeNode:
         except SpoolError as exc:
             return ("spool-error", str(exc))
         if self.processes == 0:
-            return process_spooled(self.processor, ref, spool_id)
+            return process_spooled(self.processor, ref, spool_id, self.preparer)
         with self._pool_lock:
             suspect = spool_id in self._suspects
         self._gate.acquire(suspect)
@@ -381,9 +401,10 @@ class EdgeNode:
             if pool is None:  # stopping
                 return None
             try:
-                # the processor travels with each object (a few hundred bytes): options
-                # changed on a running node apply from the next object on, as in-thread
-                outcome = pool.submit(process_spooled, self.processor, ref, spool_id).result()
+                # the processor and preparer travel with each object (a few hundred bytes):
+                # options changed on a running node apply from the next object on, as in-thread
+                outcome = pool.submit(process_spooled, self.processor, ref, spool_id,
+                                      self.preparer).result()
             except BrokenProcessPool:
                 with self._pool_lock:
                     if self._pool is pool and not self._stop.is_set():
@@ -433,6 +454,9 @@ class EdgeNode:
             log.error("spool entry %s quarantined after an internal error (%s)", spool_id, outcome[1])
             return
         instance: DeidentifiedInstance = outcome[1]
+        with self._lock:
+            self.stats.deid_seconds += outcome[2]
+            self.stats.prepare_seconds += outcome[3]
         try:
             self.sink.accept(instance)
         except Exception as exc:

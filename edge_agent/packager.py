@@ -1,8 +1,8 @@
 """The packager: the sink between the DICOM node and the uplink.
 
-For each de-identified instance it prepares the model-ready tensor (the one preprocessing
-implementation, :mod:`models.modality`, configured per modality by the device profile),
-collects the metadata record, and seals three parts into one envelope — the de-identified
+For each de-identified instance it takes the model-ready tensor and metadata record
+(:mod:`edge_agent.preparation`: made beside de-identification in the node's worker process,
+or here when the instance comes without them), and seals three parts into one envelope — the de-identified
 DICOM file unchanged (lossless), the tensor (``.npy``), the metadata (JSON) — which it puts
 in the durable outbox under the next sequence number. The node deletes its spooled copy
 only after this returns, and the outbox remembers the pseudonymous SOP Instance UID, so a
@@ -29,43 +29,18 @@ import pydicom
 from ledger.identity import RecipientPublicKey, SigningKey
 from medchain.protocol import encode
 from medchain.sealing import DEFAULT_CHUNK_SIZE, new_object_key, package
-from models.modality import ModalityConfig, config_for, modality_values, prepare
+from models.modality import ModalityConfig, modality_values
 
 from edge_agent.outbox import Outbox
+from edge_agent.preparation import Preparation, Preparer
 from edge_agent.records import RecordStore
 from edge_agent.sink import DeidentifiedInstance
 
-__all__ = ["Packager", "PackagerStats", "MEDIA_TYPES", "CALIBRATION_KEYWORDS"]
+__all__ = ["Packager", "PackagerStats", "MEDIA_TYPES"]
 
 log = logging.getLogger(__name__)
 
 MEDIA_TYPES = {"dicom": "application/dicom", "tensor": "application/x-npy", "meta": "application/json"}
-
-# device calibration and acquisition geometry, copied when the de-identified header has them
-CALIBRATION_KEYWORDS = (
-    "PixelSpacing", "ImagerPixelSpacing", "SliceThickness", "SpacingBetweenSlices",
-    "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
-    "KVP", "XRayTubeCurrent", "ExposureTime", "Exposure", "FilterType", "ConvolutionKernel",
-    "MagneticFieldStrength", "RepetitionTime", "EchoTime", "FlipAngle", "TransducerFrequency",
-    "BitsStored", "PhotometricInterpretation", "Manufacturer", "ManufacturerModelName",
-)
-
-
-def _jsonable(value):
-    if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (int, float, str)) or value is None:
-        return value
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 @dataclass(slots=True)
@@ -93,13 +68,17 @@ class Packager:
         on_enqueued: Callable[[], None] | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         predict: Callable[[str, np.ndarray], dict | None] | None = None,
+        serves: Callable[[str], bool] | None = None,
     ):
         self.outbox = outbox
         self._predict = predict
+        # whether ``predict`` would answer for a modality: the frame it needs is decoded here
+        # only then (None: always try)
+        self._serves = serves
         self.device_id = device_id
         self._key = device_key
         self._custodian = custodian
-        self._preprocess = dict(preprocess or {})
+        self.preparer = Preparer.of(preprocess)
         self._records = records
         self._clock = clock
         self._on_enqueued = on_enqueued
@@ -107,7 +86,7 @@ class Packager:
         self.stats = PackagerStats()
 
     def config_for(self, modality: str) -> ModalityConfig:
-        return self._preprocess.get(modality) or config_for(modality)
+        return self.preparer.config_for(modality)
 
     def backpressure(self) -> str | None:
         """For the DICOM node: why it should answer Out of Resources now, or None."""
@@ -129,9 +108,18 @@ class Packager:
         if self._on_enqueued:
             self._on_enqueued()
 
-    def _prediction(self, instance: DeidentifiedInstance, frame: np.ndarray, meta: dict) -> dict | None:
+    @staticmethod
+    def _frame(instance: DeidentifiedInstance, prep: Preparation, ds) -> np.ndarray:
+        """The middle kept frame as modality values: what the serving model is given."""
+        if ds is None:
+            ds = pydicom.dcmread(io.BytesIO(instance.dicom))
+        kept = prep.kept_frames
+        return modality_values(ds)[kept[len(kept) // 2]]
+
+    def _prediction(self, instance: DeidentifiedInstance, frame: Callable[[], np.ndarray],
+                    meta: dict) -> dict | None:
         try:
-            prediction = self._predict(instance.modality, frame)
+            prediction = self._predict(instance.modality, frame())
         except Exception as exc:  # a model problem must never hold an image back
             meta["prediction_error"] = exc.__class__.__name__
             self.stats.prediction_failed += 1
@@ -144,43 +132,27 @@ class Packager:
 
     def build(self, instance: DeidentifiedInstance) -> tuple[dict[str, bytes], dict]:
         """The parts to seal and the header metadata (pure apart from the records lookup)."""
-        ds = pydicom.dcmread(io.BytesIO(instance.dicom))
+        ds = None
+        prep = instance.preparation
+        if prep is None:  # not prepared beside de-identification: parse the file and do it here
+            ds = pydicom.dcmread(io.BytesIO(instance.dicom))
+            prep = self.preparer.prepare(ds, instance.modality)
+        if prep.error:
+            self.stats.without_tensor += 1
+            log.warning("no tensor for instance %s (%s): %s", instance.sop_instance_uid,
+                        instance.modality, prep.error)
         consent = self._records.consent(instance.patient_token) if self._records else {}
         label = None
         if self._records and instance.accession_pseudonym:
             label = self._records.label(instance.patient_token, instance.accession_pseudonym)
-        meta = {
-            **instance.meta(),
-            "device_id": self.device_id,
-            "acquisition": {k: str(ds.get(k, "") or "") for k in
-                            ("AcquisitionDate", "AcquisitionTime", "StudyDate", "ContentDate")},
-            "resolution": {"rows": int(ds.get("Rows", 0) or 0), "columns": int(ds.get("Columns", 0) or 0),
-                           "frames": int(ds.get("NumberOfFrames", 1) or 1)},
-            "calibration": {k: _jsonable(ds.get(k)) for k in CALIBRATION_KEYWORDS if ds.get(k) is not None},
-            "consent": consent,
-            "label": label,
-        }
+        meta = {**instance.meta(), **prep.record, "device_id": self.device_id,
+                "consent": consent, "label": label}
         parts = {"dicom": instance.dicom}
         prediction = None
-        if "PixelData" in ds:
-            cfg = self.config_for(instance.modality)
-            try:
-                values = modality_values(ds)
-                prepared = prepare(values, cfg)
-            except Exception as exc:  # an unusual pixel layout: ship the lossless file anyway
-                meta["preprocess_error"] = exc.__class__.__name__
-                self.stats.without_tensor += 1
-                log.warning("no tensor for instance %s (%s): %s", instance.sop_instance_uid,
-                            instance.modality, exc.__class__.__name__)
-            else:
-                parts["tensor"] = _npy(prepared.tensor)
-                meta["preprocess"] = prepared.chain
-                meta["modality_config"] = cfg.to_config()
-                meta["kept_frames"] = list(prepared.kept_frames)
-                meta["descriptors"] = {"hog": prepared.hog.tolist(), "wavelet": prepared.wavelet.tolist()}
-                if self._predict is not None:
-                    frame = values[prepared.kept_frames[len(prepared.kept_frames) // 2]]
-                    prediction = self._prediction(instance, frame, meta)
+        if prep.tensor is not None:
+            parts["tensor"] = prep.tensor
+            if self._predict is not None and (self._serves is None or self._serves(instance.modality)):
+                prediction = self._prediction(instance, lambda: self._frame(instance, prep, ds), meta)
         if prediction is not None:
             meta["prediction"] = prediction
         parts["meta"] = json.dumps(meta, sort_keys=True).encode()

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, replace
 
 from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 
 from edge_agent.config import BurnedInPolicy, DeidConfig
@@ -62,6 +62,11 @@ class Processor:
                    cfg.burned_in)
 
     def process(self, raw: bytes, spool_id: str) -> DeidentifiedInstance:
+        return self.process_keeping_dataset(raw, spool_id)[0]
+
+    def process_keeping_dataset(self, raw: bytes, spool_id: str) -> tuple[DeidentifiedInstance, Dataset]:
+        """:meth:`process`, also returning the de-identified dataset the file was written
+        from, so that preparation reads its pixels without parsing the file again."""
         ds, transfer_syntax = parse_received(raw)
         options = self.options
         suspect = has_pixels(ds) and burned_in_suspect(ds, self.burned_in)
@@ -103,4 +108,4 @@ class Processor:
             sop_instance_uid=str(out.SOPInstanceUID),
             accession_pseudonym=report.accession_pseudonym,
             report=report,
-        )
+        ), out

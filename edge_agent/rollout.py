@@ -203,11 +203,19 @@ class ModelManager:
         cur = self._current
         return cur.version if cur else ""
 
+    def _serving(self, modality: str) -> InstalledModel | None:
+        cur = self._current  # read once: an install may swap it meanwhile
+        return cur if cur is not None and cur.modality == modality.upper() else None
+
+    def serves(self, modality: str) -> bool:
+        """Whether the serving model was trained on ``modality`` (so :meth:`predict` answers)."""
+        return self._serving(modality) is not None
+
     def predict(self, modality: str, image: np.ndarray) -> dict | None:
         """The serving model's prediction for one image (modality values, (H, W)) as sent
         upstream, if that model was trained on this modality; None otherwise."""
-        cur = self._current
-        if cur is None or cur.modality is None or cur.modality != modality.upper():
+        cur = self._serving(modality)
+        if cur is None:
             return None
         return {**cur.model.predict(image).to_dict(), "model_hash": cur.model_hash.hex()}
 

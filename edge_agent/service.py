@@ -112,9 +112,10 @@ class EdgeAgent:
                                  custodian=RecipientPublicKey(enrollment.custodian_key),
                                  preprocess=modality_configs(profile), records=self.records,
                                  clock=clock, on_enqueued=self.uplink.nudge,
-                                 predict=self.models.predict)
+                                 predict=self.models.predict, serves=self.models.serves)
+        # the node's worker process prepares tensors beside de-identification, as configured here
         self.node = build_node(profile, secret, self.packager, backpressure=self.packager.backpressure,
-                               port=port, host=host)
+                               port=port, host=host, preparer=self.packager.preparer)
 
     def __enter__(self) -> EdgeAgent:
         self.start()

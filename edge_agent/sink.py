@@ -14,10 +14,13 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from edge_agent.deid import DeidReport
 from edge_agent.spool import DirSync, fsync_dir, write_synced
+
+if TYPE_CHECKING:
+    from edge_agent.preparation import Preparation
 
 __all__ = ["DeidentifiedInstance", "Sink", "FolderSink"]
 
@@ -37,6 +40,9 @@ class DeidentifiedInstance:
     sop_instance_uid: str
     accession_pseudonym: str | None
     report: DeidReport
+    # tensor, descriptors and metadata record, when the node's worker prepared them beside
+    # de-identification (see edge_agent.preparation); None: the sink prepares what it needs
+    preparation: Preparation | None = None
 
     def meta(self) -> dict:
         """The small, de-identified description that may travel beside the image."""

@@ -224,10 +224,10 @@ from edge_agent.pipeline import Processor
 class CrashingProcessor(Processor):
     """Kills its worker process on one marked object, as a decoder crash on a hostile file would."""
 
-    def process(self, raw, spool_id):
+    def process_keeping_dataset(self, raw, spool_id):
         if b"KILLTHEWORKER" in raw:
             os._exit(3)
-        return super().process(raw, spool_id)
+        return super().process_keeping_dataset(raw, spool_id)
 '''
 
 
@@ -254,3 +254,25 @@ def test_an_object_that_kills_the_worker_process_is_quarantined_and_the_rest_go_
     # and the node keeps serving with a fresh worker process
     assert _send(node, items_from_datasets(_ct(1, seed=32))).success == 2
     assert node.drain(60) and node.stats.forwarded == 3
+
+
+class _Collect:
+    def __init__(self):
+        self.instances = []
+
+    def accept(self, instance):
+        self.instances.append(instance)
+
+
+def test_worker_process_prepares_beside_deidentification(make_node):
+    from edge_agent.preparation import Preparer
+    from models.modality import config_for
+
+    sink = _Collect()
+    node = make_node(sink=sink, processes=1, preparer=Preparer.of({"CT": config_for("CT", size=32)})).start()
+    assert _send(node, items_from_datasets(_ct(1))).success == 2
+    assert node.drain(60) and len(sink.instances) == 2
+    for instance in sink.instances:
+        tensor = np.load(io.BytesIO(instance.preparation.tensor))
+        assert tensor.shape == (1, 1, 32, 32) and instance.preparation.record["resolution"]["rows"] == 512
+    assert node.stats.prepare_seconds > 0 and node.stats.deid_seconds > 0

@@ -144,3 +144,43 @@ def test_prediction_travels_in_the_signed_header_and_a_failing_model_holds_nothi
     assert "prediction" not in env.header.meta
     assert json.loads(parts["meta"])["prediction_error"] == "RuntimeError"
     assert pk2.stats.prediction_failed == 1
+
+
+def test_preparation_beside_deidentification_is_the_packagers_own(tmp_path, processor):
+    """The node's worker prepares from the dataset it just de-identified; the packager, given
+    an instance without that, prepares from the file: the same parts and header either way."""
+    from dataclasses import replace
+
+    study = generate_studies("CT", 1, seed=6, images_per_study=1)[0]
+    instance, ds = processor.process_keeping_dataset(part10_bytes(study.datasets[0]), "spool-1")
+    pk, _ = packager(tmp_path)
+    prepared = replace(instance, preparation=pk.preparer.prepare(ds, instance.modality))
+    assert prepared.preparation.tensor is not None and prepared.preparation.error is None
+    assert pk.build(prepared) == pk.build(instance)
+    assert prepared.preparation.record["modality_config"]["size"] == 64  # the profile's config
+
+
+def test_pixels_that_cannot_be_prepared_still_travel_losslessly(tmp_path, processor):
+    from dataclasses import replace
+
+    study = generate_studies("CT", 1, seed=7, images_per_study=1)[0]
+    instance, ds = processor.process_keeping_dataset(part10_bytes(study.datasets[0]), "spool-1")
+    ds.PixelData = ds.PixelData[:100]  # shorter than its geometry: no values can be read
+    pk, box = packager(tmp_path)
+    preparation = pk.preparer.prepare(ds, instance.modality)
+    assert preparation.tensor is None and preparation.error
+    pk.accept(replace(instance, preparation=preparation))
+    env, parts = opened(box)
+    assert set(parts) == {"dicom", "meta"} and parts["dicom"] == instance.dicom
+    assert json.loads(parts["meta"])["preprocess_error"] == preparation.error
+    assert env.header.meta["has_tensor"] is False and pk.stats.without_tensor == 1
+
+
+def test_the_frame_for_a_model_is_decoded_only_when_one_serves_the_modality(tmp_path, processor):
+    study = generate_studies("CT", 1, seed=8, images_per_study=1)[0]
+    instance = processor.process(part10_bytes(study.datasets[0]), "spool-1")
+    asked = []
+    pk, box = packager(tmp_path, predict=lambda m, f: asked.append(m), serves=lambda m: m == "MR")
+    pk.accept(instance)
+    env, _ = opened(box)
+    assert asked == [] and "prediction" not in env.header.meta
