@@ -8,7 +8,8 @@ clock or disk in here: time comes in as a number, blocks already on disk are rea
 :class:`ledger.execution.Ledger`.
 
 Normal case: request -> pre-prepare (primary, one *batch* per sequence number, up to
-``pipeline`` batches in flight within the ``(h, h + L]`` window) -> prepare (2f matching from
+``pipeline`` batches in flight within the ``(h, h + L]`` window; a batch that is not full
+only while fewer than ``partial_in_flight`` are) -> prepare (2f matching from
 backups) -> commit (2f + 1) -> execute in sequence order -> reply; checkpoints every ``K``
 sequence numbers, stable with 2f + 1 signatures, garbage-collect the log below them. View
 change with prepared/commit certificates when the primary is silent (timer with back-off, as
@@ -246,6 +247,8 @@ class Replica(StateTransfer, ViewChanges):
             return
         while (self.queue and self.next_seq <= self.h + p.window
                and self.next_seq - 1 - self.executed < p.pipeline):
+            if len(self.queue) < p.max_batch and self.next_seq - 1 - self.executed >= p.partial_in_flight:
+                break  # not full and enough in flight: let it fill (an execution proposes again)
             frames = []
             while self.queue and len(frames) < p.max_batch:
                 frames.append(self.queue.popitem(last=False)[1])

@@ -40,6 +40,31 @@ def test_requests_are_batched_within_the_pipeline(net):
     assert net.replicas[0].counters["proposed_batches"] == len(counts)
 
 
+def test_requests_that_arrive_while_a_batch_is_in_flight_wait_and_go_together(net):
+    """A lone request is proposed at once; later ones that cannot fill a batch wait for the
+    one in flight to execute, then go out as one batch, not one sequence number each."""
+    primary = net.replicas[0]
+    first, frame = net.request()
+    net.submit([frame], to=[0])
+    assert primary.counters["proposed_batches"] == 1
+    later = [net.request() for _ in range(3)]
+    for _, frame in later:
+        net.submit([frame], to=[0])  # each alone, while the first batch is in flight
+    assert primary.counters["proposed_batches"] == 1
+    net.deliver()
+    assert all(net.answered(r) for r in [first] + [r for r, _ in later])
+    counts = [net.stores[0].header(h).tx_count for h in range(1, net.heights()[0] + 1)]
+    assert counts == [1, 3]
+
+
+def test_full_batches_fill_the_pipeline_without_waiting(net):
+    p = net.genesis.params
+    frames = [net.request()[1] for _ in range(p.max_batch * p.pipeline)]
+    net.submit(frames[:1], to=[0])
+    net.submit(frames[1:], to=[0])  # a full batch is not held back by the one in flight
+    assert net.replicas[0].counters["proposed_batches"] == p.pipeline
+
+
 def test_a_retried_request_executes_once_and_gets_the_same_answer(net):
     rid, frame = net.request()
     net.submit([frame])
