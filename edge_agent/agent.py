@@ -13,14 +13,17 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent.config import Profile
 from edge_agent.errors import ConfigError
 from edge_agent.node import Backpressure, EdgeNode
 from edge_agent.pipeline import Processor
-from edge_agent.preparation import Preparer
 from edge_agent.sink import Sink
 from edge_agent.spool import Spool
+
+if TYPE_CHECKING:
+    from edge_agent.preparation import Preparer
 
 __all__ = ["load_site_secret", "build_node", "serve"]
 

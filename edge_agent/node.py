@@ -15,9 +15,9 @@ Processing (parse, de-identify, pixel check, re-encode and, given a preparer, th
 tensor and metadata record) runs by default in a separate worker process, so that it uses a
 core of its own instead of sharing the GIL with the SCP threads that answer the scanner; the
 worker threads here only hand spool locations over, then call the sink and remove the spool
-entry. A worker process that dies (a decoder crashing on a hostile file) is
-replaced; the instances it held are retried, each suspect one alone, and the one that kills
-a worker on its own is quarantined as ``worker-crashed``: one bad object never stops the node.
+entry. A worker process that dies (a decoder crashing on a hostile file) is replaced; the
+instances it held are retried, each suspect one alone, and the one that kills a worker on its
+own is quarantined as ``worker-crashed``: one bad object never stops the node.
 Worker processes are spawned, so a script that starts a node needs the usual
 ``if __name__ == "__main__":`` guard (or pass ``processes=0``).
 
@@ -37,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 try:
     import fcntl
@@ -51,9 +52,11 @@ from pydicom.uid import RLELossless
 from edge_agent.config import DicomConfig
 from edge_agent.errors import Quarantined, SpoolError, SpoolFull
 from edge_agent.pipeline import Processor, parse_received
-from edge_agent.preparation import Preparer
 from edge_agent.sink import DeidentifiedInstance, Sink
 from edge_agent.spool import Spool, SpoolRef, read_ref
+
+if TYPE_CHECKING:  # the preparer arrives built; the node itself never needs the model code
+    from edge_agent.preparation import Preparer
 
 __all__ = ["EdgeNode", "NodeStats", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND",
            "ACCEPTED_TRANSFER_SYNTAXES"]
