@@ -17,7 +17,8 @@ core of its own instead of sharing the GIL with the SCP threads that answer the 
 worker threads here only hand spool locations over, then call the sink and remove the spool
 entry. A worker process that dies (a decoder crashing on a hostile file) is replaced; the
 instances it held are retried, each suspect one alone, and the one that kills a worker on its
-own is quarantined as ``worker-crashed``: one bad object never stops the node.
+own is quarantined as ``worker-crashed``: one bad object never stops the node. A spooled object
+that cannot be read back (an I/O error) is tried again, less and less often, never dropped.
 Worker processes are spawned, so a script that starts a node needs the usual
 ``if __name__ == "__main__":`` guard (or pass ``processes=0``).
 
@@ -88,12 +89,14 @@ ACCEPTED_TRANSFER_SYNTAXES = sorted(
     key=lambda ts: (ts in _UNCOMPRESSED, _UNCOMPRESSED.index(ts) if ts in _UNCOMPRESSED else 0))
 
 Backpressure = Callable[[], "str | None"]
+MAX_READ_RETRY_S = 300.0  # longest wait between tries to read a spooled object
 
 # -- processing, in this process or in a worker process ----------------------------------------
 # An outcome is ("ok", instance, deid seconds, prepare seconds) | ("quarantined", reason,
 # detail) | ("spool-error", message) | ("internal-error", exception class name): plain tuples,
 # so nothing but a class name of an unexpected exception crosses the process boundary (its
-# text could quote an attribute value).
+# text could quote an attribute value). ``EdgeNode._run`` adds ("gone", message) for an id no
+# longer in the spool.
 
 Outcome = tuple
 
@@ -199,6 +202,7 @@ class NodeStats:
     refused: collections.Counter = field(default_factory=collections.Counter)  # failure statuses by reason
     quarantined: collections.Counter = field(default_factory=collections.Counter)
     sink_failures: int = 0
+    spool_read_failures: int = 0  # spooled objects that could not be read (retried, backing off)
     rejected_associations: int = 0
     # time spent de-identifying and preparing objects that came out whole (where the CPU goes)
     deid_seconds: float = 0.0
@@ -207,7 +211,8 @@ class NodeStats:
     def as_dict(self) -> dict:
         return {"received": self.received, "stored": self.stored, "forwarded": self.forwarded,
                 "refused": dict(self.refused), "quarantined": dict(self.quarantined),
-                "sink_failures": self.sink_failures, "rejected_associations": self.rejected_associations,
+                "sink_failures": self.sink_failures, "spool_read_failures": self.spool_read_failures,
+                "rejected_associations": self.rejected_associations,
                 "deid_seconds": round(self.deid_seconds, 3),
                 "prepare_seconds": round(self.prepare_seconds, 3)}
 
@@ -242,6 +247,7 @@ class EdgeNode:
         self._pool_lock = threading.Lock()
         self._gate = _Gate()
         self._suspects: set[str] = set()
+        self._read_failures: dict[str, int] = {}  # spool id -> consecutive read failures
         self._retry_timers: list[threading.Timer] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -388,8 +394,9 @@ class EdgeNode:
 
     # -- worker --------------------------------------------------------------------------------
 
-    def _retry_later(self, spool_id: str) -> None:
-        timer = threading.Timer(self.retry_delay, self._queue.put, args=(spool_id,))
+    def _retry_later(self, spool_id: str, delay: float | None = None) -> None:
+        timer = threading.Timer(self.retry_delay if delay is None else delay, self._queue.put,
+                                args=(spool_id,))
         timer.daemon = True
         self._retry_timers = [t for t in self._retry_timers if t.is_alive()] + [timer]
         timer.start()
@@ -417,8 +424,8 @@ class EdgeNode:
         worker process died while it held this object, and it was not yet known to be the cause)."""
         try:
             ref = self.spool.ref(spool_id)
-        except SpoolError as exc:
-            return ("spool-error", str(exc))
+        except SpoolError as exc:  # removed meanwhile (a retry queued twice): nothing to do
+            return ("gone", str(exc))
         if self.processes == 0:
             return process_spooled(self.processor, ref, spool_id, self.preparer)
         with self._pool_lock:
@@ -469,9 +476,22 @@ class EdgeNode:
                 self._queue.put(spool_id)
             return
         kind = outcome[0]
-        if kind == "spool-error":
-            log.error("%s", outcome[1])
+        if kind == "gone":
+            log.debug("%s", outcome[1])
             return
+        if kind == "spool-error":
+            # the object got Success and is on disk: keep trying (a disk or descriptor problem
+            # may pass), less and less often, and say so each time
+            with self._lock:
+                self.stats.spool_read_failures += 1
+                failures = self._read_failures[spool_id] = self._read_failures.get(spool_id, 0) + 1
+            delay = min(self.retry_delay * 2 ** (failures - 1), MAX_READ_RETRY_S)
+            log.error("%s; kept spooled, retrying in %.1f s (attempt %d)", outcome[1], delay, failures)
+            if not self._stop.is_set():
+                self._retry_later(spool_id, delay)
+            return
+        with self._lock:
+            self._read_failures.pop(spool_id, None)
         if kind in ("quarantined", "worker-crashed"):
             reason, detail = (outcome[1], outcome[2]) if kind == "quarantined" else (kind, outcome[1])
             self._quarantine(spool_id, reason, detail)

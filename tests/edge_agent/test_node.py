@@ -289,3 +289,29 @@ def test_worker_results_come_back_through_a_pipe_with_room_for_a_whole_slice(mak
     node = make_node(processes=1).start()
     fd = node._pool._result_queue._reader.fileno()
     assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) >= RESULT_PIPE_BYTES > 512 * 1024
+
+
+def test_a_spooled_object_that_cannot_be_read_is_retried_not_dropped(make_node, profile):
+    """Its segment vanishes from under the node (as on an unmounted or failing disk), then
+    comes back: the object is tried again, backing off, and forwarded once it reads."""
+    import time
+
+    first = Spool(profile.spool.dir, profile.spool.max_bytes)
+    spool_id = first.put(part10_bytes(_ct(1, seed=41)[0]))
+    first.close()
+    node = make_node(retry_delay=0.1, processes=0)  # its spool scans the segment now
+    segment = next((profile.spool.dir / "segments").glob("*.log"))
+    hidden = segment.with_name("moved-away")
+    segment.rename(hidden)
+    node.start()
+    deadline = time.monotonic() + 30
+    while node.stats.spool_read_failures < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.stats.spool_read_failures >= 2 and node.stats.forwarded == 0
+    assert node.spool.pending() == [spool_id]  # still there, still owed downstream
+    hidden.rename(segment)
+    assert node.drain(30)
+    deadline = time.monotonic() + 30
+    while node.stats.forwarded < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.stats.forwarded == 1 and node.spool.pending() == []
