@@ -109,6 +109,8 @@ def process_spooled(processor: Processor, ref: SpoolRef, spool_id: str,
         raw = read_ref(ref)
     except OSError as exc:
         return ("spool-error", f"spool entry {spool_id}: cannot read ({exc.strerror or exc})")
+    except Quarantined as q:  # the record does not match its CRC
+        return ("quarantined", q.reason, q.detail)
     try:
         t0 = time.perf_counter()
         instance, ds = processor.process_keeping_dataset(raw, spool_id)

@@ -315,3 +315,24 @@ def test_a_spooled_object_that_cannot_be_read_is_retried_not_dropped(make_node, 
     while node.stats.forwarded < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert node.stats.forwarded == 1 and node.spool.pending() == []
+
+
+def test_a_spool_record_damaged_on_disk_is_quarantined_not_forwarded(make_node, profile):
+    first = Spool(profile.spool.dir, profile.spool.max_bytes)
+    first.put(part10_bytes(_ct(1, seed=42)[0]))
+    damaged = bytearray(part10_bytes(_ct(1, seed=43)[0]))
+    bad = first.put(bytes(damaged))
+    first.close()
+    damaged[-1000] ^= 0xFF  # a bad sector in the second (last) object's pixel data
+    segment = next((profile.spool.dir / "segments").glob("*.log"))
+    blob = bytearray(segment.read_bytes())
+    blob[-1000] ^= 0xFF
+    segment.write_bytes(bytes(blob))
+    sink = _Collect()
+    node = make_node(sink=sink).start()  # the worker process reads and checks each record
+    assert node.drain(60)
+    assert node.stats.quarantined == {"spool-damaged": 1} and node.stats.forwarded == 1
+    [entry] = node.spool.quarantined()
+    assert entry.spool_id == bad and entry.reason == "spool-damaged"
+    assert (node.spool.quarantine_dir / f"{bad}.dcm").read_bytes() == damaged  # as it is, for a person
+    assert node.spool.pending() == [] and len(sink.instances) == 1
