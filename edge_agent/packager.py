@@ -2,9 +2,9 @@
 
 For each de-identified instance it takes the model-ready tensor and metadata record
 (:mod:`edge_agent.preparation`: made beside de-identification in the node's worker process,
-or here when the instance comes without them), and seals three parts into one envelope — the de-identified
-DICOM file unchanged (lossless), the tensor (``.npy``), the metadata (JSON) — which it puts
-in the durable outbox under the next sequence number. The node deletes its spooled copy
+or here when the instance comes without them) and seals three parts into one envelope — the
+de-identified DICOM file unchanged (lossless), the tensor (``.npy``), the metadata (JSON) —
+which it puts in the durable outbox under the next sequence number. The node deletes its spooled copy
 only after this returns, and the outbox remembers the pseudonymous SOP Instance UID, so a
 redelivery after a crash never becomes a second envelope.
 
@@ -84,9 +84,6 @@ class Packager:
         self._on_enqueued = on_enqueued
         self._chunk_size = chunk_size
         self.stats = PackagerStats()
-
-    def config_for(self, modality: str) -> ModalityConfig:
-        return self.preparer.config_for(modality)
 
     def backpressure(self) -> str | None:
         """For the DICOM node: why it should answer Out of Resources now, or None."""

@@ -182,8 +182,8 @@ def _scan(path: Path) -> tuple[list[tuple[str, int, int, int]], int, int]:
     malformed record header; the file's size; and where those records end.
 
     Only headers are read (one ``pread`` per record), so start-up costs per object, not per
-    byte: a full spool of 32 GiB is indexed in about a second instead of a minute. The data's
-    CRC is checked when the record is read (:func:`read_ref`)."""
+    byte (a 1 GB spool: 0.1 s from disk, 5 ms from the page cache, against 0.8 s and 0.3 s
+    for reading it all). The data's CRC is checked when the record is read (:func:`read_ref`)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
