@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["register"]
@@ -72,7 +73,23 @@ def _train(args: argparse.Namespace) -> int:
               f"knn accuracy {summary['knn']['val']['accuracy']:.4f}, svm accuracy {summary['svm']['val']['accuracy']:.4f}; "
               f"{summary['timings']['total_seconds']:.0f} s")
         print(f"run folder: {args.out}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_as_torchrun_worker()
     return 0
+
+
+def _leave_as_torchrun_worker() -> None:
+    """End a torchrun worker whose work is written and whose process group is destroyed
+    without the interpreter's exit: native thread pools (gloo's, libtorch's) destroyed at
+    exit can abort the process ("terminate called without an active exception"; seen once in
+    CI, on rank 1, after rank 0 had written the complete run folder), and torchrun then
+    reports a finished run as failed. Output is flushed first; nothing else is left to do."""
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
