@@ -131,6 +131,8 @@ def _cpu(pids) -> tuple[float, float]:
 
 def _children(pid: int) -> list[int]:
     kids = []
+    if not Path("/proc").is_dir():  # not Linux: the CPU table is left out
+        return kids
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
