@@ -146,21 +146,23 @@ def _widen_result_pipe(pool: ProcessPoolExecutor) -> None:
     object, ~1 ms of this process's CPU (which shares its GIL with the SCP threads), against
     ~0.25 ms with room for a whole object. The pipe is the executor's private attribute: if an
     update renames it, or the platform has no F_SETPIPE_SZ, only the saving is lost."""
-    op = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    op = getattr(fcntl, "F_SETPIPE_SZ", None)
+    reader = getattr(getattr(pool, "_result_queue", None), "_reader", None)
     try:
-        fd = pool._result_queue._reader.fileno()  # type: ignore[attr-defined]
-        if op is None:
-            raise OSError("F_SETPIPE_SZ is not available on this platform")
-        fcntl.fcntl(fd, op, RESULT_PIPE_BYTES)
-    except (AttributeError, OSError) as exc:
-        log.info("worker result pipe keeps its default size (%s)", exc.__class__.__name__)
+        if op is None or reader is None:
+            raise OSError("no F_SETPIPE_SZ here, or no result pipe in this Python")
+        fcntl.fcntl(reader.fileno(), op, RESULT_PIPE_BYTES)
+    except OSError as exc:
+        log.info("worker result pipe keeps its default size (%s)", exc)
 
 
-def _child_ready() -> bool:
-    """Run once per worker process at start, so that its imports are done before traffic."""
+def _child_ready(preparing: bool) -> bool:
+    """Run once per worker process at start, so that its imports are done before traffic
+    (the model code only where this node prepares tensors)."""
     import edge_agent.pipeline  # noqa: F401
-    import edge_agent.preparation  # noqa: F401
 
+    if preparing:
+        import edge_agent.preparation  # noqa: F401
     return True
 
 
@@ -280,7 +282,8 @@ class EdgeNode:
         if self.processes:
             self._pool = self._new_pool()
             # start the worker processes now, not on the first C-STORE
-            for ready in [self._pool.submit(_child_ready) for _ in range(self.processes)]:
+            for ready in [self._pool.submit(_child_ready, self.preparer is not None)
+                          for _ in range(self.processes)]:
                 ready.result(timeout=120)
         pending = self.spool.pending()
         if pending:
@@ -492,8 +495,9 @@ class EdgeNode:
             if not self._stop.is_set():
                 self._retry_later(spool_id, delay)
             return
-        with self._lock:
-            self._read_failures.pop(spool_id, None)
+        if self._read_failures:  # only ever after a read failure: no lock per object otherwise
+            with self._lock:
+                self._read_failures.pop(spool_id, None)
         if kind in ("quarantined", "worker-crashed"):
             reason, detail = (outcome[1], outcome[2]) if kind == "quarantined" else (kind, outcome[1])
             self._quarantine(spool_id, reason, detail)

@@ -245,10 +245,12 @@ class Replica(StateTransfer, ViewChanges):
         p = self.params
         if not self.normal or self.primary != self.me:
             return
-        while (self.queue and self.next_seq <= self.h + p.window
-               and self.next_seq - 1 - self.executed < p.pipeline):
-            if len(self.queue) < p.max_batch and self.next_seq - 1 - self.executed >= p.partial_in_flight:
-                break  # not full and enough in flight: let it fill (an execution proposes again)
+        while self.queue and self.next_seq <= self.h + p.window:
+            in_flight = self.next_seq - 1 - self.executed
+            if in_flight >= p.pipeline or (len(self.queue) < p.max_batch
+                                           and in_flight >= p.partial_in_flight):
+                break  # pipeline full, or a partial batch while enough are in flight: let it
+                # fill (the next execution proposes again)
             frames = []
             while self.queue and len(frames) < p.max_batch:
                 frames.append(self.queue.popitem(last=False)[1])
