@@ -42,7 +42,7 @@ def load_models(run: Path | None, tmp: Path, providers: list[str], threads: int)
         arch = {k: v for k, v in card.architecture.items() if k not in ("name", "onnx_opset")}
         config = HybridConfig.from_dict(arch)
         net = build_model(config).eval()
-        net.load_state_dict(torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"])
+        net.load_state_dict(torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"])
         path, temperature = run / "model.onnx", card.temperature
     eager = Probabilities(net, temperature).eval()
     onnx_model = OnnxModel.load(path, providers=providers, threads=threads)

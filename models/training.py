@@ -182,7 +182,10 @@ def fit(net: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: n
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["torch_rng"][dist.rank] if dist.rank < len(ck["torch_rng"]) else ck["torch_rng"][0])
+        # RNG states are CPU byte tensors whatever map_location moved them to
+        torch.set_rng_state(ck["torch_rng"][dist.rank if dist.rank < len(ck["torch_rng"]) else 0].cpu())
+        if dist.device != "cpu" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu())
         best_state, best_epoch, best_loss, bad = ck["best_state"], ck["best_epoch"], ck["best_loss"], ck["bad"]
         history = [EpochRecord(**h) for h in ck["history"]]
         start = ck["epoch"] + 1
@@ -222,7 +225,7 @@ def fit(net: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: n
             bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
         bar.close()
         lr = opt.param_groups[0]["lr"]
-        stop = torch.zeros(1, dtype=torch.int64)
+        stop = torch.zeros(1, dtype=torch.int64, device=dist.device)  # NCCL broadcasts device tensors only
         if dist.is_main:
             logits = predict_logits(net, x_val, dist.device)
             val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
@@ -243,6 +246,7 @@ def fit(net: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: n
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 state = {"epoch": epoch, "model": net.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "torch_rng": [torch.get_rng_state()],
+                         "cuda_rng": torch.cuda.get_rng_state() if dist.device != "cpu" else None,
                          "best_state": best_state, "best_epoch": best_epoch, "best_loss": best_loss,
                          "bad": bad, "history": [asdict(h) for h in history],
                          "recipe": recipe.to_dict(), "steps": steps}

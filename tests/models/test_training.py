@@ -14,7 +14,7 @@ from models.card import ModelCard
 from models.errors import ModelError
 from models.hybrid import HybridConfig, build_model
 from models.synthetic import synthetic_images, write_synthetic_npz
-from models.training import Recipe, fit
+from models.training import Dist, Recipe, fit
 from models.transforms import from_config
 
 
@@ -23,14 +23,14 @@ def _data(n, seed, classes=2):
     return ((x.astype(np.float32) / 255 - 0.4) / 0.2)[:, None], y[:, 0].astype(np.int64)
 
 
-def _fit(recipe, tiny_model, tmp=None, resume=False, labels=None, on_epoch_end=None):
+def _fit(recipe, tiny_model, tmp=None, resume=False, labels=None, on_epoch_end=None, dist=Dist()):
     xt, yt = _data(96, 0)
     xv, yv = _data(32, 1)
     if labels is not None:
         yt, yv = labels(yt), labels(yv)
     net = build_model(HybridConfig(1, 2, (16, 16), **{k: tuple(v) if isinstance(v, list) else v
                                                         for k, v in tiny_model.items()}), seed=recipe.seed)
-    return fit(net, xt, yt, xv, yv, recipe, from_config(recipe.augment), checkpoint_dir=tmp,
+    return fit(net, xt, yt, xv, yv, recipe, from_config(recipe.augment), dist, checkpoint_dir=tmp,
                resume=resume, progress=False, on_epoch_end=on_epoch_end)
 
 
@@ -77,6 +77,28 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
     assert all(torch.equal(whole.best_state[k], resumed.best_state[k]) for k in whole.best_state)
     strip = lambda hist: [(h.epoch, h.train_loss, h.val_loss, h.val_auc) for h in hist]  # noqa: E731
     assert strip(resumed.history) == strip(whole.history) and len(whole.history) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_on_cuda_an_interrupted_run_resumes_and_its_checkpoints_load_on_cpu(tmp_path, tiny_model):
+    """Checkpoints hold device tensors: resuming must put the RNG states back on the CPU
+    (torch.set_rng_state takes CPU bytes only), and a CPU-only host must read best.pt."""
+    r, cuda = Recipe(epochs=4, batch_size=16, model=tiny_model), Dist(device="cuda:0")
+    whole = _fit(r, tiny_model, tmp_path / "a", dist=cuda)
+
+    def interrupt(rec):
+        if rec.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(r, tiny_model, tmp_path / "b", on_epoch_end=interrupt, dist=cuda)
+    resumed = _fit(r, tiny_model, tmp_path / "b", resume=True, dist=cuda)
+    assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
+    # CUDA kernels may reduce in another order from run to run: close, not bit-equal
+    assert np.allclose([h.val_loss for h in resumed.history], [h.val_loss for h in whole.history],
+                       rtol=1e-3, atol=1e-4)
+    best = torch.load(tmp_path / "b" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(v.device.type == "cpu" for v in best.values())
 
 
 def test_recipe_is_validated():
