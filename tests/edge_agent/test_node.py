@@ -4,6 +4,7 @@ malformed input, burned-in text, sink failures and restarts."""
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import threading
 
@@ -289,6 +290,17 @@ def test_worker_results_come_back_through_a_pipe_with_room_for_a_whole_slice(mak
     node = make_node(processes=1).start()
     fd = node._pool._result_queue._reader.fileno()
     assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) >= RESULT_PIPE_BYTES > 512 * 1024
+
+
+def test_worker_processes_run_behind_the_scp_threads_on_the_cpu(make_node):
+    """De-identification steps back (nice) so a scanner's burst is answered first."""
+    from edge_agent.node import WORKER_NICENESS
+
+    own = os.nice(0)
+    node = make_node(processes=1).start()
+    assert node._pool.submit(os.nice, 0).result(timeout=30) == min(19, own + WORKER_NICENESS)
+    same = make_node(processes=1, worker_niceness=0).start()
+    assert same._pool.submit(os.nice, 0).result(timeout=30) == own
 
 
 def test_a_spooled_object_that_cannot_be_read_is_retried_not_dropped(make_node, profile):
