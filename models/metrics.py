@@ -81,7 +81,9 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
         raise ModelError("a decision threshold applies to two classes only")
     score = probs[:, 1]
     s = np.unique(score)
-    candidates = np.concatenate([[0.5, s[0], np.nextafter(s[-1], np.inf)], (s[:-1] + s[1:]) / 2])
+    mid = (s[:-1] + s[1:]) / 2
+    mid = np.where(mid > s[:-1], mid, s[1:])  # two adjacent subnormals have no midpoint between them
+    candidates = np.concatenate([[0.5, s[0], np.nextafter(s[-1], np.inf)], mid])
     order = np.argsort(score)
     sorted_scores, sorted_labels = score[order], labels[order]
     # predictions >= t are positive: accuracy = negatives below t + positives at/above t
