@@ -15,7 +15,8 @@ Processing (parse, de-identify, pixel check, re-encode and, given a preparer, th
 tensor and metadata record) runs by default in a separate worker process, so that it uses a
 core of its own instead of sharing the GIL with the SCP threads that answer the scanner; the
 worker threads here only hand spool locations over, then call the sink and remove the spool
-entry. A worker process that dies (a decoder crashing on a hostile file) is replaced; the
+entry. The de-identified file comes back through shared memory (:mod:`edge_agent.handback`),
+not the executor's pipe. A worker process that dies (a decoder crashing on a hostile file) is replaced; the
 instances it held are retried, each suspect one alone, and the one that kills a worker on its
 own is quarantined as ``worker-crashed``: one bad object never stops the node. A spooled object
 that cannot be read back (an I/O error) is tried again, less and less often, never dropped.
@@ -40,11 +41,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-try:
-    import fcntl
-except ImportError:  # not on Windows
-    fcntl = None
-
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pydicom.pixels import get_decoder
@@ -52,6 +48,7 @@ from pydicom.uid import RLELossless
 
 from edge_agent.config import DicomConfig
 from edge_agent.errors import Quarantined, SpoolError, SpoolFull
+from edge_agent.handback import Handback, Slot, write_slot
 from edge_agent.pipeline import Processor, parse_received
 from edge_agent.sink import DeidentifiedInstance, Sink
 from edge_agent.spool import Spool, SpoolRef, read_ref
@@ -102,9 +99,11 @@ Outcome = tuple
 
 
 def process_spooled(processor: Processor, ref: SpoolRef, spool_id: str,
-                    preparer: Preparer | None = None) -> Outcome:
+                    preparer: Preparer | None = None, slot: Slot | None = None) -> Outcome:
     """Read one spooled object, run it through ``processor`` and, with a ``preparer``, prepare
-    the de-identified dataset while it is parsed; never raises."""
+    the de-identified dataset while it is parsed; never raises. With a ``slot`` (in a worker
+    process), the de-identified file goes back through shared memory where it fits: the
+    outcome's last item is then its length and the instance's ``dicom`` is empty."""
     try:
         raw = read_ref(ref)
     except OSError as exc:
@@ -117,7 +116,10 @@ def process_spooled(processor: Processor, ref: SpoolRef, spool_id: str,
         t1 = time.perf_counter()
         if preparer is not None:
             instance = replace(instance, preparation=preparer.prepare(ds, instance.modality))
-        return ("ok", instance, t1 - t0, time.perf_counter() - t1)
+        t2, in_slot = time.perf_counter(), None
+        if slot is not None and _write_slot(slot, instance.dicom):
+            in_slot, instance = len(instance.dicom), replace(instance, dicom=b"")
+        return ("ok", instance, t1 - t0, t2 - t1, in_slot)
     except Quarantined as q:
         return ("quarantined", q.reason, q.detail)
     except Exception as exc:  # a bug must not kill the worker; keep the object for a person
@@ -125,6 +127,15 @@ def process_spooled(processor: Processor, ref: SpoolRef, spool_id: str,
 
 
 WORKER_NICENESS = 10  # the usual "background" step; 0 keeps the node's own priority
+
+
+def _write_slot(slot: Slot, data: bytes) -> bool:
+    try:
+        return write_slot(slot, data)
+    except OSError as exc:  # the slots file is gone or unmappable: the pipe still works
+        log.warning("result slot unusable (%s); returning the result through the pipe",
+                    exc.__class__.__name__)
+        return False
 
 
 def _worker_init(parent: int, niceness: int) -> None:
@@ -147,23 +158,7 @@ def _worker_init(parent: int, niceness: int) -> None:
         os.nice(niceness)
 
 
-RESULT_PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size: settable without privileges
-
-
-def _widen_result_pipe(pool: ProcessPoolExecutor) -> None:
-    """Give the pool's result pipe a 1 MiB buffer. A de-identified CT slice comes back as
-    ~0.5 MB; through Linux's default 64 KiB pipe that is eight wake-ups of each process per
-    object, ~1 ms of this process's CPU (which shares its GIL with the SCP threads), against
-    ~0.25 ms with room for a whole object. The pipe is the executor's private attribute: if an
-    update renames it, or the platform has no F_SETPIPE_SZ, only the saving is lost."""
-    op = getattr(fcntl, "F_SETPIPE_SZ", None)
-    reader = getattr(getattr(pool, "_result_queue", None), "_reader", None)
-    try:
-        if op is None or reader is None:
-            raise OSError("no F_SETPIPE_SZ here, or no result pipe in this Python")
-        fcntl.fcntl(reader.fileno(), op, RESULT_PIPE_BYTES)
-    except OSError as exc:
-        log.info("worker result pipe keeps its default size (%s)", exc)
+HANDBACK_SLOT_BYTES = 16 << 20  # a CT, MR or most CR/DX files; larger ones use the pipe
 
 
 def _child_ready(preparing: bool) -> bool:
@@ -259,6 +254,7 @@ class EdgeNode:
         self.worker_niceness = max(0, worker_niceness)
         self._workers: list[threading.Thread] = []
         self._pool: ProcessPoolExecutor | None = None
+        self._handback: Handback | None = None
         self._pool_lock = threading.Lock()
         self._gate = _Gate()
         self._suspects: set[str] = set()
@@ -286,11 +282,14 @@ class EdgeNode:
         # inherit their locks in whatever state they were in
         pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_worker_init, initargs=(os.getpid(), self.worker_niceness))
-        _widen_result_pipe(pool)
         return pool
 
     def start(self) -> EdgeNode:
         if self.processes:
+            try:
+                self._handback = Handback(self.workers, HANDBACK_SLOT_BYTES)
+            except OSError as exc:
+                log.info("no shared-memory result slots (%s); results come back through the pipe", exc)
             self._pool = self._new_pool()
             # start the worker processes now, not on the first C-STORE
             for ready in [self._pool.submit(_child_ready, self.preparer is not None)
@@ -301,7 +300,7 @@ class EdgeNode:
             log.info("spool holds %d object(s) from before; processing them first", len(pending))
         for spool_id in pending:
             self._queue.put(spool_id)
-        self._workers = [threading.Thread(target=self._work, name=f"edge-worker-{i}", daemon=True)
+        self._workers = [threading.Thread(target=self._work, args=(i,), name=f"edge-worker-{i}", daemon=True)
                          for i in range(self.workers)]
         for worker in self._workers:
             worker.start()
@@ -342,6 +341,9 @@ class EdgeNode:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._handback is not None:
+            self._handback.close()
+            self._handback = None
         self.spool.close()
         log.info("DICOM node stopped: %s", self.stats.as_dict())
 
@@ -417,7 +419,7 @@ class EdgeNode:
         self._retry_timers = [t for t in self._retry_timers if t.is_alive()] + [timer]
         timer.start()
 
-    def _work(self) -> None:
+    def _work(self, index: int) -> None:
         while True:
             spool_id = self._queue.get()
             try:
@@ -426,7 +428,7 @@ class EdgeNode:
                 with self._idle:
                     self._in_flight += 1
                 try:
-                    self._process(spool_id)
+                    self._process(spool_id, index)
                 finally:
                     with self._idle:
                         self._in_flight -= 1
@@ -435,7 +437,7 @@ class EdgeNode:
                     self._queue.task_done()
                     self._idle.notify_all()
 
-    def _run(self, spool_id: str) -> Outcome | None:
+    def _run(self, spool_id: str, index: int) -> Outcome | None:
         """Process one spooled object here or in a worker process; None: try again later (the
         worker process died while it held this object, and it was not yet known to be the cause)."""
         try:
@@ -455,8 +457,12 @@ class EdgeNode:
             try:
                 # the processor and preparer travel with each object (a few hundred bytes):
                 # options changed on a running node apply from the next object on, as in-thread
+                slot = self._handback.slots[index] if self._handback is not None else None
                 outcome = pool.submit(process_spooled, self.processor, ref, spool_id,
-                                      self.preparer).result()
+                                      self.preparer, slot).result()
+                if outcome[0] == "ok" and outcome[4] is not None:  # only this thread writes its slot
+                    outcome = ("ok", replace(outcome[1], dicom=self._handback.take(slot, outcome[4])),
+                               *outcome[2:4], None)
             except BrokenProcessPool:
                 with self._pool_lock:
                     if self._pool is pool and not self._stop.is_set():
@@ -485,8 +491,8 @@ class EdgeNode:
         with self._lock:
             self.stats.quarantined[reason] += 1
 
-    def _process(self, spool_id: str) -> None:
-        outcome = self._run(spool_id)
+    def _process(self, spool_id: str, index: int) -> None:
+        outcome = self._run(spool_id, index)
         if outcome is None:
             if not self._stop.is_set():
                 self._queue.put(spool_id)

@@ -279,17 +279,30 @@ def test_worker_process_prepares_beside_deidentification(make_node):
     assert node.stats.prepare_seconds > 0 and node.stats.deid_seconds > 0
 
 
-@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_GETPIPE_SZ"), reason="pipe sizes are Linux-only")
-def test_worker_results_come_back_through_a_pipe_with_room_for_a_whole_slice(make_node):
-    """A de-identified CT slice (~0.5 MB) in one pipe write, not eight: this guards the
-    executor attribute the node widens (if Python renames it, the saving is lost silently)."""
-    import fcntl
+@pytest.mark.parametrize("slots", ["shared memory", "too small", "no /dev/shm"])
+def test_worker_results_come_back_whole_through_shared_memory_or_the_pipe(
+        make_node, monkeypatch, tmp_path, slots):
+    """The same de-identified bytes as in-thread processing, whichever way they travel: a
+    slot (CT fits), the pipe (a slot too small for the object), or the pipe because the
+    node could not make slots at all; the slots file is gone once the node stops."""
+    import edge_agent.handback
+    import edge_agent.node
 
-    from edge_agent.node import RESULT_PIPE_BYTES
-
-    node = make_node(processes=1).start()
-    fd = node._pool._result_queue._reader.fileno()
-    assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) >= RESULT_PIPE_BYTES > 512 * 1024
+    if slots == "too small":
+        monkeypatch.setattr(edge_agent.node, "HANDBACK_SLOT_BYTES", 4096)
+    if slots == "no /dev/shm":
+        monkeypatch.setattr(edge_agent.handback, "SHM_DIR", tmp_path / "missing")
+    items = items_from_datasets(_ct(1, seed=33))
+    here, there = _Collect(), _Collect()
+    for sink, processes in ((here, 0), (there, 1)):
+        node = make_node(sink=sink, processes=processes).start()
+        assert _send(node, items).success == 2 and node.drain(60)
+        handback = node._handback
+        assert (handback is not None) == (processes == 1 and slots != "no /dev/shm")
+        node.stop()
+        assert handback is None or not handback.path.exists()
+    assert sorted(i.dicom for i in here.instances) == sorted(i.dicom for i in there.instances)
+    assert all(len(i.dicom) > 500_000 for i in there.instances)
 
 
 def test_worker_processes_run_behind_the_scp_threads_on_the_cpu(make_node):
