@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         auc = "n/a" if r["val_auc"] is None else f"{r['val_auc']:.4f}"
         print(f"{r['device']:<6} {r['epochs_run']:>6} {r['mean_epoch_s']:>8.2f} {r['train_img_per_s']:>12.0f} "
               f"{r['val_accuracy']:>8.4f} {auc:>8}")
-    print(f"cuda vs cpu ({env['cpu_threads']} threads), seconds per epoch: {p['mean_epoch_s'] / c['mean_epoch_s']:.2f}x")
+    speedup = p["mean_epoch_s"] / c["mean_epoch_s"]
+    print(f"cuda vs cpu ({env['cpu_threads']} threads), seconds per epoch: {speedup:.2f}x")
     inf = res["inference"]
     print(f"onnxruntime providers available: {', '.join(inf['ort_available_providers'])}; "
           f"max |dprob| eager cuda vs onnxruntime {inf['max_abs_dprob']:.1e}")

@@ -10,8 +10,9 @@ result before it submits the next, so nobody else writes its slot meanwhile.
 The slots live in one file on a RAM file system (``/dev/shm``), allocated in full at
 creation (``posix_fallocate``): a write into a sparse mapping of a full tmpfs would kill
 the worker with SIGBUS, while a failed allocation only means results keep using the pipe.
-Objects larger than a slot use the pipe too. A node killed with SIGKILL cannot remove its
-file; the next node removes those whose process is gone.
+Objects larger than a slot use the pipe too. The allocation is RAM: 48 MiB for the node's
+default three feeding threads with 16 MiB slots. A node killed with SIGKILL cannot remove
+its file; the next node removes those whose process is gone.
 """
 
 from __future__ import annotations

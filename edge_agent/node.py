@@ -15,10 +15,10 @@ Processing (parse, de-identify, pixel check, re-encode and, given a preparer, th
 tensor and metadata record) runs by default in a separate worker process, so that it uses a
 core of its own instead of sharing the GIL with the SCP threads that answer the scanner; the
 worker threads here only hand spool locations over, then call the sink and remove the spool
-entry. The de-identified file comes back through shared memory (:mod:`edge_agent.handback`),
-not the executor's pipe. A worker process that dies (a decoder crashing on a hostile file) is replaced; the
-instances it held are retried, each suspect one alone, and the one that kills a worker on its
-own is quarantined as ``worker-crashed``: one bad object never stops the node. A spooled object
+entry; the de-identified file comes back through shared memory (:mod:`edge_agent.handback`).
+A worker process that dies (a decoder crashing on a hostile file) is replaced; the instances
+it held are retried, each suspect one alone, and the one that kills a worker on its own is
+quarantined as ``worker-crashed``: one bad object never stops the node. A spooled object
 that cannot be read back (an I/O error) is tried again, less and less often, never dropped.
 Worker processes are spawned, so a script that starts a node needs the usual
 ``if __name__ == "__main__":`` guard (or pass ``processes=0``).
@@ -457,12 +457,16 @@ class EdgeNode:
             try:
                 # the processor and preparer travel with each object (a few hundred bytes):
                 # options changed on a running node apply from the next object on, as in-thread
-                slot = self._handback.slots[index] if self._handback is not None else None
+                handback = self._handback
+                slot = handback.slots[index] if handback is not None else None
                 outcome = pool.submit(process_spooled, self.processor, ref, spool_id,
                                       self.preparer, slot).result()
                 if outcome[0] == "ok" and outcome[4] is not None:  # only this thread writes its slot
-                    outcome = ("ok", replace(outcome[1], dicom=self._handback.take(slot, outcome[4])),
-                               *outcome[2:4], None)
+                    try:
+                        dicom = handback.take(slot, outcome[4])
+                    except ValueError:  # the node stopped and closed its slots: stays spooled
+                        return None
+                    outcome = ("ok", replace(outcome[1], dicom=dicom), *outcome[2:4], None)
             except BrokenProcessPool:
                 with self._pool_lock:
                     if self._pool is pool and not self._stop.is_set():
