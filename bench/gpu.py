@@ -57,17 +57,11 @@ def p50_ms(fn, xs) -> float:
 def inference(run: Path, iters: int) -> dict:
     import onnxruntime as ort
 
-    from models.card import ModelCard
-    from models.hybrid import HybridConfig, Probabilities, build_model
-    from models.runtime import OnnxModel
+    from bench.inference import load_models  # the run's model and checkpoint, as that bench loads them
 
-    card = ModelCard.load(run / "model_card.json")
-    config = HybridConfig.from_dict({k: v for k, v in card.architecture.items() if k not in ("name", "onnx_opset")})
-    net = build_model(config).eval()
-    net.load_state_dict(torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"])
-    eager = Probabilities(net, card.temperature).eval().cuda()
+    config, eager, onnx_model = load_models(run, run, ["cuda", "cpu"], None)
+    eager = eager.cuda()
     available = ort.get_available_providers()
-    onnx_model = OnnxModel.load(run / "model.onnx", providers=("cuda", "cpu"))
     shape = (config.in_channels, *config.image_size)
     rng = np.random.default_rng(0)
     singles = rng.normal(size=(iters, 1, *shape)).astype(np.float32)

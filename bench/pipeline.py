@@ -119,13 +119,14 @@ def instrument(clock: Clock) -> None:
 def _cpu(pids) -> tuple[float, float]:
     """CPU seconds (user, system) the live ``pids`` have used so far (Linux /proc)."""
     user = system = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
-        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11]) / tick
+        system += int(fields[12]) / tick
     return user, system
 
 

@@ -46,7 +46,6 @@ class Handback:
     def __init__(self, slots: int, slot_bytes: int, directory: Path | None = None) -> None:
         directory = SHM_DIR if directory is None else directory
         _remove_orphans(directory)
-        self.slot_bytes = slot_bytes
         total = slots * slot_bytes
         path = directory / f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

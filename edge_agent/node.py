@@ -89,8 +89,8 @@ Backpressure = Callable[[], "str | None"]
 MAX_READ_RETRY_S = 300.0  # longest wait between tries to read a spooled object
 
 # -- processing, in this process or in a worker process ----------------------------------------
-# An outcome is ("ok", instance, deid seconds, prepare seconds) | ("quarantined", reason,
-# detail) | ("spool-error", message) | ("internal-error", exception class name): plain tuples,
+# An outcome is ("ok", instance, deid seconds, prepare seconds, length in its result slot or
+# None) | ("quarantined", reason, detail) | ("spool-error", message) | ("internal-error", exception class name): plain tuples,
 # so nothing but a class name of an unexpected exception crosses the process boundary (its
 # text could quote an attribute value). ``EdgeNode._run`` adds ("gone", message) for an id no
 # longer in the spool.
@@ -280,9 +280,8 @@ class EdgeNode:
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: this process runs threads (SCP, timers), and a forked child would
         # inherit their locks in whatever state they were in
-        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_worker_init, initargs=(os.getpid(), self.worker_niceness))
-        return pool
 
     def start(self) -> EdgeNode:
         if self.processes:
