@@ -1,4 +1,4 @@
-"""``medchain edge``: run the DICOM node, import clinical records.
+"""``medchain edge``: run the DICOM node, import clinical records, review the quarantine.
 
 Imports nothing heavy at load time; each handler imports what it needs when it runs.
 """
@@ -72,10 +72,53 @@ def _records_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _quarantine(args: argparse.Namespace):
+    from edge_agent.quarantine import QuarantineStore
+
+    return QuarantineStore(_profile(args).spool.dir / "quarantine")
+
+
+def _quarantine_list(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    entries = _quarantine(args).entries()
+    for e in entries:
+        when = dt.datetime.fromtimestamp(e.at, dt.timezone.utc).isoformat(timespec="seconds") if e.at else "-"
+        state = "  release requested" if e.release_requested else ""
+        print(f"{e.spool_id}  {when}  {e.size:>10} B  {e.reason}{': ' + e.detail if e.detail else ''}{state}")
+    print(f"{len(entries)} quarantined object(s)", file=sys.stderr)
+    return 0
+
+
+def _quarantine_show(args: argparse.Namespace) -> int:
+    store = _quarantine(args)
+    entry = store.entry(args.id)
+    print(f"{entry.spool_id}: {entry.reason}{': ' + entry.detail if entry.detail else ''} ({entry.size} B); "
+          "tags only, no values")
+    for line in store.tags(args.id):
+        print(f"{'  ' * line.depth}{line.tag} {line.vr:<2} {line.length:>8} B  {line.keyword}")
+    return 0
+
+
+def _quarantine_release(args: argparse.Namespace) -> int:
+    entry = _quarantine(args).request_release(args.id, frozenset(args.waive))
+    print(f"{entry.spool_id} ({entry.reason}) released{' waiving ' + ', '.join(args.waive) if args.waive else ''}: "
+          "the running edge node processes it again within seconds")
+    return 0
+
+
+def _quarantine_delete(args: argparse.Namespace) -> int:
+    entry = _quarantine(args).delete(args.id)
+    print(f"{entry.spool_id} ({entry.reason}) deleted")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, *, secret: bool = True) -> None:
     p.add_argument("--config", required=True, type=Path, help="device profile, e.g. firmware_configs/x86-cpu.toml")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="base for the profile's relative paths (default: current directory)")
+    if not secret:
+        return
     p.add_argument("--secret", type=Path, default=None,
                    help="site pseudonymization secret (default: the profile's [deid] secret_path)")
 
@@ -99,3 +142,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(imp)
     imp.add_argument("file", type=Path)
     imp.set_defaults(func=_records_import)
+
+    from edge_agent.quarantine import WAIVERS
+
+    quarantine = actions.add_parser("quarantine", help="objects set aside with a reason: list, show tags, "
+                                                       "release or delete (each action logged)")
+    qa = quarantine.add_subparsers(dest="quarantine_action", required=True, metavar="ACTION")
+    for name, func, what in (("list", _quarantine_list, "every quarantined object with its reason"),
+                             ("show", _quarantine_show, "one object's tags, VRs and lengths (never a value)"),
+                             ("release", _quarantine_release, "process an object again, optionally waiving "
+                                                              "a check a person has reviewed"),
+                             ("delete", _quarantine_delete, "remove an object for good")):
+        p = qa.add_parser(name, help=what)
+        _common(p, secret=False)
+        if name != "list":
+            p.add_argument("id", help="the quarantine entry id (see list)")
+        if name == "release":
+            p.add_argument("--waive", action="append", default=[], choices=sorted(WAIVERS),
+                           help="; ".join(f"{k}: {v}" for k, v in WAIVERS.items()))
+        p.set_defaults(func=func)

@@ -110,6 +110,14 @@ class DeidConfig:
     patient_id_issuer: str  # issuer used when an instance carries no Issuer of Patient ID
     secret_path: Path | None
     burned_in: BurnedInPolicy
+    clean_descriptors: bool = False
+    # Retain Safe Private Option: (private creator, element byte) pairs kept
+    safe_private: frozenset[tuple[str, int]] = frozenset()
+    # "allow-list" (default) or "keep-unlisted": the deny-list reading for research sites
+    mode: str = "allow-list"
+    # encapsulated documents (PDF, CDA, STL, OBJ, MTL): "quarantine" (default) or "dummy"
+    # (forwarded with the document body replaced by the profile's dummy, as Table E.1-1 says)
+    documents: str = "quarantine"
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,21 @@ def _regions(sec: Section) -> tuple[Region, ...]:
     return tuple(regions)
 
 
+def _safe_private(sec: Section) -> frozenset[tuple[str, int]]:
+    """``safe_private = ["CREATOR:0xEE", ...]``: a private creator and an element byte."""
+    kept = set()
+    for i, entry in enumerate(sec.list("safe_private", str, [])):
+        creator, sep, element = entry.rpartition(":")
+        try:
+            byte = int(element, 16)
+        except ValueError:
+            byte = -1
+        if not sep or not creator.strip() or not 0 <= byte <= 0xFF:
+            raise sec._fail(f"safe_private[{i}]", f"expected 'CREATOR:0xEE' (element byte 00-FF); got {entry!r}")
+        kept.add((creator.strip(), byte))
+    return frozenset(kept)
+
+
 def parse_profile(raw: Mapping[str, Any], *, name: str = "profile", base_dir: str | Path | None = None,
                   source: Path | None = None) -> Profile:
     """Validate an already-parsed TOML document (see :func:`load_profile`)."""
@@ -257,6 +280,8 @@ def parse_profile(raw: Mapping[str, Any], *, name: str = "profile", base_dir: st
     opts = _section(origin, "deid.options", s.table_of("options"), base)
     longitudinal = opts.bool("retain_longitudinal_modified_dates", False)
     characteristics = opts.bool("retain_patient_characteristics", False)
+    descriptors = opts.bool("clean_descriptors", False)
+    safe_private = _safe_private(opts)
     opts.done()
     b = _section(origin, "deid.burned_in", s.table_of("burned_in"), base)
     policy = BurnedInPolicy(
@@ -268,7 +293,9 @@ def parse_profile(raw: Mapping[str, Any], *, name: str = "profile", base_dir: st
         raise b._fail("regions", "policy 'blank' needs at least one region")
     b.done()
     deid = DeidConfig(longitudinal, characteristics, s.str("patient_id_issuer"),
-                      s.path("secret_path", None), policy)
+                      s.path("secret_path", None), policy, descriptors, safe_private,
+                      s.str("mode", "allow-list", choices=("allow-list", "keep-unlisted")),
+                      s.str("documents", "quarantine", choices=("quarantine", "dummy")))
     s.done()
 
     pre_tables = top.pop("preprocess", {})

@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "DeidError",
     "Quarantined",
+    "QuarantineError",
     "SpoolError",
     "SpoolFull",
     "RecordsError",
@@ -39,6 +40,10 @@ class Quarantined(EdgeError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class QuarantineError(EdgeError):
+    """A quarantine entry cannot be found, read or acted on as asked."""
 
 
 class SpoolError(EdgeError):

@@ -47,7 +47,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import RLELossless
 
 from edge_agent.config import DicomConfig
-from edge_agent.errors import Quarantined, SpoolError, SpoolFull
+from edge_agent.errors import Quarantined, QuarantineError, SpoolError, SpoolFull
 from edge_agent.handback import Handback, Slot, write_slot
 from edge_agent.pipeline import Processor, parse_received
 from edge_agent.sink import DeidentifiedInstance, Sink
@@ -232,7 +232,8 @@ class EdgeNode:
     def __init__(self, dicom: DicomConfig, spool: Spool, processor: Processor, sink: Sink, *,
                  backpressure: Backpressure | None = None, retry_delay: float = 2.0,
                  precheck: bool = True, workers: int = 3, processes: int = 1,
-                 preparer: Preparer | None = None, worker_niceness: int = WORKER_NICENESS) -> None:
+                 preparer: Preparer | None = None, worker_niceness: int = WORKER_NICENESS,
+                 release_poll_s: float = 2.0) -> None:
         self.dicom, self.spool, self.processor, self.sink = dicom, spool, processor, sink
         # with a preparer, the model-ready tensor and metadata record are made beside
         # de-identification (in the worker process) and travel to the sink in the instance
@@ -260,6 +261,8 @@ class EdgeNode:
         self._suspects: set[str] = set()
         self._read_failures: dict[str, int] = {}  # spool id -> consecutive read failures
         self._retry_timers: list[threading.Timer] = []
+        self.release_poll_s = release_poll_s  # how often to look for quarantine releases
+        self._release_thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -299,6 +302,9 @@ class EdgeNode:
             log.info("spool holds %d object(s) from before; processing them first", len(pending))
         for spool_id in pending:
             self._queue.put(spool_id)
+        self.admit_released()
+        self._release_thread = threading.Thread(target=self._poll_releases, name="edge-releases", daemon=True)
+        self._release_thread.start()
         self._workers = [threading.Thread(target=self._work, args=(i,), name=f"edge-worker-{i}", daemon=True)
                          for i in range(self.workers)]
         for worker in self._workers:
@@ -331,6 +337,8 @@ class EdgeNode:
             assoc.abort()
         self._server = None
         self._stop.set()
+        if self._release_thread is not None:
+            self._release_thread.join(timeout=grace)
         for timer in self._retry_timers:
             timer.cancel()
         for _ in self._workers:
@@ -362,6 +370,27 @@ class EdgeNode:
                     return False
                 self._idle.wait(min(left, 0.1))
         return True
+
+    def admit_released(self) -> int:
+        """Take the quarantine entries a reviewer released back into the spool, with the checks
+        they waived, and queue them; returns how many."""
+        admitted = 0
+        for request in self.spool.quarantine_store.release_requests():
+            try:
+                spool_id = self.spool.readmit(request.spool_id, request.waived)
+            except (QuarantineError, SpoolError, OSError) as exc:
+                log.error("quarantine entry %s could not be released (%s); left in quarantine",
+                          request.spool_id, exc.__class__.__name__)
+                continue
+            log.info("quarantine entry %s released as spool entry %s%s", request.spool_id, spool_id,
+                     f" (waived: {', '.join(sorted(request.waived))})" if request.waived else "")
+            self._queue.put(spool_id)
+            admitted += 1
+        return admitted
+
+    def _poll_releases(self) -> None:
+        while not self._stop.wait(self.release_poll_s):
+            self.admit_released()
 
     # -- network handlers ----------------------------------------------------------------------
 
@@ -443,8 +472,10 @@ class EdgeNode:
             ref = self.spool.ref(spool_id)
         except SpoolError as exc:  # removed meanwhile (a retry queued twice): nothing to do
             return ("gone", str(exc))
+        waived = self.spool.waived(spool_id)
+        processor = replace(self.processor, waived=waived) if waived else self.processor
         if self.processes == 0:
-            return process_spooled(self.processor, ref, spool_id, self.preparer)
+            return process_spooled(processor, ref, spool_id, self.preparer)
         with self._pool_lock:
             suspect = spool_id in self._suspects
         self._gate.acquire(suspect)
@@ -458,7 +489,7 @@ class EdgeNode:
                 # options changed on a running node apply from the next object on, as in-thread
                 handback = self._handback
                 slot = handback.slots[index] if handback is not None else None
-                outcome = pool.submit(process_spooled, self.processor, ref, spool_id,
+                outcome = pool.submit(process_spooled, processor, ref, spool_id,
                                       self.preparer, slot).result()
                 if outcome[0] == "ok" and outcome[4] is not None:  # only this thread writes its slot
                     try:

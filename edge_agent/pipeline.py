@@ -8,6 +8,7 @@ same pseudonymous SOP Instance UID.
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from dataclasses import dataclass, replace
 
@@ -22,12 +23,25 @@ from edge_agent.pixels import blank_regions, burned_in_suspect, decode_check, ha
 from edge_agent.pseudonyms import Pseudonymizer
 from edge_agent.sink import DeidentifiedInstance
 
-__all__ = ["Processor", "parse_received", "IMPLEMENTATION_VERSION", "IMPLEMENTATION_CLASS_UID"]
+__all__ = ["Processor", "parse_received", "is_encapsulated_document", "IMPLEMENTATION_VERSION",
+           "IMPLEMENTATION_CLASS_UID"]
+
+log = logging.getLogger(__name__)
 
 IMPLEMENTATION_VERSION = "MEDCHAIN_01"
 # our own implementation class UID (a UUID-derived 2.25 UID), so nothing in a de-identified
 # file's meta can echo a UID from some other implementation's root
 IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "urn:medchain:edge-agent:v1").int)
+
+
+# Encapsulated PDF, CDA, STL, OBJ and MTL storage (PS3.4 B.5)
+ENCAPSULATED_DOCUMENT_CLASSES = frozenset(f"1.2.840.10008.5.1.4.1.1.104.{n}" for n in range(1, 6))
+ENCAPSULATED_DOCUMENT = 0x00420011
+
+
+def is_encapsulated_document(ds: Dataset) -> bool:
+    """An encapsulated document, by its SOP class or by carrying a document body at all."""
+    return str(ds.get("SOPClassUID", "") or "") in ENCAPSULATED_DOCUMENT_CLASSES or ENCAPSULATED_DOCUMENT in ds
 
 
 def parse_received(raw: bytes, *, headers_only: bool = False):
@@ -55,11 +69,20 @@ class Processor:
     options: DeidOptions
     burned_in: BurnedInPolicy
 
+    documents: str = "quarantine"  # encapsulated documents: "quarantine" or "dummy"
+    # checks a reviewer waived when releasing this object from quarantine (quarantine.WAIVERS)
+    waived: frozenset[str] = frozenset()
+
     @classmethod
     def from_config(cls, cfg: DeidConfig, secret: bytes) -> Processor:
-        return cls(Pseudonymizer(secret, cfg.patient_id_issuer),
-                   DeidOptions(cfg.retain_longitudinal_modified_dates, cfg.retain_patient_characteristics),
-                   cfg.burned_in)
+        options = DeidOptions(retain_longitudinal_modified_dates=cfg.retain_longitudinal_modified_dates,
+                              retain_patient_characteristics=cfg.retain_patient_characteristics,
+                              clean_descriptors=cfg.clean_descriptors, safe_private=cfg.safe_private,
+                              keep_unlisted=cfg.mode == "keep-unlisted")
+        if options.keep_unlisted:
+            log.warning("de-identification mode keep-unlisted: attributes Table E.1-1 does not list "
+                        "are KEPT (a research-site option; each output's De-identification Method says so)")
+        return cls(Pseudonymizer(secret, cfg.patient_id_issuer), options, cfg.burned_in, cfg.documents)
 
     def process(self, raw: bytes, spool_id: str) -> DeidentifiedInstance:
         return self.process_keeping_dataset(raw, spool_id)[0]
@@ -68,8 +91,11 @@ class Processor:
         """:meth:`process`, also returning the de-identified dataset the file was written
         from, so that preparation reads its pixels without parsing the file again."""
         ds, transfer_syntax = parse_received(raw)
+        if self.documents == "quarantine" and "document" not in self.waived and is_encapsulated_document(ds):
+            raise Quarantined("encapsulated-document", "a document's body cannot be cleaned by "
+                              "attribute rules (PDF, CDA, STL, OBJ or MTL); policy is quarantine")
         options = self.options
-        suspect = has_pixels(ds) and burned_in_suspect(ds, self.burned_in)
+        suspect = has_pixels(ds) and "burned-in" not in self.waived and burned_in_suspect(ds, self.burned_in)
         if suspect and self.burned_in.action == "quarantine":
             raise Quarantined("burned-in-annotation", "pixels may carry burned-in text "
                               "(Burned In Annotation not NO); policy is quarantine")

@@ -19,8 +19,10 @@ ids sort in arrival order and processing is first-in, first-out across restarts.
 Removal is bookkeeping in memory; a segment is deleted once every record in it was removed
 and it is no longer the one being appended to. After a crash, the records of segments not yet
 deleted are handed downstream again — sinks take a repeated instance as the same one (it is
-keyed by its pseudonymous UID). Quarantined objects are copied to ``quarantine/<id>.dcm``
-with ``<id>.json`` holding the reason (a code and a short detail, never an attribute value).
+keyed by its pseudonymous UID). Quarantined objects are copied to the quarantine
+(:mod:`edge_agent.quarantine`: ``<id>.dcm`` and ``<id>.json`` with the reason, a code and a
+short detail, never an attribute value); one a reviewer releases comes back as a new entry
+with the checks they waived (:meth:`Spool.readmit`).
 Everything on disk (segments, removed records included until their segment goes, and the
 quarantine) counts against ``max_bytes``; a put that would exceed it raises
 :class:`SpoolFull` and stores nothing.
@@ -44,7 +46,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.durable import durable_write, fsync_dir, write_synced
 from edge_agent.errors import Quarantined, SpoolError, SpoolFull
+from edge_agent.quarantine import QuarantineEntry, QuarantineStore
 
 __all__ = ["Spool", "SpoolRef", "QuarantineEntry", "read_ref", "fsync_dir", "durable_write",
            "write_synced", "GroupSync", "DirSync"]
@@ -54,30 +58,6 @@ log = logging.getLogger(__name__)
 MAGIC = b"MCS1"
 _HEADER = struct.Struct("<4sHQI")  # magic, id length, data length, CRC-32 of data + id
 SEGMENT_BYTES = 16 * 1024 * 1024
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_synced(temp: Path, data: bytes) -> None:
-    """Write and fsync ``temp``; the caller renames it into place and syncs the directory."""
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def durable_write(final: Path, data: bytes, temp: Path | None = None) -> None:
-    """Write ``data`` to ``final`` so that after a crash it is either complete or absent."""
-    temp = temp or final.with_name(final.name + ".part")
-    write_synced(temp, data)
-    os.replace(temp, final)
-    fsync_dir(final.parent)
 
 
 class GroupSync:
@@ -154,14 +134,6 @@ def read_ref(ref: SpoolRef, *, verify: bool = True) -> bytes:
     return data
 
 
-@dataclass(frozen=True)
-class QuarantineEntry:
-    spool_id: str
-    reason: str
-    detail: str
-    size: int
-
-
 class _Segment:
     def __init__(self, path: Path, size: int, fd: int | None = None) -> None:
         self.path = path
@@ -220,13 +192,16 @@ class Spool:
         self._lock = threading.Lock()
         self._counter = itertools.count()
         self.segments_dir, self.quarantine_dir = self.root / "segments", self.root / "quarantine"
+        self.waivers_dir = self.root / "waivers"
         self._entries: dict[str, tuple[_Segment, int, int, int]] = {}  # segment, offset, length, CRC
+        self._waivers: dict[str, frozenset[str]] = {}  # released from quarantine with checks waived
         self._active: _Segment | None = None
         try:
-            for d in (self.segments_dir, self.quarantine_dir):
+            for d in (self.segments_dir, self.waivers_dir):
                 d.mkdir(parents=True, exist_ok=True)
+            self.quarantine_store = QuarantineStore(self.quarantine_dir, clock=lambda: self._clock_ns() / 1e9)
             self._next_segment = 0
-            self._used = sum(p.stat().st_size for p in self.quarantine_dir.iterdir())
+            self._used = self.quarantine_store.held_bytes()
             for path in sorted(self.segments_dir.glob("*.log")):
                 self._next_segment = max(self._next_segment, int(path.stem) + 1)
                 records, size, end = _scan(path)
@@ -243,6 +218,7 @@ class Spool:
                 segment.live = len(records)
                 self._used += size
             self._adopt_legacy()
+            self._load_waivers()
         except (OSError, ValueError) as exc:
             raise SpoolError(f"spool {self.root}: cannot open ({getattr(exc, 'strerror', None) or exc})") from None
 
@@ -384,6 +360,8 @@ class Spool:
             entry = self._entries.pop(spool_id, None)
             if entry is None:
                 return
+            if self._waivers.pop(spool_id, None) is not None:
+                (self.waivers_dir / f"{spool_id}.json").unlink(missing_ok=True)
             segment = entry[0]
             segment.live -= 1
             if segment.live == 0 and segment is not self._active:
@@ -391,22 +369,45 @@ class Spool:
 
     def quarantine(self, spool_id: str, reason: str, detail: str = "") -> QuarantineEntry:
         data = self.read(spool_id, verify=False)  # a damaged record is kept as it is
-        meta = json.dumps({"spool_id": spool_id, "reason": reason, "detail": detail}).encode()
-        durable_write(self.quarantine_dir / f"{spool_id}.json", meta)
-        durable_write(self.quarantine_dir / f"{spool_id}.dcm", data)
+        entry = self.quarantine_store.put(spool_id, data, reason, detail)
         with self._lock:
-            self._used += len(meta) + len(data)
+            self._used += entry.size
         self.remove(spool_id)
-        return QuarantineEntry(spool_id, reason, detail, len(data))
+        return entry
 
     def quarantined(self) -> list[QuarantineEntry]:
-        entries = []
-        for meta in sorted(self.quarantine_dir.glob("*.json")):
-            info = json.loads(meta.read_text())
-            data = meta.with_suffix(".dcm")
-            entries.append(QuarantineEntry(info["spool_id"], info["reason"], info.get("detail", ""),
-                                           data.stat().st_size if data.exists() else 0))
-        return entries
+        return self.quarantine_store.entries()
+
+    def _load_waivers(self) -> None:
+        for path in self.waivers_dir.glob("*.json"):
+            if path.stem in self._entries:
+                self._waivers[path.stem] = frozenset(json.loads(path.read_text()))
+            else:  # its entry was processed, or never stored (a crash in readmit)
+                path.unlink()
+
+    def readmit(self, quarantine_id: str, waived: frozenset[str] = frozenset()) -> str:
+        """Put a quarantined original back as a new entry, to be processed with ``waived``
+        checks skipped (:meth:`waived`); the quarantine entry goes once the new one is durable.
+        A crash in between leaves both: the release is carried out again and the sink takes the
+        repeated instance as the same one."""
+        data = self.quarantine_store.read(quarantine_id)
+        with self._lock:
+            spool_id = self._new_id()
+        if waived:
+            durable_write(self.waivers_dir / f"{spool_id}.json", json.dumps(sorted(waived)).encode())
+        with self._lock:
+            segment = self._store(spool_id, data, zlib.crc32(data), enforce_limit=False)
+            if waived:
+                self._waivers[spool_id] = waived
+        segment.synced.sync()
+        freed = self.quarantine_store.discard(quarantine_id)
+        with self._lock:
+            self._used -= freed
+        return spool_id
+
+    def waived(self, spool_id: str) -> frozenset[str]:
+        """The checks a reviewer waived for this entry (empty for all but released ones)."""
+        return self._waivers.get(spool_id, frozenset())
 
     def close(self) -> None:
         """Close the segment being appended to (deleting it if nothing in it is live). Call it

@@ -53,6 +53,10 @@ def _raw(name="x86-cpu") -> dict:
     (lambda r: r["deid"]["burned_in"].update(policy="blank"), r"policy 'blank' needs at least one region"),
     (lambda r: r["deid"]["burned_in"].update(regions=[[0, 0, 10]]), r"regions\[0\]: expected \[x, y, width"),
     (lambda r: r["deid"]["options"].update(retain_patient_characteristics="yes"), r"expected true or false"),
+    (lambda r: r["deid"]["options"].update(safe_private=["GEMS_PARM_01"]), r"safe_private\[0\]: expected 'CREATOR:0xEE'"),
+    (lambda r: r["deid"]["options"].update(safe_private=["GEMS:0x1FF"]), r"safe_private\[0\]: expected"),
+    (lambda r: r["deid"].update(mode="deny-list"), r"mode: must be one of allow-list, keep-unlisted"),
+    (lambda r: r["deid"].update(documents="forward"), r"documents: must be one of quarantine, dummy"),
     (lambda r: r["preprocess"].update(PET={}), r"\[preprocess.PET\] unknown modality"),
     (lambda r: r["preprocess"]["CT"].update(window=[100, -100]), r"window: expected \[low, high\]"),
     (lambda r: r["preprocess"]["CT"].update(interpolation="lanczos"), r"interpolation: must be one of"),
@@ -91,3 +95,15 @@ def test_absolute_paths_are_kept(tmp_path):
     raw = _raw()
     raw["spool"]["dir"] = "/var/lib/medchain/spool"
     assert parse_profile(raw, base_dir=tmp_path).spool.dir == Path("/var/lib/medchain/spool")
+
+
+def test_deid_options_and_modes(tmp_path):
+    p = load_profile(profile_path("x86-cpu"), base_dir=tmp_path)
+    assert p.deid.mode == "allow-list" and p.deid.documents == "quarantine"
+    assert not p.deid.clean_descriptors and p.deid.safe_private == frozenset()
+    raw = _raw()
+    raw["deid"]["options"].update(clean_descriptors=True, safe_private=["GEMS_ACQU_01:0x8B", " SIEMENS MED :10"])
+    raw["deid"].update(mode="keep-unlisted", documents="dummy")
+    p = parse_profile(raw, base_dir=tmp_path)
+    assert p.deid.clean_descriptors and p.deid.mode == "keep-unlisted" and p.deid.documents == "dummy"
+    assert p.deid.safe_private == {("GEMS_ACQU_01", 0x8B), ("SIEMENS MED", 0x10)}
