@@ -85,9 +85,12 @@ class Packager:
         self._chunk_size = chunk_size
         self.stats = PackagerStats()
 
-    def backpressure(self) -> str | None:
-        """For the DICOM node: why it should answer Out of Resources now, or None."""
-        return self.outbox.full_reason()
+    def backpressure(self, queued_bytes: int = 0) -> str | None:
+        """For the DICOM node: why it should answer Out of Resources now, or None.
+        ``queued_bytes`` (received, not yet packaged) is reserved in the outbox's bounds: were
+        the spool allowed to take the disk space the outbox keeps free, nothing spooled could
+        ever be packaged, and nothing released, again."""
+        return self.outbox.full_reason(queued_bytes)
 
     def accept(self, instance: DeidentifiedInstance) -> None:
         parts, header_meta = self.build(instance)

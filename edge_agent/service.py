@@ -114,8 +114,11 @@ class EdgeAgent:
                                  clock=clock, on_enqueued=self.uplink.nudge,
                                  predict=self.models.predict, serves=self.models.serves)
         # the node's worker process prepares tensors beside de-identification, as configured here
-        self.node = build_node(profile, secret, self.packager, backpressure=self.packager.backpressure,
+        self.node = build_node(profile, secret, self.packager, backpressure=self._backpressure,
                                port=port, host=host, preparer=self.packager.preparer)
+
+    def _backpressure(self) -> str | None:
+        return self.packager.backpressure(self.node.spool.pending_bytes)
 
     def __enter__(self) -> EdgeAgent:
         self.start()

@@ -195,6 +195,7 @@ class Spool:
         self.waivers_dir = self.root / "waivers"
         self._entries: dict[str, tuple[_Segment, int, int, int]] = {}  # segment, offset, length, CRC
         self._waivers: dict[str, frozenset[str]] = {}  # released from quarantine with checks waived
+        self._pending_bytes = 0  # the objects' own bytes, of entries not yet removed
         self._active: _Segment | None = None
         try:
             for d in (self.segments_dir, self.waivers_dir):
@@ -215,6 +216,7 @@ class Spool:
                 segment = _Segment(path, size)
                 for spool_id, offset, length, crc in records:
                     self._entries[spool_id] = (segment, offset, length, crc)
+                    self._pending_bytes += length
                 segment.live = len(records)
                 self._used += size
             self._adopt_legacy()
@@ -225,6 +227,12 @@ class Spool:
     @property
     def used_bytes(self) -> int:
         return self._used
+
+    @property
+    def pending_bytes(self) -> int:
+        """The size of the objects waiting downstream: each will need about as much again in
+        the outbox, which admission control reserves before taking another."""
+        return self._pending_bytes
 
     def _new_id(self) -> str:
         return f"{self._clock_ns():020d}-{next(self._counter) % 1_000_000:06d}-{self._rng(4).hex()}"
@@ -299,6 +307,7 @@ class Spool:
         segment.live += 1
         self._used += record
         self._entries[spool_id] = (segment, start + len(header) + len(id_bytes), len(data), crc)
+        self._pending_bytes += len(data)
         return segment
 
     def put(self, data: bytes) -> str:
@@ -360,6 +369,7 @@ class Spool:
             entry = self._entries.pop(spool_id, None)
             if entry is None:
                 return
+            self._pending_bytes -= entry[2]
             if self._waivers.pop(spool_id, None) is not None:
                 (self.waivers_dir / f"{spool_id}.json").unlink(missing_ok=True)
             segment = entry[0]

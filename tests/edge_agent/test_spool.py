@@ -213,3 +213,19 @@ def test_a_crash_while_taking_over_the_earlier_layout_duplicates_nothing(tmp_pat
     again = Spool(root, 10_000)
     assert again.pending() == ["00000000000000000001-000000-aa"]
     assert again.read("00000000000000000001-000000-aa") == b"first"
+
+
+def test_pending_bytes_follow_puts_removals_quarantine_and_restarts(tmp_path):
+    spool = Spool(tmp_path / "s", 10_000)
+    a, b, c = spool.put(b"x" * 100), spool.put(b"y" * 30), spool.put(b"z" * 7)
+    assert spool.pending_bytes == 137
+    spool.remove(a)
+    spool.quarantine(c, "deid-failed")
+    assert spool.pending_bytes == 30
+    spool.remove(b)
+    spool.close()
+    again = Spool(tmp_path / "s", 10_000)  # the emptied segment is gone: nothing comes back
+    assert again.pending() == [] and again.pending_bytes == 0
+    again.put(b"w" * 11)
+    again.close()
+    assert Spool(tmp_path / "s", 10_000).pending_bytes == 11
