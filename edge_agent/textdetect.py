@@ -4,11 +4,11 @@ stroke gate, and blanking of exactly what it found.
 The model is PP-OCRv6's text detector (a DB segmentation network) as shipped, in ONNX, in the
 ``rapidocr`` wheel; only its file is used, through the edge's own ONNX Runtime. Running it on
 a whole 512 x 512 frame costs far more than the edge can spend per image, so by default
-(``mode="cascade"``) a morphological gate first finds stroke-like marks that stand out from
-their surroundings (top-hat for bright text, black-hat for dark, per colour channel) and that
-group into line-shaped blobs, and the model only looks at those regions, at a scale that
-suits it. A frame with no such mark never reaches the model. ``mode="full"`` runs the model
-on the whole frame instead. Figures and limits: docs/burned_in.md.
+(``mode="cascade"``) :mod:`edge_agent.textgate` first finds rows of character-like strokes
+and the model only looks around those, at a scale that suits their height: a frame without
+such a row never reaches the model. Small frames, colour frames (ultrasound) and frames too
+busy for the gate go to the model whole, as every frame does in ``mode="full"``. Figures,
+settings and limits: docs/burned_in.md.
 
 Pure apart from the model session, created lazily once per process and shared by every
 detector with the same model file and thread count. Boxes are in pixel coordinates of the
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from edge_agent.errors import ConfigError, DeidError
+from edge_agent.textgate import Row, text_rows
 
 __all__ = [
     "TextBox",
@@ -35,6 +35,7 @@ __all__ = [
     "FramePlan",
     "InstanceText",
     "plan_frames",
+    "detect_frames",
     "render",
     "blank_boxes",
     "MODEL_FILE",
@@ -73,7 +74,7 @@ class DetectorSettings:
     stroke_contrast: float = 0.15  # a stroke differs from its surroundings by this share of the range
     stroke_width: int = 14  # strokes up to this wide are seen (the morphology kernel is one more)
     min_text_height: int = 5  # px
-    max_text_height: float = 0.2  # share of the frame's longest side (and at least 24 px)
+    max_text_height: float = 0.3  # share of the frame's longest side (and at least 24 px)
     context: float = 3.0  # model crops extend this many text heights left and right of a row ...
     context_rows: float = 1.0  # ... and this many above and below
     whole_below: int = 160 * 160  # frames with fewer pixels than this go to the model whole
@@ -89,6 +90,7 @@ class DetectorSettings:
     unclip: float = 1.6  # DB: regions are grown by area * unclip / perimeter (the model shrinks them)
     min_aspect: float = 0.8  # a box narrower than this times its height is not a text line
     min_context: int = 8  # px of context around a candidate, at least
+    row_to_box: float = 2.5  # a box found in a crop is at most this many candidate heights high
     max_marks: int = 1500  # more character-like marks than this in one frame: look at it whole
 
     def __post_init__(self) -> None:
@@ -102,6 +104,7 @@ class DetectorSettings:
             (self.context >= 0.0 and self.context_rows >= 0.0, "context must be >= 0"),
             (self.upscale >= 1.0 and self.max_upscale >= 1.0, "upscale and max_upscale must be >= 1"),
             (self.min_aspect >= 0.0 and self.min_context >= 0, "min_aspect, min_context must be >= 0"),
+            (self.row_to_box > 0.0, "row_to_box must be > 0"),
             (self.max_marks >= 3 and self.whole_below >= 0, "max_marks >= 3, whole_below >= 0"),
             (self.full_side >= _STRIDE, f"full_side must be >= {_STRIDE}"),
             (0.0 < self.prob_threshold < 1.0 and 0.0 < self.box_threshold < 1.0,
@@ -178,150 +181,37 @@ def render(frame: np.ndarray, photometric: str = "MONOCHROME2") -> np.ndarray:
     return out
 
 
-# -- the gate: line-shaped groups of strokes ------------------------------------------------
-
-
 @dataclass(frozen=True, slots=True)
-class _Rect:
-    x: int
-    y: int
-    w: int
-    h: int
+class _Crop:
+    """Where the model looks: ``area`` of the frame, resized by ``scale``; ``text_h`` is the
+    highest candidate row inside, which bounds the height of a box found there."""
+
+    area: Row
+    scale: float
+    text_h: int
 
 
-def _candidates(img: np.ndarray, s: DetectorSettings) -> list[_Rect] | None:
-    """Straight rows of three or more character-like marks: strokes that stand out from their
-    surroundings (top-hat for bright text, black-hat for dark, per colour channel), of one
-    height, side by side. None when the frame is too busy to tell (speckle, texture)."""
-    rows, cols = img.shape[:2]
-    channels = [img] if img.ndim == 2 else [img[..., c] for c in range(3)]
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (s.stroke_width + 1, s.stroke_width + 1))
-    threshold = s.stroke_contrast * 255.0
-    max_h = max(24.0, s.max_text_height * max(rows, cols))
-    found: list[_Rect] = []
-    for op in (cv2.MORPH_TOPHAT, cv2.MORPH_BLACKHAT):  # bright text, dark text
-        stroke = None
-        for channel in channels:
-            m = cv2.morphologyEx(channel, op, kernel)
-            stroke = m if stroke is None else np.maximum(stroke, m)
-        marks = (stroke >= threshold).astype(np.uint8)
-        if cv2.countNonZero(marks) < 3 * s.min_text_height:
-            continue
-        rows_found = _rows_of_marks(marks, s, max_h)
-        if rows_found is None:
-            return None
-        found.extend(rows_found)
-    return found
-
-
-def _blobs(marks: np.ndarray) -> np.ndarray:
-    """(x, y, w, h, area) float rows of the 8-connected blobs of a binary image."""
-    n, labels = cv2.connectedComponents(marks, connectivity=8)
-    if n < 2:
-        return np.zeros((0, 5), np.float32)
-    points = cv2.findNonZero(marks).reshape(-1, 2)  # (x, y) of every mark: cheaper than np.nonzero
-    xs, ys = points[:, 0], points[:, 1]
-    lab = labels[ys, xs]
-    order = np.argsort(lab, kind="stable")
-    lab, ys, xs = lab[order], ys[order], xs[order]
-    starts = np.searchsorted(lab, np.arange(1, n))
-    x0, x1 = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)
-    y0, y1 = np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts)
-    area = np.diff(np.append(starts, len(lab)))
-    return np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1, area], axis=1).astype(np.float32)
-
-
-def _rows_of_marks(marks: np.ndarray, s: DetectorSettings, max_h: float) -> list[_Rect] | None:
-    """Rows of blobs: each a character (no wider than 2.5 heights) or, counting as several,
-    touching characters (wider, with gaps inside); None when there are too many to link."""
-    blobs = _blobs(marks)
-    if len(blobs) == 0:
-        return []
-    x, y, w, h, area = blobs.T
-    fill = area / (w * h)
-    sized = (h >= s.min_text_height) & (h <= max_h)
-    single = sized & (w <= 2.5 * h) & (fill >= 0.12) & ((fill <= 0.9) | (w <= 0.4 * h))
-    touching = sized & (w > 2.5 * h) & (fill >= 0.2) & (fill <= 0.75)
-    keep = single | touching
-    if keep.sum() < 2:
-        return []
-    if keep.sum() > s.max_marks:
-        return None
-    weight = np.where(touching, np.floor(w / (0.7 * h)), 1.0)[keep]
-    x, y, w, h = x[keep], y[keep], w[keep], h[keep]
-    cy = y + h / 2
-    hi = np.maximum(h[:, None], h[None, :])
-    lo = np.minimum(h[:, None], h[None, :])
-    gap = np.maximum(x[None, :] - (x + w)[:, None], x[:, None] - (x + w)[None, :])
-    top, bottom = y, y + h  # characters of a line share their top (capitals) or their baseline
-    aligned = (np.abs(top[:, None] - top[None, :]) <= 0.2 * hi) | (np.abs(bottom[:, None] - bottom[None, :]) <= 0.2 * hi)
-    link = aligned & (np.abs(cy[:, None] - cy[None, :]) <= 0.4 * hi) & (hi <= 1.8 * lo) & (gap <= 1.2 * hi)
-    out = []
-    for members in _groups(link, weight):
-        out.extend(_straight_rows(members, x, y, w, h, weight))
-    return out
-
-
-def _straight_rows(members, x, y, w, h, weight) -> list[_Rect]:
-    """A linked group (which may chain several rows, or text and speckle, through neighbours)
-    cut into straight rows: bands of centres half a text height tall, then runs of blobs
-    without a gap wider than a text height; a row needs three or more characters."""
-    typical = float(np.median(h[members]))
-    by_cy = members[np.argsort((y + h / 2)[members], kind="stable")]
-    bands, start = [], 0
-    cy = (y + h / 2)[by_cy]
-    for i in range(1, len(by_cy) + 1):
-        if i == len(by_cy) or cy[i] - cy[start] > 0.5 * typical:
-            bands.append(by_cy[start:i])
-            start = i
-    out = []
-    for band in bands:
-        band = band[np.argsort(x[band], kind="stable")]
-        ends = np.maximum.accumulate((x + w)[band])
-        cuts = np.nonzero(x[band][1:] - ends[:-1] > 1.2 * typical)[0] + 1
-        for row in np.split(band, cuts):
-            if len(row) < 2 or weight[row].sum() < 3:
-                continue
-            gx0, gy0 = x[row].min(), y[row].min()
-            gx1, gy1 = (x + w)[row].max(), (y + h)[row].max()
-            if gy1 - gy0 > 1.6 * float(np.median(h[row])) or gx1 - gx0 < 1.5 * (gy1 - gy0):
-                continue  # a slanted chain (a staircase edge), not a line of text
-            out.append(_Rect(int(gx0), int(gy0), int(gx1 - gx0), int(gy1 - gy0)))
-    return out
-
-
-def _groups(link: np.ndarray, weight: np.ndarray) -> list[np.ndarray]:
-    """Connected groups of a symmetric adjacency matrix whose weights add up to three or
-    more, as index arrays."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n, labels = connected_components(csr_matrix(link), directed=False)
-    heavy = np.nonzero(np.bincount(labels, weights=weight, minlength=n) >= 3)[0]
-    return [np.nonzero(labels == g)[0] for g in heavy]
-
-
-def _regions(cands: list[_Rect], s: DetectorSettings, rows: int, cols: int) -> list[tuple[_Rect, float]]:
-    """Model crops: each candidate with context around it, at the scale that suits its text
-    height; overlapping crops of one scale merged."""
-    out: list[tuple[_Rect, float]] = []
+def _crops(cands: list[Row], s: DetectorSettings, rows: int, cols: int) -> list[_Crop]:
+    """Each candidate row with context around it, at the scale that suits its text height;
+    overlapping crops of one scale merged."""
+    out: list[_Crop] = []
     for c in sorted(cands, key=lambda r: (r.y, r.x)):
         scale = s.upscale if c.h < s.small_text else (s.large_text / c.h if c.h > s.large_text else 1.0)
         px, py = int(max(s.min_context, s.context * c.h)), int(max(s.min_context, s.context_rows * c.h))
-        r = _Rect(max(0, c.x - px), max(0, c.y - py), 0, 0)
-        r = _Rect(r.x, r.y, min(cols, c.x + c.w + px) - r.x, min(rows, c.y + c.h + py) - r.y)
-        for i, (o, o_scale) in enumerate(out):
-            if o_scale == scale and _overlap(o, r):
-                x0, y0 = min(o.x, r.x), min(o.y, r.y)
-                x1, y1 = max(o.x + o.w, r.x + r.w), max(o.y + o.h, r.y + r.h)
-                out[i] = (_Rect(x0, y0, x1 - x0, y1 - y0), scale)
+        x0, y0 = max(0, c.x - px), max(0, c.y - py)
+        r = Row(x0, y0, min(cols, c.x + c.w + px) - x0, min(rows, c.y + c.h + py) - y0)
+        for i, o in enumerate(out):
+            if o.scale == scale and _overlap(o.area, r):
+                x0, y0 = min(o.area.x, r.x), min(o.area.y, r.y)
+                x1, y1 = max(o.area.x + o.area.w, r.x + r.w), max(o.area.y + o.area.h, r.y + r.h)
+                out[i] = _Crop(Row(x0, y0, x1 - x0, y1 - y0), scale, max(o.text_h, c.h))
                 break
         else:
-            out.append((r, scale))
+            out.append(_Crop(r, scale, c.h))
     return out
 
 
-def _overlap(a: _Rect, b: _Rect) -> bool:
+def _overlap(a: Row, b: Row) -> bool:
     return a.x < b.x + b.w and b.x < a.x + a.w and a.y < b.y + b.h and b.y < a.y + a.h
 
 
@@ -389,14 +279,16 @@ class TextDetector:
     def detect(self, frame: np.ndarray, photometric: str = "MONOCHROME2") -> tuple[TextBox, ...]:
         """Text boxes in one frame: (rows, columns) grey of any dtype, or (rows, columns, 3)
         RGB; ``photometric`` as in the dataset (MONOCHROME1 is shown inverted)."""
-        return self._detect_rendered(render(frame, photometric))
+        return self.detect_rendered(render(frame, photometric))
 
-    def _detect_rendered(self, img: np.ndarray) -> tuple[TextBox, ...]:
+    def detect_rendered(self, img: np.ndarray) -> tuple[TextBox, ...]:
+        """Text boxes in a frame already :func:`render`-ed to 8 bits."""
         s = self.settings
         rows, cols = img.shape[:2]
         max_h = max(24.0, s.max_text_height * max(rows, cols))
         whole = (s.mode == "full" or rows * cols < s.whole_below or (img.ndim == 3 and s.whole_colour))
-        cands = None if whole else _candidates(img, s)
+        cands = None if whole else text_rows(img, s.stroke_contrast, s.stroke_width,
+                                             s.min_text_height, max_h, s.max_marks)
         if cands is None:  # whole frame: by choice, or too busy for the gate to tell
             scale = min(s.max_upscale, s.full_side / max(rows, cols))
             return tuple(_model_boxes(_session(self.model, s.threads), img, scale, s, max_h))
@@ -404,9 +296,11 @@ class TextDetector:
             return ()
         session = _session(self.model, s.threads)
         boxes: list[TextBox] = []
-        for r, scale in _regions(cands, s, rows, cols):
-            crop = img[r.y:r.y + r.h, r.x:r.x + r.w]
-            for b in _model_boxes(session, crop, scale, s, max_h):
+        for crop in _crops(cands, s, rows, cols):
+            r = crop.area
+            # a box much higher than the row that brought the model here is a blob, not text
+            limit = min(max_h, s.row_to_box * crop.text_h)
+            for b in _model_boxes(session, img[r.y:r.y + r.h, r.x:r.x + r.w], crop.scale, s, limit):
                 boxes.append(TextBox(b.x + r.x, b.y + r.y, b.width, b.height, b.score))
         return tuple(boxes)
 
@@ -416,65 +310,81 @@ class TextDetector:
 
 @dataclass(frozen=True, slots=True)
 class FramePlan:
-    """Which frames of an instance are looked at: ``frames`` one by one, and the per-pixel
-    median of ``median_of`` (static text keeps its value there while anatomy moves)."""
+    """Which images of a multi-frame instance the detector looks at: each frame in ``frames``
+    on its own, and one per-pixel ``combine`` ("median" or "max") of the frames in
+    ``combined``. Burned-in text is static: it keeps its value in a median of frames while
+    the anatomy under it moves and blurs away."""
 
     frames: tuple[int, ...]
-    median_of: tuple[int, ...]
+    combined: tuple[int, ...] = ()
+    combine: str = "median"
+
+    def __post_init__(self) -> None:
+        if not self.frames and not self.combined:
+            raise ConfigError("frame plan: nothing to look at")
+        if self.combine not in ("median", "max"):
+            raise ConfigError("frame plan: combine must be 'median' or 'max'")
 
 
 def plan_frames(count: int, sampled: int = 8) -> FramePlan:
-    """The first frame on its own, plus the median of up to ``sampled`` evenly spaced frames
-    when there are several."""
+    """The measured default: the first frame, plus the median of up to ``sampled`` evenly
+    spaced frames when there are several (two model-sized looks per instance, whatever its
+    length)."""
     if count < 1:
         raise DeidError(f"text detection: an instance has {count} frames")
     if count == 1:
-        return FramePlan((0,), ())
-    picks = tuple(sorted({int(round(i)) for i in np.linspace(0, count - 1, min(count, sampled))}))
-    return FramePlan((0,), picks)
+        return FramePlan((0,))
+    picks = np.unique(np.round(np.linspace(0, count - 1, min(count, sampled))).astype(int))
+    return FramePlan((0,), tuple(int(i) for i in picks))
 
 
 @dataclass(frozen=True, slots=True)
 class InstanceText:
-    """What was found in an instance: ``boxes`` is the union over every image looked at
-    (what blanking must cover in every frame); ``looked_at`` how many images that was."""
+    """Text found in an instance: ``boxes``, the union over every image looked at, is what
+    blanking covers in every frame; ``looked_at`` counts those images."""
 
     boxes: tuple[TextBox, ...]
     looked_at: int
 
 
-def detect_instance(detector: TextDetector, pixels: np.ndarray, photometric: str,
-                    frames: int = 1, plan: FramePlan | None = None) -> InstanceText:
-    """Text in an instance's pixel array: (rows, cols[, 3]) for one frame, (frames, rows,
-    cols[, 3]) for several (``frames`` says which, as pydicom's ``pixel_array`` does)."""
+def _stack(pixels: np.ndarray, frames: int) -> np.ndarray:
     arr = np.asarray(pixels)
     stack = arr[None] if frames == 1 else arr
-    plan = plan or plan_frames(len(stack))
+    if frames < 1 or len(stack) != frames or stack.ndim not in (3, 4):
+        raise DeidError(f"text detection: pixel array of shape {arr.shape} does not hold {frames} frame(s)")
+    return stack
+
+
+def detect_frames(detector: TextDetector, pixels: np.ndarray, photometric: str, frames: int = 1,
+                  plan: FramePlan | None = None) -> InstanceText:
+    """Text in an instance's decoded pixels, shaped as pydicom's ``pixel_array``: (rows,
+    cols[, 3]) for one frame, (frames, rows, cols[, 3]) for ``frames`` > 1."""
+    stack = _stack(pixels, frames)
+    plan = plan or plan_frames(frames)
+    if any(not 0 <= i < frames for i in plan.frames + plan.combined):
+        raise DeidError(f"text detection: frame plan names a frame outside 0..{frames - 1}")
     images = [render(stack[i], photometric) for i in plan.frames]
-    if plan.median_of:
-        images.append(np.median(np.stack(images_for(stack, plan.median_of, photometric)), axis=0)
-                      .astype(np.uint8))
-    boxes = tuple(b for img in images for b in detector._detect_rendered(img))
-    return InstanceText(boxes, len(images))
-
-
-def images_for(stack: np.ndarray, picks: tuple[int, ...], photometric: str) -> list[np.ndarray]:
-    return [render(stack[i], photometric) for i in picks]
+    if plan.combined:
+        picked = np.stack([render(stack[i], photometric) for i in plan.combined])
+        merged = np.median(picked, axis=0) if plan.combine == "median" else picked.max(axis=0)
+        images.append(merged.astype(np.uint8))
+    return InstanceText(tuple(b for img in images for b in detector.detect_rendered(img)), len(images))
 
 
 # -- blanking ----------------------------------------------------------------------------------
 
 
-def blank_boxes(pixels: np.ndarray, boxes: tuple[TextBox, ...], margin: int = 2,
-                frames: int = 1) -> np.ndarray:
-    """A copy of ``pixels`` with every box (grown by ``margin``, clipped) set to zero in every
-    frame; nothing else changes. Shapes as in :func:`detect_instance`."""
-    out = np.array(pixels, copy=True)
-    rows, cols = (out.shape[1:3] if frames > 1 else out.shape[0:2])
+def blank_boxes(pixels: np.ndarray, boxes: tuple[TextBox, ...], frames: int = 1,
+                margin: int = 2) -> np.ndarray:
+    """A copy of ``pixels`` (shaped as for :func:`detect_frames`) with every box, grown by
+    ``margin`` pixels and clipped to the frame, set to zero in every frame and sample;
+    every other pixel unchanged."""
+    stack = _stack(pixels, frames)
+    if margin < 0:
+        raise DeidError("blanking: margin must be >= 0")
+    out = stack.copy()
+    rows, cols = out.shape[1:3]
     for b in boxes:
         g = b.grown(margin, rows, cols)
-        if frames > 1:
-            out[:, g.y:g.y + g.height, g.x:g.x + g.width] = 0
-        else:
-            out[g.y:g.y + g.height, g.x:g.x + g.width] = 0
-    return out
+        out[:, g.y:g.y + g.height, g.x:g.x + g.width] = 0
+    return out if frames > 1 else out[0]
