@@ -36,14 +36,14 @@ def text_rows(img: np.ndarray, contrast: float, stroke_width: int, min_height: i
     the frame too busy to tell (speckle, texture)."""
     channels = [img] if img.ndim == 2 else [img[..., c] for c in range(3)]
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (stroke_width + 1, stroke_width + 1))
-    threshold = contrast * 255.0
+    threshold = int(np.ceil(contrast * 255.0))
     found: list[Row] = []
     for op in (cv2.MORPH_TOPHAT, cv2.MORPH_BLACKHAT):  # bright text, dark text
         stroke = None
         for channel in channels:
             m = cv2.morphologyEx(channel, op, kernel)
             stroke = m if stroke is None else np.maximum(stroke, m)
-        marks = (stroke >= threshold).astype(np.uint8)
+        marks = cv2.threshold(stroke, threshold - 1, 1, cv2.THRESH_BINARY)[1]
         if cv2.countNonZero(marks) < 3 * min_height:
             continue
         rows_found = _rows_of_marks(marks, min_height, max_height, max_marks)
@@ -95,6 +95,9 @@ def _rows_of_marks(marks: np.ndarray, min_height: int, max_height: float, max_ma
     top, bottom = y, y + h  # characters of a line share their top (capitals) or their baseline
     aligned = (np.abs(top[:, None] - top[None, :]) <= 0.2 * hi) | (np.abs(bottom[:, None] - bottom[None, :]) <= 0.2 * hi)
     link = aligned & (np.abs(cy[:, None] - cy[None, :]) <= 0.4 * hi) & (hi <= 1.8 * lo) & (gap <= 1.2 * hi)
+    np.fill_diagonal(link, False)
+    if not link.any():
+        return []
     out = []
     for members in _groups(link, weight):
         out.extend(_straight_rows(members, x, y, w, h, weight))
