@@ -81,9 +81,23 @@ def test_text_drawn_on_a_real_ct_is_found_where_it_was_drawn(detector, ct):
     assert_found_only(boxes, [corner, centre], img.shape)
 
 
+def test_text_drawn_on_a_real_mr_is_found_where_it_was_drawn(detector):
+    mr = _frame("MR-SIEMENS-DICOM-WithOverlays.dcm")  # 484 x 484 uint16, 12 bits stored
+    img, top = draw(mr, "20240117 14:23:05", (300, 24), 4095, height=10)
+    img, body = draw(img, "ACC A123456789", (150, 300), int(mr.max()))
+    assert_found_only(detector.detect(img), [top, body], img.shape)
+
+
 @pytest.mark.parametrize("name", ["693_UNCR.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "JPEG2000_UNC.dcm"])
 def test_a_truly_clean_real_frame_gives_no_box(detector, name):
     assert detector.detect(_frame(name)) == ()
+
+
+@pytest.mark.parametrize("name", ["693_UNCR.dcm", "MR2_UNCR.dcm"])
+def test_whole_frame_mode_drops_what_the_network_says_of_a_skull_or_an_organ(name):
+    # on whole clean frames the network marks large uniform regions as text; the box shape
+    # (no higher than 0.3 of the frame, wider than high) is what keeps them out
+    assert TextDetector(DetectorSettings(mode="full")).detect(_frame(name)) == ()
 
 
 def test_clean_phantoms_of_each_modality_give_no_box(detector):
