@@ -97,10 +97,12 @@ class Region:
 
 @dataclass(frozen=True)
 class BurnedInPolicy:
-    action: str  # "quarantine" | "blank"
+    action: str  # "quarantine" | "blank" (exactly the text found, and the configured regions)
     regions: tuple[Region, ...]
     # modalities that burn text into pixels unless they say Burned In Annotation = NO
     suspect_modalities: tuple[str, ...]
+    # look for text in the pixels of every image (edge_agent.textdetect), flag or no flag
+    detect_text: bool = True
 
 
 @dataclass(frozen=True)
@@ -288,9 +290,10 @@ def parse_profile(raw: Mapping[str, Any], *, name: str = "profile", base_dir: st
         b.str("policy", "quarantine", choices=("quarantine", "blank")),
         _regions(b),
         tuple(m.upper() for m in b.list("suspect_modalities", str, ["US", "SC", "XA", "ES", "OT"])),
+        b.bool("detect_text", True),
     )
-    if policy.action == "blank" and not policy.regions:
-        raise b._fail("regions", "policy 'blank' needs at least one region")
+    if policy.action == "blank" and not policy.regions and not policy.detect_text:
+        raise b._fail("regions", "policy 'blank' without detect_text needs at least one region")
     b.done()
     deid = DeidConfig(longitudinal, characteristics, s.str("patient_id_issuer"),
                       s.path("secret_path", None), policy, descriptors, safe_private,

@@ -52,6 +52,7 @@ from edge_agent.handback import Handback, Slot, write_slot
 from edge_agent.pipeline import Processor, parse_received
 from edge_agent.sink import DeidentifiedInstance, Sink
 from edge_agent.spool import Spool, SpoolRef, read_ref
+from edge_agent.textdetect import TextDetector
 
 if TYPE_CHECKING:  # the preparer arrives built; the node itself never needs the model code
     from edge_agent.preparation import Preparer
@@ -161,13 +162,15 @@ def _worker_init(parent: int, niceness: int) -> None:
 HANDBACK_SLOT_BYTES = 16 << 20  # a CT, MR or most CR/DX files; larger ones use the pipe
 
 
-def _child_ready(preparing: bool) -> bool:
-    """Run once per worker process at start, so that its imports are done before traffic
-    (the model code only where this node prepares tensors)."""
+def _child_ready(preparing: bool, detector: TextDetector | None) -> bool:
+    """Run once per worker process at start, so that its imports are done and its text
+    detector loaded before traffic (the model code only where this node prepares tensors)."""
     import edge_agent.pipeline  # noqa: F401
 
     if preparing:
         import edge_agent.preparation  # noqa: F401
+    if detector is not None:
+        detector.load()
     return True
 
 
@@ -294,7 +297,8 @@ class EdgeNode:
                 log.info("no shared-memory result slots (%s); results come back through the pipe", exc)
             self._pool = self._new_pool()
             # start the worker processes now, not on the first C-STORE
-            for ready in [self._pool.submit(_child_ready, self.preparer is not None)
+            detector = self.processor.detector if self.processor.burned_in.detect_text else None
+            for ready in [self._pool.submit(_child_ready, self.preparer is not None, detector)
                           for _ in range(self.processes)]:
                 ready.result(timeout=120)
         pending = self.spool.pending()

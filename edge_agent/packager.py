@@ -146,7 +146,7 @@ class Packager:
         if self._records and instance.accession_pseudonym:
             label = self._records.label(instance.patient_token, instance.accession_pseudonym)
         meta = {**instance.meta(), **prep.record, "device_id": self.device_id,
-                "consent": consent, "label": label}
+                "consent": consent, "label": label, "deid": instance.deid_summary()}
         parts = {"dicom": instance.dicom}
         prediction = None
         if prep.tensor is not None:

@@ -19,9 +19,10 @@ from pydicom.filewriter import dcmwrite
 from edge_agent.config import BurnedInPolicy, DeidConfig
 from edge_agent.deid import DeidOptions, deidentify
 from edge_agent.errors import DeidError, Quarantined
-from edge_agent.pixels import blank_regions, burned_in_suspect, decode_check, has_pixels
+from edge_agent.pixels import blank_regions, burned_in_suspect, decode_check, find_text, has_pixels, region_boxes
 from edge_agent.pseudonyms import Pseudonymizer
 from edge_agent.sink import DeidentifiedInstance
+from edge_agent.textdetect import TextBox, TextDetector
 
 __all__ = ["Processor", "parse_received", "is_encapsulated_document", "IMPLEMENTATION_VERSION",
            "IMPLEMENTATION_CLASS_UID"]
@@ -72,6 +73,8 @@ class Processor:
     documents: str = "quarantine"  # encapsulated documents: "quarantine" or "dummy"
     # checks a reviewer waived when releasing this object from quarantine (quarantine.WAIVERS)
     waived: frozenset[str] = frozenset()
+    # looks for burned-in text (its model session is made once per process, on first use)
+    detector: TextDetector = TextDetector()
 
     @classmethod
     def from_config(cls, cfg: DeidConfig, secret: bytes) -> Processor:
@@ -84,6 +87,27 @@ class Processor:
                         "are KEPT (a research-site option; each output's De-identification Method says so)")
         return cls(Pseudonymizer(secret, cfg.patient_id_issuer), options, cfg.burned_in, cfg.documents)
 
+    def _text(self, ds: Dataset, transfer_syntax: str) -> tuple[tuple[TextBox, ...], bool]:
+        """The boxes to blank, and whether the pixels were decoded to look for text; raises
+        ``Quarantined`` when the policy is quarantine and text is flagged or found, or when
+        the flag says text is there and nothing was found or configured to blank."""
+        policy = self.burned_in
+        if not has_pixels(ds) or "burned-in" in self.waived:
+            return (), False
+        flagged = burned_in_suspect(ds, policy)
+        if flagged and policy.action == "quarantine":
+            raise Quarantined("burned-in-annotation", "pixels may carry burned-in text "
+                              "(Burned In Annotation not NO); policy is quarantine")
+        found = find_text(ds, transfer_syntax, self.detector) if policy.detect_text else ()
+        if found and policy.action == "quarantine":
+            raise Quarantined("burned-in-text", f"{len(found)} text region(s) found in the pixels; "
+                              "policy is quarantine")
+        boxes = found + region_boxes(policy.regions) if (found or flagged) else ()
+        if flagged and not boxes:
+            raise Quarantined("burned-in-annotation", "Burned In Annotation is not NO, no text was "
+                              "found and no region is configured to blank")
+        return boxes, policy.detect_text
+
     def process(self, raw: bytes, spool_id: str) -> DeidentifiedInstance:
         return self.process_keeping_dataset(raw, spool_id)[0]
 
@@ -94,21 +118,16 @@ class Processor:
         if self.documents == "quarantine" and "document" not in self.waived and is_encapsulated_document(ds):
             raise Quarantined("encapsulated-document", "a document's body cannot be cleaned by "
                               "attribute rules (PDF, CDA, STL, OBJ or MTL); policy is quarantine")
-        options = self.options
-        suspect = has_pixels(ds) and "burned-in" not in self.waived and burned_in_suspect(ds, self.burned_in)
-        if suspect and self.burned_in.action == "quarantine":
-            raise Quarantined("burned-in-annotation", "pixels may carry burned-in text "
-                              "(Burned In Annotation not NO); policy is quarantine")
-        if suspect:
-            options = replace(options, pixels_cleaned=True)
+        boxes, looked = self._text(ds, transfer_syntax)
+        options = replace(self.options, pixels_cleaned=True) if boxes else self.options
         try:
             out, report = deidentify(ds, self.pseudonymizer, options)
         except DeidError as exc:
             raise Quarantined("deid-failed", str(exc)) from None
         if has_pixels(out):
-            if suspect:
-                out, transfer_syntax = blank_regions(out, transfer_syntax, self.burned_in.regions)
-            else:
+            if boxes:
+                out, transfer_syntax = blank_regions(out, transfer_syntax, boxes)
+            elif not looked:
                 decode_check(out, transfer_syntax)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = out.SOPClassUID
@@ -134,4 +153,5 @@ class Processor:
             sop_instance_uid=str(out.SOPInstanceUID),
             accession_pseudonym=report.accession_pseudonym,
             report=report,
+            blanked=boxes,
         ), out

@@ -1,4 +1,4 @@
-"""Pixel data checks: can it be decoded, may it carry burned-in text, and blanking regions.
+"""Pixel data checks: can it be decoded, does it carry burned-in text, and blanking it.
 
 Pure functions over in-memory datasets. Decoding uses pydicom's pixel plugins (numpy for
 native data; pylibjpeg with libjpeg, openjpeg and rle backends for JPEG, JPEG-LS, JPEG 2000
@@ -12,8 +12,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from edge_agent.config import BurnedInPolicy, Region
 from edge_agent.errors import Quarantined
+from edge_agent.textdetect import TextBox, TextDetector, blank_boxes, detect_frames
 
-__all__ = ["has_pixels", "decode_check", "burned_in_suspect", "blank_regions", "SECONDARY_CAPTURE_ROOT"]
+__all__ = ["has_pixels", "decode_check", "burned_in_suspect", "find_text", "blank_regions", "region_boxes",
+           "SECONDARY_CAPTURE_ROOT"]
 
 PIXEL_DATA = 0x7FE00010
 FLOAT_PIXEL_DATA = (0x7FE00008, 0x7FE00009)
@@ -64,27 +66,44 @@ def burned_in_suspect(ds: Dataset, policy: BurnedInPolicy) -> bool:
     return modality in policy.suspect_modalities or sop_class.startswith(SECONDARY_CAPTURE_ROOT)
 
 
-def blank_regions(ds: Dataset, transfer_syntax: str, regions: tuple[Region, ...]) -> tuple[Dataset, str]:
-    """Zero the configured rectangles in every frame. The result is stored uncompressed
-    (explicit VR little endian): re-encoding lossy data would compound its loss."""
+def find_text(ds: Dataset, transfer_syntax: str, detector: TextDetector) -> tuple[TextBox, ...]:
+    """Text burned into the pixels, found by looking (:mod:`edge_agent.textdetect`): the boxes,
+    in pixel coordinates, over every frame looked at. Decoding is the decode check too:
+    ``Quarantined('undecodable-pixel-data')`` when no decoder can read the pixels."""
+    probe = _with_meta(ds, transfer_syntax)
+    try:
+        pixels = probe.pixel_array
+    except Exception as exc:
+        raise Quarantined("undecodable-pixel-data", f"{exc.__class__.__name__} for transfer syntax "
+                          f"{transfer_syntax}") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
+    return detect_frames(detector, pixels, photometric, frames).boxes
+
+
+def blank_regions(ds: Dataset, transfer_syntax: str, boxes: tuple[TextBox, ...]) -> tuple[Dataset, str]:
+    """Zero exactly ``boxes`` (with a small margin) in every frame. The result is stored
+    uncompressed (explicit VR little endian): re-encoding lossy data would compound its loss."""
     out = _with_meta(ds, transfer_syntax)
     try:
         if UID(transfer_syntax).is_compressed:
             out.decompress(generate_instance_uid=False)
-        pixels = out.pixel_array.copy()
+        frames = int(out.get("NumberOfFrames", 1) or 1)
+        pixels = blank_boxes(out.pixel_array, boxes, frames)
+    except Quarantined:
+        raise
     except Exception as exc:
         raise Quarantined("undecodable-pixel-data", f"{exc.__class__.__name__} while blanking") from None
-    samples = int(out.get("SamplesPerPixel", 1) or 1)
-    for r in regions:
-        if samples > 1:
-            pixels[..., r.y:r.y + r.height, r.x:r.x + r.width, :] = 0
-        else:
-            pixels[..., r.y:r.y + r.height, r.x:r.x + r.width] = 0
     out.PixelData = pixels.tobytes()
     out["PixelData"].VR = "OB" if int(out.BitsAllocated) <= 8 else "OW"
     out.BurnedInAnnotation = "NO"
     del out.file_meta
     return out, ExplicitVRLittleEndian
+
+
+def region_boxes(regions: tuple[Region, ...]) -> tuple[TextBox, ...]:
+    """Configured rectangles as boxes to blank (a site's known annotation areas)."""
+    return tuple(TextBox(r.x, r.y, r.width, r.height, 1.0) for r in regions)
 
 
 def _with_meta(ds: Dataset, transfer_syntax: str) -> Dataset:

@@ -21,6 +21,7 @@ from edge_agent.spool import DirSync, fsync_dir, write_synced
 
 if TYPE_CHECKING:
     from edge_agent.preparation import Preparation
+    from edge_agent.textdetect import TextBox
 
 __all__ = ["DeidentifiedInstance", "Sink", "FolderSink"]
 
@@ -43,6 +44,16 @@ class DeidentifiedInstance:
     # tensor, descriptors and metadata record, when the node's worker prepared them beside
     # de-identification (see edge_agent.preparation); None: the sink prepares what it needs
     preparation: Preparation | None = None
+    # rectangles blanked in every frame: burned-in text found, and configured regions
+    blanked: tuple[TextBox, ...] = ()
+
+    def deid_summary(self) -> dict:
+        """What de-identification did, for the sealed metadata: the profile's edition and
+        codes, actions and removals by count, the blanked rectangles; never a value, and not
+        the date shift (with it, shifted dates could be moved back)."""
+        r = self.report
+        return {"edition": r.edition, "method_codes": list(r.method_codes), "actions": dict(r.actions),
+                "removed": dict(r.removed), "blanked": [[b.x, b.y, b.width, b.height] for b in self.blanked]}
 
     def meta(self) -> dict:
         """The small, de-identified description that may travel beside the image."""
@@ -94,7 +105,7 @@ class FolderSink:
     def accept(self, instance: DeidentifiedInstance) -> None:
         path = self.path_for(instance)
         folder = self._dir_sync(path.parent)
-        info = {**instance.meta(), "deid": instance.report.to_dict()}
+        info = {**instance.meta(), "deid": {**instance.report.to_dict(), **instance.deid_summary()}}
         report, report_part, part = path.with_suffix(".json"), path.with_suffix(".json.part"), \
             path.with_name(path.name + ".part")
         write_synced(report_part, json.dumps(info, indent=1).encode())

@@ -165,6 +165,64 @@ def test_blank_policy_blanks_the_configured_region(make_node, tmp_path):
     assert np.array_equal(pixels[:, 20:, :], source.pixel_array[:, 20:, :])
 
 
+def _ct_with_text(seed=5):
+    """A CT slice whose pixels carry a patient's name and birth date, drawn at the stored
+    maximum as scanners do, while its header says Burned In Annotation NO."""
+    import copy
+
+    import cv2
+    from pydicom.uid import generate_uid
+
+    clean = _ct(1, seed)[0]
+    ds = copy.deepcopy(clean)
+    pixels = clean.pixel_array.copy()
+    ink = np.zeros(pixels.shape, np.uint8)
+    cv2.putText(ink, "DOE^JANE  1970-01-01", (24, 40), cv2.FONT_HERSHEY_SIMPLEX, 0.7, 255, 2)
+    pixels[ink > 0] = pixels.max()
+    ds.PixelData = pixels.tobytes()
+    ds.BurnedInAnnotation = "NO"
+    ds.SOPInstanceUID = generate_uid()
+    return clean, ds, pixels != clean.pixel_array
+
+
+def test_burned_in_text_found_in_the_pixels_is_quarantined_whatever_the_flag(make_node, tmp_path, storescu):
+    """Before this change (c1ffc7f) a CT saying Burned In Annotation NO was never looked at:
+    this one went out with the name in its pixels."""
+    node = make_node().start()
+    clean, texted, _ = _ct_with_text()
+    for i, ds in enumerate((clean, texted)):
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        run = subprocess.run([storescu, "-aet", "STORESCU", "-aec", node.dicom.ae_title, "127.0.0.1",
+                              str(node.port), str(path)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+    assert node.drain(60)
+    assert node.stats.forwarded == 1 and dict(node.stats.quarantined) == {"burned-in-text": 1}
+    [entry] = node.spool.quarantined()
+    assert "text region" in entry.detail
+
+
+def test_blank_policy_blanks_exactly_the_text_found(make_node, tmp_path):
+    import json
+
+    node = make_node(burned_in=BurnedInPolicy("blank", (), ("US",))).start()
+    _, texted, ink = _ct_with_text()
+    assert _send(node, items_from_datasets([texted])).success == 1
+    assert node.drain(60)
+    [f] = FolderSink(tmp_path / "out").files()
+    out = dcmread(f)
+    sidecar = json.loads(f.with_suffix(".json").read_text())
+    boxes = sidecar["deid"]["blanked"]
+    assert boxes and "113101" in [c.CodeValue for c in out.DeidentificationMethodCodeSequence]
+    pixels = out.pixel_array
+    assert not pixels[ink].any()  # every stroke of the text is gone
+    inside = np.zeros(ink.shape, bool)
+    for x, y, w, h in boxes:  # the recorded boxes, with the 2-pixel blanking margin
+        inside[max(0, y - 2):y + h + 2, max(0, x - 2):x + w + 2] = True
+    assert np.array_equal(pixels[~inside], texted.pixel_array[~inside])  # nothing else touched
+    assert inside.sum() < 0.05 * inside.size
+
+
 class FlakySink(FolderSink):
     """Fails the first ``n`` times, like a full disk that gets freed."""
 
