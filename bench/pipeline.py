@@ -102,10 +102,11 @@ def instrument(clock: Clock) -> None:
     import cloud.ingest as ingest
     import cloud.registration as registration
     import edge_agent.node as node
+    import edge_agent.scp as scp
     import edge_agent.packager as packager
     import edge_agent.uplink as uplink
 
-    clock.wrap(node.EdgeNode, "_on_store", "receive")
+    clock.wrap(scp.StorageSCP, "_on_store", "receive")
     # de-identification and preprocessing run in the node's worker process: timed from the
     # feeder thread that hands each object over and waits (a wrapped method in the child would
     # report to nobody); the node's stats say how much of that was preprocessing

@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
 from edge_agent.config import BurnedInPolicy, Region
-from edge_agent.node import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from edge_agent.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from edge_agent.pipeline import Processor
 from edge_agent.sink import FolderSink
 from edge_agent.spool import Spool
@@ -344,10 +344,10 @@ def test_worker_results_come_back_whole_through_shared_memory_or_the_pipe(
     slot (CT fits), the pipe (a slot too small for the object), or the pipe because the
     node could not make slots at all; the slots file is gone once the node stops."""
     import edge_agent.handback
-    import edge_agent.node
+    import edge_agent.workpool
 
     if slots == "too small":
-        monkeypatch.setattr(edge_agent.node, "HANDBACK_SLOT_BYTES", 4096)
+        monkeypatch.setattr(edge_agent.workpool, "HANDBACK_SLOT_BYTES", 4096)
     if slots == "no /dev/shm":
         monkeypatch.setattr(edge_agent.handback, "SHM_DIR", tmp_path / "missing")
     items = items_from_datasets(_ct(1, seed=33))
@@ -355,7 +355,7 @@ def test_worker_results_come_back_whole_through_shared_memory_or_the_pipe(
     for sink, processes in ((here, 0), (there, 1)):
         node = make_node(sink=sink, processes=processes).start()
         assert _send(node, items).success == 2 and node.drain(60)
-        handback = node._handback
+        handback = node.pool.handback
         assert (handback is not None) == (processes == 1 and slots != "no /dev/shm")
         node.stop()
         assert handback is None or not handback.path.exists()
@@ -365,13 +365,13 @@ def test_worker_results_come_back_whole_through_shared_memory_or_the_pipe(
 
 def test_worker_processes_run_behind_the_scp_threads_on_the_cpu(make_node):
     """De-identification steps back (nice) so a scanner's burst is answered first."""
-    from edge_agent.node import WORKER_NICENESS
+    from edge_agent.workpool import WORKER_NICENESS
 
     own = os.nice(0)
     node = make_node(processes=1).start()
-    assert node._pool.submit(os.nice, 0).result(timeout=30) == min(19, own + WORKER_NICENESS)
+    assert node.pool.call(os.nice, 0) == min(19, own + WORKER_NICENESS)
     same = make_node(processes=1, worker_niceness=0).start()
-    assert same._pool.submit(os.nice, 0).result(timeout=30) == own
+    assert same.pool.call(os.nice, 0) == own
 
 
 def test_a_spooled_object_that_cannot_be_read_is_retried_not_dropped(make_node, profile):
