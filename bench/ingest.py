@@ -33,7 +33,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt  # noqa: E402
 
 from edge_agent.config import load_profile, profile_path  # noqa: E402
 from edge_agent.node import EdgeNode  # noqa: E402
-from edge_agent.pipeline import Processor  # noqa: E402
+from edge_agent.processor import Processor  # noqa: E402
 from edge_agent.sink import FolderSink  # noqa: E402
 from edge_agent.spool import Spool  # noqa: E402
 from scanner_sim.sender import items_from_datasets, send  # noqa: E402

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from edge_agent.config import Profile
 from edge_agent.errors import ConfigError
 from edge_agent.node import Backpressure, EdgeNode
-from edge_agent.pipeline import Processor
+from edge_agent.processor import Processor
 from edge_agent.sink import Sink
 from edge_agent.spool import Spool
 

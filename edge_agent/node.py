@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from edge_agent.config import DicomConfig
 from edge_agent.errors import QuarantineError, SpoolError
-from edge_agent.pipeline import Processor
+from edge_agent.processor import Processor
 from edge_agent.scp import Backpressure, ReceiveStats, StorageSCP
 from edge_agent.sink import Sink
 from edge_agent.spool import Spool

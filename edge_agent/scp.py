@@ -26,7 +26,7 @@ from pydicom.uid import RLELossless
 
 from edge_agent.config import DicomConfig
 from edge_agent.errors import Quarantined, SpoolError, SpoolFull
-from edge_agent.pipeline import parse_received
+from edge_agent.processor import parse_received
 from edge_agent.spool import Spool
 
 __all__ = ["StorageSCP", "ReceiveStats", "Backpressure", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND",

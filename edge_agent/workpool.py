@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from edge_agent.errors import Quarantined
 from edge_agent.handback import Handback, Slot, write_slot
-from edge_agent.pipeline import Processor
+from edge_agent.processor import Processor
 from edge_agent.sink import DeidentifiedInstance
 from edge_agent.spool import SpoolRef, read_ref
 from edge_agent.textdetect import TextDetector
@@ -151,7 +151,7 @@ def _worker_init(parent: int, niceness: int) -> None:
 def _child_ready(preparing: bool, detector: TextDetector | None) -> bool:
     """Run once per worker process at start, so that its imports are done and its text
     detector loaded before traffic (the model code only where this node prepares tensors)."""
-    import edge_agent.pipeline  # noqa: F401
+    import edge_agent.processor  # noqa: F401
 
     if preparing:
         import edge_agent.preparation  # noqa: F401

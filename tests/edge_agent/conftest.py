@@ -12,7 +12,7 @@ import pytest
 
 from edge_agent.config import load_profile, profile_path
 from edge_agent.node import EdgeNode
-from edge_agent.pipeline import Processor
+from edge_agent.processor import Processor
 from edge_agent.pseudonyms import Pseudonymizer
 from edge_agent.sink import FolderSink
 from edge_agent.spool import Spool

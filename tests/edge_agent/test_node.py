@@ -16,7 +16,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from edge_agent.config import BurnedInPolicy, Region
 from edge_agent.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
-from edge_agent.pipeline import Processor
+from edge_agent.processor import Processor
 from edge_agent.sink import FolderSink
 from edge_agent.spool import Spool
 from scanner_sim.sender import Item, items_from_datasets, send
@@ -277,7 +277,7 @@ def test_same_object_twice_is_stored_once(make_node, tmp_path):
 CRASHING_PROCESSOR = '''
 import os
 from dataclasses import dataclass
-from edge_agent.pipeline import Processor
+from edge_agent.processor import Processor
 
 @dataclass(frozen=True)
 class CrashingProcessor(Processor):

@@ -8,7 +8,7 @@ import pytest
 
 from edge_agent.outbox import Outbox
 from edge_agent.packager import Packager
-from edge_agent.pipeline import Processor
+from edge_agent.processor import Processor
 from edge_agent.pseudonyms import Pseudonymizer
 from edge_agent.records import RecordStore, parse_records, pseudonymize
 from edge_agent.config import BurnedInPolicy

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from edge_agent.node import EdgeNode
-from edge_agent.pipeline import Processor
+from edge_agent.processor import Processor
 from edge_agent.sink import FolderSink
 from edge_agent.spool import Spool
 from medchain.cli import main
