@@ -429,14 +429,68 @@ class LedgerClient:
             self._loop.close()
             self._started = False
 
-    def __getattr__(self, name: str):
-        attr = getattr(self._async, name)
-        if not asyncio.iscoroutinefunction(attr):
-            return attr
+    @property
+    def keyring(self) -> Keyring:
+        """The validators' public keys (to verify proofs and receipts)."""
+        return self._async.keyring
 
-        def call(*args, **kwargs):
-            return self._run(attr(*args, **kwargs))
-        call.__doc__ = attr.__doc__
-        call.__name__ = name
-        return call
+    # -- the same calls as AsyncLedgerClient, blocking ------------------------------------------
 
+    def prepare(self, tx: Transaction, rid: int | None = None) -> tuple[int, bytes]:
+        return self._async.prepare(tx, rid)
+
+    def submit_frame(self, rid: int, frame: bytes, timeout_s: float | None = None) -> Result:
+        return self._run(self._async.submit_frame(rid, frame, timeout_s))
+
+    def submit(self, tx: Transaction, *, rid: int | None = None, timeout_s: float | None = None) -> Result:
+        return self._run(self._async.submit(tx, rid=rid, timeout_s=timeout_s))
+
+    def submit_many(self, txs: Iterable[Transaction]) -> list[Result]:
+        return self._run(self._async.submit_many(txs))
+
+    def access(self, user: str, envelope_id: bytes, purpose: str, action: str) -> AccessDecision:
+        return self._run(self._async.access(user, envelope_id, purpose, action))
+
+    def access_many(self, user: str, envelope_ids: Iterable[bytes], purpose: str,
+                    action: str) -> list[AccessDecision]:
+        return self._run(self._async.access_many(user, envelope_ids, purpose, action))
+
+    def query(self, what: str, args: dict | None = None):
+        return self._run(self._async.query(what, args))
+
+    def image(self, envelope_id: bytes) -> ImageProof | None:
+        return self._run(self._async.image(envelope_id))
+
+    def model_receipt(self, model_hash: bytes) -> TxReceipt | None:
+        return self._run(self._async.model_receipt(model_hash))
+
+    def inference_receipt(self, batch_root: bytes) -> TxReceipt | None:
+        return self._run(self._async.inference_receipt(batch_root))
+
+    def consent(self, patient: str) -> dict:
+        return self._run(self._async.consent(patient))
+
+    def audit(self, *, user: str | None = None, patient: str | None = None,
+              image: bytes | None = None) -> list[dict]:
+        return self._run(self._async.audit(user=user, patient=patient, image=image))
+
+    def model(self, model_hash: bytes) -> dict | None:
+        return self._run(self._async.model(model_hash))
+
+    def inference(self, batch_root: bytes) -> dict | None:
+        return self._run(self._async.inference(batch_root))
+
+    def principal(self, name: str) -> dict | None:
+        return self._run(self._async.principal(name))
+
+    def policy(self, policy_id: str) -> dict | None:
+        return self._run(self._async.policy(policy_id))
+
+    def device(self, device_id: str) -> DeviceStatus:
+        return self._run(self._async.device(device_id))
+
+    def status(self, validator: int, timeout_s: float = 5.0) -> dict:
+        return self._run(self._async.status(validator, timeout_s))
+
+    def headers(self, validator: int, start: int = 0, end: int = 10**9) -> list:
+        return self._run(self._async.headers(validator, start, end))

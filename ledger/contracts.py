@@ -123,8 +123,7 @@ class Contracts:
             return self._access(ctx, tx)  # decided and audited even when not permitted
         if not self.may_submit(ctx.role, tx.TYPE):
             raise Rejected(f"role {ctx.role!r} may not submit {tx.TYPE}")
-        handler = getattr(self, "_" + tx.TYPE.lower())
-        return handler(ctx, tx)
+        return _HANDLERS[type(tx)](self, ctx, tx)
 
     def _stamp(self, ctx: TxContext) -> dict:
         return {"t": ctx.time, "height": ctx.height, "index": ctx.index, "by": ctx.submitter}
@@ -316,3 +315,16 @@ class Contracts:
         ids = _list(self.state, f"{prefix}_n/{k}", f"{prefix}/{k}", start, min(limit, MAX_LIST))
         return {"entries": [self.state.get(f"audit/{i}") for i in ids],
                 "total": self.state.get(f"{prefix}_n/{k}", 0)}
+
+
+# transaction type -> the contract method that applies it (AccessRequested is decided apart)
+_HANDLERS = {
+    PrincipalSet: Contracts._principal_set,
+    DeviceEnrolled: Contracts._device_enrolled,
+    DeviceRevoked: Contracts._device_revoked,
+    ImageRegistered: Contracts._image_registered,
+    ConsentSet: Contracts._consent_set,
+    PolicySet: Contracts._policy_set,
+    ModelReleased: Contracts._model_released,
+    InferenceRecorded: Contracts._inference_recorded,
+}

@@ -202,7 +202,7 @@ class Replica(StateTransfer, ViewChanges):
 
     def step(self, msg, body: bytes) -> Ready:
         """One authenticated-or-not validator message, with the body bytes it was signed as."""
-        handler = self._HANDLERS.get(type(msg))
+        handler = _HANDLERS.get(type(msg))
         self._sender = getattr(msg, "sender", -1)
         if handler is None:
             self._drop("unexpected_kind")
@@ -217,7 +217,7 @@ class Replica(StateTransfer, ViewChanges):
         if not self.keys.valid(sender, msg.KIND, body, msg.sig):
             self._drop("bad_signature")
             return self._take()
-        getattr(self, handler)(msg, body)
+        handler(self, msg, body)
         self._sender = -1
         return self._take()
 
@@ -500,14 +500,16 @@ class Replica(StateTransfer, ViewChanges):
             self._fetch_from(next(s for s, _ in proof if s != self.me), seq)
         self._propose()
 
-    _HANDLERS = {  # noqa: RUF012 - a fixed dispatch table, kind -> method name
-        PrePrepare: "_on_preprepare",
-        Prepare: "_on_prepare",
-        Commit: "_on_commit",
-        Checkpoint: "_on_checkpoint",
-        ViewChange: "_on_view_change",
-        NewView: "_on_new_view",
-        Status: "_on_status",
-        Fetch: "_on_fetch",
-        Blocks: "_on_blocks",
-    }
+
+# message kind -> the replica method that handles it (after the checks every message passes)
+_HANDLERS = {
+    PrePrepare: Replica._on_preprepare,
+    Prepare: Replica._on_prepare,
+    Commit: Replica._on_commit,
+    Checkpoint: Replica._on_checkpoint,
+    ViewChange: Replica._on_view_change,
+    NewView: Replica._on_new_view,
+    Status: Replica._on_status,
+    Fetch: Replica._on_fetch,
+    Blocks: Replica._on_blocks,
+}

@@ -86,7 +86,7 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
         return result, {"signatures": [[i, s] for i, s in sorted(sigs.items())]}
     if what in ("model", "inference"):
         key = "model_hash" if what == "model" else "batch_root"
-        record = getattr(c, what)(_arg(args, key, bytes, 32))
+        record = (c.model if what == "model" else c.inference)(_arg(args, key, bytes, 32))
         return (_proven(store, record) if args.get("proof") else record), {}
     if what == "policy":
         return c.policy(_arg(args, "policy", str)), {}
