@@ -28,6 +28,7 @@ Exit status 1 when a target is missed (see Targets).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -476,8 +477,10 @@ def main(argv=None) -> int:
     ap.add_argument("--overlays", type=int, default=6, help="overlaid variants per source image")
     ap.add_argument("--quick", action="store_true", help="a few images, for CI (< 30 s)")
     ap.add_argument("--mode", choices=("cascade", "full"), default="cascade")
+    ap.add_argument("--settings", default="{}", metavar="JSON",
+                    help='DetectorSettings fields to change, e.g. \'{"min_aspect": 0.8}\'')
     args = ap.parse_args(argv)
-    detector = TextDetector(DetectorSettings(mode=args.mode))
+    detector = TextDetector(DetectorSettings(mode=args.mode, **json.loads(args.settings)))
     load = detector.load()
     overlays = 4 if args.quick else args.overlays
     samples = build_set(load_sources(args.quick, args.seed), overlays, args.seed)

@@ -16,16 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medchain.errors import ConfigError
 from medchain.mqtt import MqttEndpoint
 from medchain.settings import Section, read_toml
 
-from cloud.errors import CloudError
-
 __all__ = ["CloudConfig", "load_config", "parse_config", "ConfigError"]
-
-
-class ConfigError(CloudError):
-    """The cloud configuration is missing, malformed or inconsistent."""
 
 
 @dataclass(frozen=True)

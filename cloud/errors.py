@@ -8,7 +8,7 @@ from medchain.errors import MedChainError
 __all__ = [
     "CloudError",
     "BrokerError",
-    "StoreError",
+    "ObjectStoreError",
     "ObjectMissing",
     "FleetError",
     "UnknownDevice",
@@ -25,11 +25,11 @@ class BrokerError(CloudError):
     """The embedded broker could not start."""
 
 
-class StoreError(CloudError):
+class ObjectStoreError(CloudError):
     """The object store failed to read or write."""
 
 
-class ObjectMissing(StoreError):
+class ObjectMissing(ObjectStoreError):
     """No envelope with that id is stored (or one of its chunks is gone)."""
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from ledger.canonical import canonical_bytes, decode
 from medchain.protocol import Envelope, EnvelopeHeader
 
-from cloud.errors import ObjectMissing, StoreError
+from cloud.errors import ObjectMissing, ObjectStoreError
 
-__all__ = ["ObjectStore", "LocalObjectStore", "S3ObjectStore", "StoreError", "ObjectMissing", "open_store"]
+__all__ = ["ObjectStore", "LocalObjectStore", "S3ObjectStore", "ObjectStoreError", "ObjectMissing", "open_store"]
 
 
 def _check_id(envelope_id: str) -> str:
@@ -81,7 +81,7 @@ class ObjectStore:
             record = {"header": envelope.header.to_wire(), "signature": envelope.signature}
             self._write(header_key, canonical_bytes(record))
         except OSError as exc:
-            raise StoreError(f"envelope {envelope.envelope_id}: write failed: {exc.strerror or exc}") from None
+            raise ObjectStoreError(f"envelope {envelope.envelope_id}: write failed: {exc.strerror or exc}") from None
         return True
 
     def withdraw(self, envelope_id: str) -> None:
@@ -100,7 +100,7 @@ class ObjectStore:
         except ObjectMissing:
             raise ObjectMissing(f"envelope {envelope_id}: its ciphertext is missing") from None
         if len(pack) != sum(ref.length for ref in header.chunks):
-            raise StoreError(f"envelope {envelope_id}: ciphertext has the wrong size in storage")
+            raise ObjectStoreError(f"envelope {envelope_id}: ciphertext has the wrong size in storage")
         bodies, offset = [], 0
         for i, ref in enumerate(header.chunks):
             body = bytes(pack[offset : offset + ref.length])
@@ -108,7 +108,7 @@ class ObjectStore:
             h = hashlib.sha256(ref.nonce)
             h.update(body)
             if h.digest() != ref.digest:
-                raise StoreError(f"envelope {envelope_id}: chunk {i} is corrupt in storage")
+                raise ObjectStoreError(f"envelope {envelope_id}: chunk {i} is corrupt in storage")
             bodies.append(body)
         return Envelope(header, record["signature"], tuple(bodies))
 
@@ -197,7 +197,7 @@ class S3ObjectStore(ObjectStore):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise StoreError(f"s3://{self.bucket}/{self._key(key)}: {exc}") from None
+            raise ObjectStoreError(f"s3://{self.bucket}/{self._key(key)}: {exc}") from None
 
     def _read(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
@@ -207,7 +207,7 @@ class S3ObjectStore(ObjectStore):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
                 raise ObjectMissing(key) from None
-            raise StoreError(f"s3://{self.bucket}/{self._key(key)}: {exc}") from None
+            raise ObjectStoreError(f"s3://{self.bucket}/{self._key(key)}: {exc}") from None
 
     def _write(self, key: str, data: bytes) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -215,7 +215,7 @@ class S3ObjectStore(ObjectStore):
         try:
             self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f"s3://{self.bucket}/{self._key(key)}: {exc}") from None
+            raise ObjectStoreError(f"s3://{self.bucket}/{self._key(key)}: {exc}") from None
 
     def _delete(self, key: str) -> None:
         self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))

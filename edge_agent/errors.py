@@ -4,7 +4,7 @@ Messages name the object (a file, a profile field, a spool id, a DICOM tag) and 
 they never carry an attribute *value*, so no PHI can leak into a log through an error.
 """
 
-from medchain.errors import MedChainError
+from medchain.errors import ConfigError, MedChainError
 
 __all__ = [
     "OutboxError",
@@ -22,10 +22,6 @@ __all__ = [
 
 class EdgeError(MedChainError):
     """Base of edge-agent errors."""
-
-
-class ConfigError(EdgeError):
-    """A device profile is missing, malformed, or has a bad or missing field."""
 
 
 class DeidError(EdgeError):

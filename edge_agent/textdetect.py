@@ -88,7 +88,9 @@ class DetectorSettings:
     prob_threshold: float = 0.3  # DB: a pixel is text above this probability
     box_threshold: float = 0.5  # DB: a region is text when its mean probability is above this
     unclip: float = 1.6  # DB: regions are grown by area * unclip / perimeter (the model shrinks them)
-    min_aspect: float = 0.8  # a box narrower than this times its height is not a text line
+    # a box narrower than this times its height is no row of three or more characters (what the
+    # gate looks for); docs/burned_in.md has what it cost and what it saved
+    min_aspect: float = 1.8
     min_context: int = 8  # px of context around a candidate, at least
     row_to_box: float = 2.5  # a box found in a crop is at most this many candidate heights high
     max_marks: int = 1500  # more character-like marks than this in one frame: look at it whole

@@ -11,7 +11,7 @@ __all__ = [
     "MessageInvalid",
     "TransactionInvalid",
     "GenesisError",
-    "StoreError",
+    "BlockStoreError",
     "CertificateInvalid",
     "LedgerUnavailable",
     "SubmitTimeout",
@@ -52,7 +52,7 @@ class GenesisError(LedgerError):
     """A genesis file is missing, malformed or inconsistent (n != 3f + 1, duplicate keys)."""
 
 
-class StoreError(LedgerError):
+class BlockStoreError(LedgerError):
     """The block store on disk is unreadable or belongs to another chain or validator."""
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from ledger.blocks import Block, BlockHeader, genesis_header
 from ledger.canonical import canonical_bytes, decode
 from ledger.contracts import genesis_state
-from ledger.errors import StoreError
+from ledger.errors import BlockStoreError
 from ledger.execution import Ledger
 from ledger.messages import Certificate
 from ledger.ready import BlockReader, Ready, Restored
@@ -57,7 +57,7 @@ class BlockStore(BlockReader):
             self.db.execute(f"pragma synchronous={'full' if durable else 'off'}")
             self.db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: not a usable block store ({exc})") from None
+            raise BlockStoreError(f"{self.path}: not a usable block store ({exc})") from None
 
     def close(self) -> None:
         self.db.close()
@@ -140,9 +140,9 @@ class BlockStore(BlockReader):
         if chain is None:
             self._initialize(genesis, validator)
         elif chain != genesis.chain_id or self._meta("genesis") != genesis.hash:
-            raise StoreError(f"{self.path}: belongs to another chain or genesis")
+            raise BlockStoreError(f"{self.path}: belongs to another chain or genesis")
         elif self._meta("validator") != validator:
-            raise StoreError(f"{self.path}: belongs to validator {self._meta('validator')}")
+            raise BlockStoreError(f"{self.path}: belongs to validator {self._meta('validator')}")
         row = self.db.execute(
             "select header, time from blocks order by height desc limit 1").fetchone()
         header = BlockHeader.from_wire(decode(row[0]))

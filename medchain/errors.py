@@ -3,11 +3,16 @@
 Messages name the object and the reason, never a secret, a key or patient data.
 """
 
-__all__ = ["MedChainError", "ProtocolError", "VerificationError", "DecryptionError"]
+__all__ = ["MedChainError", "ConfigError", "ProtocolError", "VerificationError", "DecryptionError"]
 
 
 class MedChainError(Exception):
     """Base of all MedChain errors, so callers can catch ours and nothing else."""
+
+
+class ConfigError(MedChainError):
+    """A configuration file (device profile, cloud configuration) is missing, malformed, or has
+    a bad, missing or unknown field; the message names the file, section and field."""
 
 
 class ProtocolError(MedChainError):

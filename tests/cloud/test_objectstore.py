@@ -2,7 +2,7 @@
 
 import pytest
 
-from cloud.objectstore import LocalObjectStore, ObjectMissing, S3ObjectStore, StoreError, open_store
+from cloud.objectstore import LocalObjectStore, ObjectMissing, S3ObjectStore, ObjectStoreError, open_store
 from ledger.identity import RecipientKey, SigningKey
 from medchain.sealing import open_envelope, seal
 
@@ -43,10 +43,10 @@ def test_missing_and_corrupt_objects_are_reported(tmp_path):
     store.put(env)
     pack = next((tmp_path / "packs").glob("*/*"))
     pack.write_bytes(b"\x00" * pack.stat().st_size)
-    with pytest.raises(StoreError, match="chunk 0 is corrupt"):
+    with pytest.raises(ObjectStoreError, match="chunk 0 is corrupt"):
         store.get(env.envelope_id)
     pack.write_bytes(b"\x00" * 10)
-    with pytest.raises(StoreError, match="wrong size"):
+    with pytest.raises(ObjectStoreError, match="wrong size"):
         store.get(env.envelope_id)
     pack.unlink()
     with pytest.raises(ObjectMissing, match="missing"):

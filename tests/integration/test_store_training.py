@@ -146,7 +146,7 @@ def test_store_training_decrypts_only_consented_images_audits_all_and_card_repro
                                           names=["meta"])
         assert [r.entry.envelope_id for r in released] == [intact]
         assert rep.granted == 2 and sum(rep.unreadable.values()) == 1
-        assert next(iter(rep.unreadable)) == "not readable from the store (StoreError)"  # chunk digest
+        assert next(iter(rep.unreadable)) == "not readable from the store (ObjectStoreError)"  # chunk digest
         assert len(training.audit(user="training")) == len(audit) + 2
 
     # the run folder is the normal one

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ledger.blocks import Block
-from ledger.errors import GenesisError, StoreError
+from ledger.errors import GenesisError, BlockStoreError
 from ledger.execution import Ledger
 from ledger.genesis import Genesis, Params, make_local_genesis
 from ledger.identity import SigningKey
@@ -127,17 +127,17 @@ def test_store_refuses_another_chain_or_validator(setup, tmp_path_factory):
     genesis, _, tmp = setup
     store = BlockStore(tmp / "v2.sqlite")
     store.restore(genesis, 2)
-    with pytest.raises(StoreError, match="validator 2"):
+    with pytest.raises(BlockStoreError, match="validator 2"):
         store.restore(genesis, 3)
     other = make_local_genesis(tmp_path_factory.mktemp("other"))
-    with pytest.raises(StoreError, match="another chain"):
+    with pytest.raises(BlockStoreError, match="another chain"):
         store.restore(other, 2)
 
 
 def test_a_corrupt_store_file_is_refused(tmp_path):
     path = tmp_path / "bad.sqlite"
     path.write_bytes(os.urandom(4096))
-    with pytest.raises(StoreError):
+    with pytest.raises(BlockStoreError):
         BlockStore(path)
 
 
