@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from ledger.identity import RecipientKey, SigningKey  # noqa: E402
+from medchain.identity import RecipientKey, SigningKey  # noqa: E402
 from medchain.sealing import new_object_key, open_envelope, package, seal, verify  # noqa: E402
 
 UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3}

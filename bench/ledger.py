@@ -34,7 +34,7 @@ from ledger.blocks import Block  # noqa: E402
 from ledger.client import AsyncLedgerClient  # noqa: E402
 from ledger.cluster import LocalCluster  # noqa: E402
 from ledger.genesis import Params  # noqa: E402
-from ledger.identity import SigningKey  # noqa: E402
+from medchain.identity import SigningKey  # noqa: E402
 from ledger.ready import CommittedBlock, Ready  # noqa: E402
 from ledger.store import BlockStore  # noqa: E402
 from ledger.transactions import DeviceEnrolled, ImageRegistered  # noqa: E402

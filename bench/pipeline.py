@@ -161,7 +161,7 @@ def _edge_process(profile_path_: str, state: str, broker_port: int, conn) -> Non
 
     from edge_agent.config import load_profile
     from edge_agent.service import EdgeAgent
-    from medchain.keys import load_secret
+    from medchain.identity import load_secret
     from medchain.mqtt import MqttEndpoint
 
     clock = Clock()
@@ -209,8 +209,8 @@ def run(instances: int, warmup: int) -> dict:
     from cloud.enrolment import enroll, write_enrollment
     from edge_agent.config import load_profile, profile_path
     from ledger.cluster import LocalCluster
-    from ledger.identity import RecipientKey, SigningKey
-    from medchain.keys import new_secret
+    from medchain.identity import RecipientKey, SigningKey
+    from medchain.identity import new_secret
 
     ctx = mp.get_context("spawn")  # never fork a process that runs threads: held locks deadlock
     clock = Clock()

@@ -26,7 +26,7 @@ from conftest import MosquittoProcess, issue_pki  # noqa: E402  (tests/conftest.
 
 from edge_agent.outbox import Outbox  # noqa: E402
 from edge_agent.uplink import Uplink, UplinkSettings  # noqa: E402
-from ledger.identity import RecipientKey, SigningKey  # noqa: E402
+from medchain.identity import RecipientKey, SigningKey  # noqa: E402
 from medchain.mqtt import MqttLink  # noqa: E402
 from medchain.protocol import Ack, AckStatus, Envelope, ack_topic, decode_message, device_from_topic  # noqa: E402
 from medchain.protocol import encode, envelope_subscription  # noqa: E402

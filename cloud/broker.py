@@ -163,7 +163,7 @@ class BrokerProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "medchain.cli", "cloud", "broker", "--host", self.host, "--port", str(self.port)],
+            [sys.executable, "-m", "cloud", "cloud", "broker", "--host", self.host, "--port", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + self._start_timeout
         while time.monotonic() < deadline:

@@ -50,7 +50,7 @@ def _config(args):
 
 
 def _init(args: argparse.Namespace) -> int:
-    from ledger.identity import RecipientKey, SigningKey
+    from medchain.identity import RecipientKey, SigningKey
 
     root = args.dir
     (root / "keys").mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def _broker(args: argparse.Namespace) -> int:
 def _enroll(args: argparse.Namespace) -> int:
     from cloud.enrolment import enroll, write_enrollment
     from cloud.fleet import FleetRegistry
-    from ledger.identity import SigningKey, VerifyKey
+    from medchain.identity import SigningKey, VerifyKey
 
     config = _config(args)
     public = VerifyKey.from_hex(args.public_key) if args.public_key else SigningKey.load(args.key_file).public
@@ -146,7 +146,7 @@ def _principal_client(config, name: str):
     """A started ledger client acting as principal ``name`` (its key from cloud.toml)."""
     from cloud.config import ConfigError
     from ledger.client import LedgerClient
-    from ledger.identity import SigningKey
+    from medchain.identity import SigningKey
 
     path = {"training": config.training_key, "ingest": config.ingest_key}[name]
     if path is None:
@@ -159,7 +159,7 @@ def _principal_client(config, name: str):
 def _rollout_shell(config):
     from cloud.fleet import FleetRegistry
     from cloud.rollout import Rollout
-    from ledger.identity import SigningKey
+    from medchain.identity import SigningKey
 
     return Rollout(endpoint=config.endpoint, fleet=FleetRegistry(config.database_url),
                    database=config.database_url, model_key=SigningKey.load(config.model_key))

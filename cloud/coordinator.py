@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 
 from ledger.client import LedgerClient
-from ledger.identity import RecipientKey, SigningKey
+from medchain.identity import RecipientKey, SigningKey
 from medchain.mqtt import MqttEndpoint
 
 from cloud.broker import EmbeddedBroker

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ledger.client import LedgerClient
 from ledger.errors import LedgerError
-from ledger.identity import RecipientKey, VerifyKey
+from medchain.identity import RecipientKey, VerifyKey
 from medchain.errors import MedChainError
 from medchain.sealing import open_envelope
 

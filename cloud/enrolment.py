@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ledger.client import LedgerClient
 from ledger.genesis import Genesis
-from ledger.identity import RecipientKey, SigningKey, VerifyKey
+from medchain.identity import RecipientKey, SigningKey, VerifyKey
 from ledger.transactions import DeviceEnrolled, DeviceRevoked
 from medchain.protocol import Enrollment
 

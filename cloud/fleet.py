@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from cloud.database import engine_for
 from sqlalchemy.exc import IntegrityError
 
-from ledger.identity import VerifyKey
+from medchain.identity import VerifyKey
 from medchain.errors import VerificationError
 from medchain.protocol import Heartbeat
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ledger.identity import SigningKey, VerifyKey
+from medchain.identity import SigningKey, VerifyKey
 from medchain.errors import MedChainError, ProtocolError, VerificationError
 from medchain.mqtt import MqttEndpoint, MqttLink
 from medchain.protocol import (

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ledger.canonical import canonical_bytes, decode
+from medchain.canonical import canonical_bytes, decode
 from medchain.protocol import Envelope, EnvelopeHeader
 
 from cloud.errors import ObjectMissing, ObjectStoreError

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Text, func, select
 from sqlalchemy.exc import IntegrityError
 
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from ledger.client import LedgerClient
-from ledger.errors import EncodingError, LedgerUnavailable, ProofInvalid
-from ledger.merkle import InclusionProof, MerkleTree, verify_inclusion
+from ledger.errors import LedgerUnavailable
+from medchain.errors import EncodingError, ProofInvalid
+from medchain.merkle import InclusionProof, MerkleTree, verify_inclusion
 from ledger.quorum import Keyring
 from ledger.receipts import TxReceipt
 from ledger.transactions import InferenceRecorded

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from ledger.client import LedgerClient
-from ledger.identity import VerifyKey
+from medchain.identity import VerifyKey
 from ledger.errors import TransactionInvalid
 from ledger.transactions import ImageRegistered, parse
 from medchain.protocol import Envelope

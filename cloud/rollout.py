@@ -31,7 +31,7 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Tex
 from sqlalchemy.engine import Engine
 
 from ledger.client import LedgerClient
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.transactions import ModelReleased
 from medchain.errors import ProtocolError, VerificationError
 from medchain.mqtt import MqttEndpoint, MqttLink

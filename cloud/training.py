@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ledger.client import LedgerClient
-from ledger.identity import RecipientKey, SigningKey
+from medchain.identity import RecipientKey, SigningKey
 
 from cloud.catalog import Catalog
 from cloud.config import CloudConfig, ConfigError

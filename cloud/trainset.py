@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from models.datasets import SPLITS, DataSource, Split, patient_split
 from models.errors import TransformError
 from models.transforms import Compose, ToChannelsFirst

@@ -32,8 +32,8 @@ log = logging.getLogger("medchain.edge")
 
 def load_site_secret(profile: Profile, override: str | Path | None = None) -> bytes:
     """The 32-byte pseudonymization secret from ``override`` or the profile's ``secret_path``."""
-    from ledger.errors import KeyFileError
-    from medchain.keys import load_secret
+    from medchain.errors import KeyFileError
+    from medchain.identity import load_secret
 
     path = Path(override) if override else profile.deid.secret_path
     if path is None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 
-from ledger.identity import RecipientPublicKey, SigningKey
+from medchain.identity import RecipientPublicKey, SigningKey
 from medchain.protocol import encode
 from medchain.sealing import DEFAULT_CHUNK_SIZE, new_object_key, package
 from models.modality import ModalityConfig, modality_values

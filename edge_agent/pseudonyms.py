@@ -5,7 +5,7 @@ reversed by hashing every candidate; an HMAC under the site secret is not, as lo
 secret stays at the site. Every function here is pure: same secret and input, same output,
 so de-identification and the clinical-records importer agree without sharing state.
 
-Inputs are framed with canonical CBOR (``ledger.canonical``) rather than joined with a
+Inputs are framed with canonical CBOR (``medchain.canonical``) rather than joined with a
 separator, so ``issuer | value`` is unambiguous even when either part contains ``|``.
 DICOM padding (trailing spaces or NULs) and surrounding whitespace are not part of an
 identifier: ``"12345 "`` from a DICOM file and ``"12345"`` from a CSV export map alike.
@@ -17,7 +17,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 
 __all__ = ["Pseudonymizer", "patient_token", "pseudo_uid", "accession_pseudonym",
            "date_shift_days", "normalize_identifier", "MAX_DATE_SHIFT_DAYS"]

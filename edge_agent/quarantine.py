@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.durable import durable_write
+from medchain.durable import durable_write
 from edge_agent.errors import QuarantineError
 
 __all__ = ["QuarantineStore", "QuarantineEntry", "ReleaseRequest", "WAIVERS", "TagLine"]

@@ -34,11 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ledger.errors import SignatureInvalid
-from ledger.identity import SigningKey, VerifyKey
+from medchain.errors import MedChainError, ProtocolError, SignatureInvalid, VerificationError
+from medchain.identity import SigningKey, VerifyKey
 from ledger.quorum import Keyring
 from ledger.receipts import TxReceipt
-from medchain.errors import MedChainError, ProtocolError, VerificationError
 from medchain.mqtt import LinkError, MqttEndpoint, MqttLink
 from medchain.protocol import (
     ModelOffer,

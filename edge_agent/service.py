@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ledger.errors import KeyFileError
-from ledger.identity import RecipientPublicKey, SigningKey, VerifyKey
-from medchain.errors import ProtocolError
+from medchain.errors import KeyFileError, ProtocolError
+from medchain.identity import RecipientPublicKey, SigningKey, VerifyKey
 from medchain.mqtt import MqttEndpoint
 from medchain.protocol import Enrollment
 from models.modality import ModalityConfig, config_for

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.durable import durable_write, fsync_dir, write_synced
+from medchain.durable import durable_write, fsync_dir, write_synced
 from edge_agent.errors import Quarantined, SpoolError, SpoolFull
 from edge_agent.quarantine import QuarantineEntry, QuarantineStore
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ledger.identity import SigningKey, VerifyKey
+from medchain.identity import SigningKey, VerifyKey
 from medchain.errors import MedChainError
 from medchain.mqtt import LinkError, MqttEndpoint, MqttLink
 from medchain.protocol import (

@@ -17,9 +17,9 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from ledger.errors import MessageInvalid
-from ledger.merkle import EMPTY_ROOT, MerkleTree, merkle_root
+from medchain.merkle import EMPTY_ROOT, MerkleTree, merkle_root
 from ledger.messages import Certificate
 
 __all__ = ["BlockHeader", "Block", "batch_digest", "tx_root", "genesis_header", "ZERO_HASH"]

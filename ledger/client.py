@@ -26,17 +26,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ledger.canonical import canonical_bytes
-from ledger.errors import (
-    CertificateInvalid,
-    LedgerUnavailable,
-    MessageInvalid,
-    ProofInvalid,
-    QueryFailed,
-    SubmitTimeout,
-)
+from medchain.canonical import canonical_bytes
+from ledger.errors import CertificateInvalid, LedgerUnavailable, MessageInvalid, QueryFailed, SubmitTimeout
+from medchain.errors import ProofInvalid
 from ledger.genesis import Genesis
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.messages import (
     Hello,
     Query,

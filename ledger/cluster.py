@@ -10,7 +10,7 @@
         cluster.wait_converged()
 
 It writes a genesis with fresh keys (mode 0600) and free ports under ``workdir``, spawns each
-validator as ``python -m medchain.cli ledger validator ...`` (logs in ``workdir/logs``), waits
+validator as ``python -m ledger ledger validator ...`` (logs in ``workdir/logs``), waits
 until every validator answers, and stops them all on exit.
 """
 
@@ -80,7 +80,7 @@ class LocalCluster:
     def spawn(self, i: int) -> None:
         if i in self.procs and self.procs[i].poll() is None:
             raise LedgerError(f"validator {i} is already running")
-        cmd = [sys.executable, "-m", "medchain.cli", "--log-level", self.log_level, "ledger",
+        cmd = [sys.executable, "-m", "ledger", "--log-level", self.log_level, "ledger",
                "validator", "--genesis", str(self.genesis_path), "--id", str(i),
                "--key", str(self.key_path(f"validator-{i}")), "--data", str(self.workdir / "data")]
         env = dict(os.environ)

@@ -4,10 +4,6 @@ from medchain.errors import MedChainError, ProtocolError, VerificationError
 
 __all__ = [
     "LedgerError",
-    "KeyFileError",
-    "SignatureInvalid",
-    "EncodingError",
-    "ProofInvalid",
     "MessageInvalid",
     "TransactionInvalid",
     "GenesisError",
@@ -21,22 +17,6 @@ __all__ = [
 
 class LedgerError(MedChainError):
     """Base of ledger errors."""
-
-
-class KeyFileError(LedgerError):
-    """A key file is missing, truncated, of the wrong kind or readable by others."""
-
-
-class EncodingError(LedgerError):
-    """A value has no canonical encoding (unsupported type, non-finite float, non-str key)."""
-
-
-class SignatureInvalid(VerificationError):
-    """A signature does not verify. Says nothing about why (no oracle)."""
-
-
-class ProofInvalid(VerificationError):
-    """A Merkle inclusion proof does not lead to the expected root."""
 
 
 class MessageInvalid(ProtocolError):

@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ledger.blocks import BlockHeader, genesis_header, tx_root
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from ledger.contracts import Contracts, Rejected, TxContext, genesis_state
 from ledger.errors import MessageInvalid, TransactionInvalid
-from ledger.identity import ed25519_valid, encoded_message
+from medchain.identity import ed25519_valid, encoded_message
 from ledger.messages import Request, decode_frame, domain, request_digest
 from ledger.state import State
 from ledger.transactions import Transaction, parse

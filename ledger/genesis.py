@@ -17,9 +17,9 @@ import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from ledger.errors import GenesisError
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.transactions import PURPOSES, TX_TYPES
 
 __all__ = [

@@ -24,8 +24,9 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from ledger.canonical import canonical_bytes, decode
-from ledger.errors import EncodingError, MessageInvalid
+from medchain.canonical import canonical_bytes, decode
+from ledger.errors import MessageInvalid
+from medchain.errors import EncodingError
 
 __all__ = [
     "VERSION",
@@ -566,7 +567,7 @@ def decode_frame(frame: bytes) -> tuple[_Msg, bytes]:
 
 
 def sign_frame(msg: _Msg, key) -> tuple[_Msg, bytes]:
-    """Sign ``msg`` with ``key`` (a :class:`ledger.identity.SigningKey`); return the signed
+    """Sign ``msg`` with ``key`` (a :class:`medchain.identity.SigningKey`); return the signed
     message and its frame. Used by clients for requests, queries and hellos."""
     body = msg.body()
     signed = replace(msg, sig=key.sign_encoded(domain(msg.KIND), body))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from ledger.blocks import batch_digest, tx_root
 from ledger.errors import CertificateInvalid
-from ledger.identity import SigningKey, ed25519_valid, encoded_message
+from medchain.identity import SigningKey, ed25519_valid, encoded_message
 from ledger.messages import Certificate, Checkpoint, Commit, Prepare, PrePrepare, domain
 
 __all__ = ["Keyring", "Signer", "check_certificate", "check_checkpoint_proof"]

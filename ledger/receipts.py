@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ledger.blocks import BlockHeader
-from ledger.errors import CertificateInvalid, MessageInvalid, ProofInvalid
-from ledger.merkle import InclusionProof, verify_inclusion
+from ledger.errors import CertificateInvalid, MessageInvalid
+from medchain.errors import ProofInvalid
+from medchain.merkle import InclusionProof, verify_inclusion
 from ledger.messages import Certificate, Request, decode_frame
 from ledger.quorum import Keyring, check_certificate
 

@@ -20,9 +20,9 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from ledger.genesis import Genesis, Params, PrincipalInfo, ValidatorInfo
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.messages import Reply, Request, RequestBatch, decode_frame, encode_frame, sign_frame
 from ledger.pbft import Replica
 from ledger.quorum import Keyring, Signer

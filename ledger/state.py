@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ledger.canonical import canonical_bytes, decode
+from medchain.canonical import canonical_bytes, decode
 
 __all__ = ["State", "STATE_DOMAIN", "write_set_hash"]
 

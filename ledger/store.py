@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ledger.blocks import Block, BlockHeader, genesis_header
-from ledger.canonical import canonical_bytes, decode
+from medchain.canonical import canonical_bytes, decode
 from ledger.contracts import genesis_state
 from ledger.errors import BlockStoreError
 from ledger.execution import Ledger

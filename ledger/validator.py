@@ -33,7 +33,7 @@ from ledger.byzantine import ENV_FLAG, Byzantine
 from ledger.errors import LedgerError, MessageInvalid, QueryFailed
 from ledger.execution import AUDIT_DOMAIN
 from ledger.genesis import Genesis
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.messages import (
     Hello,
     Query,

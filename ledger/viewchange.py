@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ledger.blocks import batch_digest
 from ledger.errors import CertificateInvalid, MessageInvalid
-from ledger.merkle import EMPTY_ROOT
+from medchain.merkle import EMPTY_ROOT
 from ledger.messages import (
     Certificate,
     Commit,

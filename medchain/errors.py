@@ -3,7 +3,8 @@
 Messages name the object and the reason, never a secret, a key or patient data.
 """
 
-__all__ = ["MedChainError", "ConfigError", "ProtocolError", "VerificationError", "DecryptionError"]
+__all__ = ["MedChainError", "ConfigError", "KeyFileError", "ProtocolError", "EncodingError", "VerificationError",
+           "SignatureInvalid", "ProofInvalid", "DecryptionError"]
 
 
 class MedChainError(Exception):
@@ -15,8 +16,17 @@ class ConfigError(MedChainError):
     a bad, missing or unknown field; the message names the file, section and field."""
 
 
+class KeyFileError(MedChainError):
+    """A key file is missing, truncated, of the wrong kind or readable by others."""
+
+
 class ProtocolError(MedChainError):
     """A wire message could not be parsed: wrong version, missing or mistyped field."""
+
+
+class EncodingError(ProtocolError):
+    """A value has no canonical encoding (unsupported type, non-finite float, non-str key),
+    or bytes are not canonical CBOR."""
 
 
 class VerificationError(MedChainError):
@@ -25,6 +35,14 @@ class VerificationError(MedChainError):
     The message says which check failed (signature, chunk digest, Merkle root); it never
     carries key material.
     """
+
+
+class SignatureInvalid(VerificationError):
+    """A signature does not verify. Says nothing about why (no oracle)."""
+
+
+class ProofInvalid(VerificationError):
+    """A Merkle inclusion proof does not lead to the expected root."""
 
 
 class DecryptionError(MedChainError):

@@ -1,7 +1,7 @@
 """The edge <-> cloud wire protocol, version 1 — the one module both sides import.
 
 Every message is a frozen dataclass with ``to_wire()`` / ``from_wire()`` and is carried as
-canonical CBOR (see :mod:`ledger.canonical`): byte strings travel as bytes, so ciphertext is
+canonical CBOR (see :mod:`medchain.canonical`): byte strings travel as bytes, so ciphertext is
 never base64-inflated. Each encoded message is a map ``{"v": 1, "type": <name>, ...}``; a
 reader refuses another version or type with a :class:`ProtocolError` that says what is wrong.
 
@@ -23,9 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ledger.canonical import canonical_bytes, check_encodable, decode
-from ledger.errors import EncodingError
-from medchain.errors import ProtocolError
+from medchain.canonical import canonical_bytes, check_encodable, decode
+from medchain.errors import EncodingError, ProtocolError
 from medchain.releases import (
     ModelOffer,
     ModelRelease,

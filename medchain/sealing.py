@@ -28,9 +28,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ledger.canonical import canonical_bytes
-from ledger.identity import RecipientKey, RecipientPublicKey, SigningKey, VerifyKey
-from ledger.merkle import merkle_root
+from medchain.canonical import canonical_bytes
+from medchain.identity import RecipientKey, RecipientPublicKey, SigningKey, VerifyKey
+from medchain.merkle import merkle_root
 from medchain.errors import DecryptionError, VerificationError
 from medchain.protocol import (
     ENVELOPE_SIGNING_DOMAIN,

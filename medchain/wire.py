@@ -78,7 +78,7 @@ class Signed:
         return {**self.body(), "signature": self.signature}
 
     def signed(self, key) -> Any:
-        """A copy signed with ``key`` (a :class:`ledger.identity.SigningKey`)."""
+        """A copy signed with ``key`` (a :class:`medchain.identity.SigningKey`)."""
         return dataclasses.replace(self, signature=key.sign(self.DOMAIN, self.body()))
 
     def verify(self, public) -> None:

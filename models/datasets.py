@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from models.errors import DatasetError
 
 __all__ = ["Split", "DataSource", "SPLITS", "load_npz", "load_dicom_folder", "load_source",

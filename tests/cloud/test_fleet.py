@@ -3,7 +3,7 @@
 import pytest
 
 from cloud.fleet import FleetError, FleetRegistry, UnknownDevice
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from medchain.protocol import Heartbeat
 
 KEY = SigningKey.generate()

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from cloud.catalog import CatalogEntry, Receipt
 from cloud.ingest import DeviceRecord, Verdict, judge
-from ledger.identity import RecipientKey, SigningKey
+from medchain.identity import RecipientKey, SigningKey
 from medchain.protocol import AckStatus
 from medchain.sealing import seal
 

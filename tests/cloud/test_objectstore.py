@@ -3,7 +3,7 @@
 import pytest
 
 from cloud.objectstore import LocalObjectStore, ObjectMissing, S3ObjectStore, ObjectStoreError, open_store
-from ledger.identity import RecipientKey, SigningKey
+from medchain.identity import RecipientKey, SigningKey
 from medchain.sealing import open_envelope, seal
 
 DEVICE, CUSTODIAN = SigningKey.generate(), RecipientKey.generate()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.pseudonyms import Pseudonymizer
-from medchain.keys import load_secret, new_secret
+from medchain.identity import load_secret, new_secret
 from scanner_sim.sender import items_from_datasets
 from scanner_sim.studies import generate_studies
 
@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 
 def _start(state: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "medchain.cli", "edge", "run", "--config", str(PROFILE),
+    proc = subprocess.Popen([sys.executable, "-m", "medchain_app.cli", "edge", "run", "--config", str(PROFILE),
                              "--state-dir", str(state), "--port", str(port), "--host", "127.0.0.1",
                              "--out", str(state / "deidentified")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -13,7 +13,7 @@ from edge_agent.pseudonyms import Pseudonymizer
 from edge_agent.records import RecordStore, parse_records, pseudonymize
 from edge_agent.config import BurnedInPolicy
 from edge_agent.deid import DeidOptions
-from ledger.identity import RecipientKey, SigningKey
+from medchain.identity import RecipientKey, SigningKey
 from medchain.protocol import Envelope, decode_message
 from medchain.sealing import open_envelope
 from models.modality import config_for

@@ -85,7 +85,7 @@ def test_bad_requests_are_clear_errors(tmp_path):
 
 
 def _cli(profile_file, state_dir, *args):
-    return subprocess.run([sys.executable, "-m", "medchain.cli", "edge", "quarantine", *args,
+    return subprocess.run([sys.executable, "-m", "medchain_app.cli", "edge", "quarantine", *args,
                            "--config", str(profile_file), "--state-dir", str(state_dir)],
                           capture_output=True, text=True, timeout=120)
 

@@ -19,8 +19,8 @@ from cloud.enrolment import enroll, write_enrollment
 from edge_agent.config import load_profile, profile_path
 from edge_agent.service import EdgeAgent
 from ledger.cluster import LocalCluster
-from ledger.identity import RecipientKey, SigningKey
-from medchain.keys import load_secret, new_secret
+from medchain.identity import RecipientKey, SigningKey
+from medchain.identity import load_secret, new_secret
 from scanner_sim.sender import items_from_datasets, send
 from scanner_sim.studies import generate_studies
 
@@ -158,7 +158,7 @@ class Site:
 
     def spawn(self, *args: str) -> subprocess.Popen:
         """A ``medchain`` process; returns once it printed its ready line."""
-        proc = subprocess.Popen([sys.executable, "-m", "medchain.cli", *args], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "medchain_app.cli", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         self.procs.append(proc)
         deadline = time.monotonic() + 60

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_agent.processor import Processor
-from ledger.merkle import verify_inclusion
+from medchain.merkle import verify_inclusion
 from medchain.sealing import open_envelope
 from scanner_sim.studies import part10_bytes
 

@@ -17,9 +17,9 @@ import pytest
 from cloud.enrolment import enroll, write_enrollment
 from cloud.rollout import Rollout, build_release, plan_canary, release_transaction
 from edge_agent.rollout import ModelManager, ReleaseTrust
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.quorum import Keyring
-from medchain.cli import main
+from medchain_app.cli import main
 from medchain.protocol import ModelState
 
 pytestmark = pytest.mark.slow

@@ -20,11 +20,11 @@ from cloud.objectstore import open_store
 from cloud.training import gather
 from edge_agent.pseudonyms import Pseudonymizer
 from edge_agent.records import RecordStore, pseudonymize, read_records_file
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from ledger.client import LedgerClient
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.transactions import ConsentSet
-from medchain.cli import main
+from medchain_app.cli import main
 from medchain.mqtt import MqttEndpoint
 from medchain.sealing import open_envelope
 from models.card import ModelCard
@@ -138,7 +138,7 @@ def test_store_training_decrypts_only_consented_images_audits_all_and_card_repro
         victim, intact = sorted(expect)[:2]
         pack = store._pack_key(store.get(victim).header.merkle_root)
         (store.root / pack).write_bytes(b"\0" * (store.root / pack).stat().st_size)
-        from ledger.identity import RecipientKey
+        from medchain.identity import RecipientKey
 
         custodian = Custodian(training, store, RecipientKey.load(config.custodian_key),
                               user="training")

@@ -15,7 +15,7 @@ import pytest
 from cloud.reassembly import Reassembler
 from edge_agent.outbox import Outbox
 from edge_agent.uplink import Uplink, UplinkSettings
-from ledger.identity import RecipientKey, SigningKey
+from medchain.identity import RecipientKey, SigningKey
 from medchain.mqtt import MqttLink
 from medchain.protocol import (
     Ack,

@@ -9,7 +9,7 @@ from ledger.blocks import batch_digest, tx_root
 from ledger.errors import CertificateInvalid
 from ledger.execution import Ledger
 from ledger.genesis import Params
-from ledger.merkle import EMPTY_ROOT
+from medchain.merkle import EMPTY_ROOT
 from ledger.messages import (
     Certificate,
     Checkpoint,
@@ -137,7 +137,7 @@ def test_deduplication_window_expires_with_block_time():
     ledger.execute(2, 1000 + 2 * age + 10, [])  # far later: the entry is forgotten ...
     assert ledger.result_for("registrar", 1) is None
     ex = ledger.execute(3, 1000 + 2 * age + 20, [frame(1, 1000)])
-    from ledger.canonical import decode
+    from medchain.canonical import decode
     [(_, _, result)] = decode(ex.results)
     assert result["status"] == "rejected" and "stale" in result["reason"]  # ... but can't replay
 
@@ -147,7 +147,7 @@ def test_batches_from_state_transfer_are_checked_at_execution():
     outsider = Signer(9, VKEYS[0]).key
     forged = frame(5, 1000, key=outsider)  # right name, wrong key
     ex = ledger.execute(1, 1000, [forged, b"\x00garbage"])
-    from ledger.canonical import decode
+    from medchain.canonical import decode
     results = [r for _, _, r in decode(ex.results)]
     assert [r["reason"] for r in results] == ["bad_signature", "malformed"]
     assert ledger.result_for("registrar", 5) is None  # an unverified request is never cached

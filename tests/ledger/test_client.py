@@ -9,15 +9,10 @@ import pytest
 
 from ledger.client import LedgerClient
 from ledger.cluster import LocalCluster
-from ledger.errors import (
-    CertificateInvalid,
-    LedgerUnavailable,
-    ProofInvalid,
-    QueryFailed,
-    TransactionInvalid,
-)
-from ledger.identity import SigningKey
-from ledger.merkle import InclusionProof
+from ledger.errors import CertificateInvalid, LedgerUnavailable, QueryFailed, TransactionInvalid
+from medchain.errors import ProofInvalid
+from medchain.identity import SigningKey
+from medchain.merkle import InclusionProof
 from ledger.receipts import TxReceipt
 from ledger.transactions import (
     ConsentSet,
@@ -134,7 +129,7 @@ def test_consent_access_and_audit_trail(world):
     assert [e["granted"] for e in trail] == [True, False, True]
     assert [e["user"] for e in trail] == ["dr-x", "res-y", "res-y"]
     assert all(len(e["signatures"]) >= 2 for e in trail)
-    from ledger.canonical import canonical_bytes
+    from medchain.canonical import canonical_bytes
     from ledger.execution import AUDIT_DOMAIN
     c = world[0]
     entry = {k: v for k, v in trail[0].items() if k != "signatures"}

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from medchain.cli import main
+from medchain_app.cli import main
 
 
 def test_genesis_command_writes_keys_and_refuses_to_overwrite(tmp_path, capsys):
@@ -50,7 +50,7 @@ def test_simulate_command_reports_seeds(capsys):
 @pytest.mark.slow
 def test_cluster_command_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medchain.cli", "ledger", "cluster", "--dir", str(tmp_path),
+        [sys.executable, "-m", "medchain_app.cli", "ledger", "cluster", "--dir", str(tmp_path),
          "--report-s", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     try:
@@ -63,7 +63,7 @@ def test_cluster_command_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
                 break
         assert any("ledger cluster up" in x for x in lines), "".join(lines)
         status = subprocess.run(
-            [sys.executable, "-m", "medchain.cli", "ledger", "status", "--genesis",
+            [sys.executable, "-m", "medchain_app.cli", "ledger", "status", "--genesis",
              str(tmp_path / "genesis.json")], capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and status.stdout.count("height 0 view 0 normal") == 4
     finally:

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.canonical import decode
+from medchain.canonical import decode
 from ledger.execution import Ledger
 from ledger.genesis import make_local_genesis
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.messages import Request, sign_frame
 from ledger.transactions import (
     AccessRequested,

@@ -8,7 +8,7 @@ import pytest
 
 from ledger.cluster import LocalCluster
 from ledger.errors import SubmitTimeout
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.transactions import DeviceEnrolled
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from ledger.errors import MessageInvalid
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.messages import (
     Blocks,
     Certificate,

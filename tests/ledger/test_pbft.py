@@ -87,7 +87,7 @@ def test_duplicate_request_id_inside_one_batch_executes_once(net):
     block = net.stores[0].block(1)
     assert len(block.requests) == 2
     results = net.stores[0].db.execute("select results from blocks where height=1").fetchone()
-    from ledger.canonical import decode
+    from medchain.canonical import decode
     statuses = [r[2]["status"] for r in decode(results[0])]
     assert statuses == ["committed", "duplicate"]
 

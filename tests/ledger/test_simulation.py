@@ -72,7 +72,7 @@ def test_the_harness_detects_divergence():
     forged = BlockHeader(header.chain, 1, header.t, header.tx_root, header.tx_count,
                          header.prev_hash, b"\x13" * 32, header.results_hash)
     node.store.db.execute("update blocks set hash = ? where height = 1", (forged.hash,))
-    from ledger.canonical import canonical_bytes
+    from medchain.canonical import canonical_bytes
     node.store.db.execute("update blocks set header = ? where height = 1",
                           (canonical_bytes(forged.to_wire()),))
     with pytest.raises(SafetyViolation):

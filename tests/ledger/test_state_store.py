@@ -11,7 +11,7 @@ from ledger.blocks import Block
 from ledger.errors import GenesisError, BlockStoreError
 from ledger.execution import Ledger
 from ledger.genesis import Genesis, Params, make_local_genesis
-from ledger.identity import SigningKey
+from medchain.identity import SigningKey
 from ledger.messages import Request, sign_frame
 from ledger.ready import CommittedBlock, Ready
 from ledger.state import State

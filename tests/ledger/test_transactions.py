@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes
 from ledger.errors import TransactionInvalid
 from ledger.transactions import (
     PURPOSES,
@@ -44,7 +44,7 @@ def test_every_type_has_a_sample():
 
 @pytest.mark.parametrize("tx", SAMPLES, ids=lambda t: t.TYPE)
 def test_round_trip_through_canonical_cbor(tx):
-    from ledger.canonical import decode
+    from medchain.canonical import decode
 
     assert parse(decode(canonical_bytes(tx.to_wire()))) == tx
 

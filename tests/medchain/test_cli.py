@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from medchain.cli import main
+from medchain_app.cli import main
 
 
 def test_demo_runs_the_whole_system_end_to_end(tmp_path, capsys, monkeypatch):
@@ -61,6 +61,6 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 
 def test_console_script_help_lists_only_real_commands():
-    out = subprocess.run([sys.executable, "-m", "medchain.cli", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "medchain_app.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "demo" in out and "keys" in out

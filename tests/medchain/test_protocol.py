@@ -2,8 +2,8 @@
 
 import pytest
 
-from ledger.canonical import canonical_bytes
-from ledger.identity import RecipientKey, SigningKey
+from medchain.canonical import canonical_bytes
+from medchain.identity import RecipientKey, SigningKey
 from medchain.errors import ProtocolError
 from medchain.protocol import (
     VERSION,

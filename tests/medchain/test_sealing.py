@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.identity import RecipientKey, SigningKey
-from ledger.merkle import MerkleTree, verify_inclusion
+from medchain.identity import RecipientKey, SigningKey
+from medchain.merkle import MerkleTree, verify_inclusion
 from medchain.errors import DecryptionError, MedChainError, VerificationError
 from medchain.protocol import Envelope, decode_message, encode
 from medchain.sealing import (

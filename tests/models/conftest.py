@@ -30,7 +30,7 @@ def trained_run(tmp_path_factory):
     """A finished ``medchain train`` run on synthetic grey binary data with a test split."""
     import json
 
-    from medchain.cli import main
+    from medchain_app.cli import main
 
     root = tmp_path_factory.mktemp("run")
     data = write_synthetic_npz(root / "data.npz", {"train": 240, "val": 80, "test": 80}, seed=3)

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from ledger.canonical import canonical_bytes
-from medchain.cli import main
+from medchain.canonical import canonical_bytes
+from medchain_app.cli import main
 from models.card import ModelCard
 from models.synthetic import write_synthetic_npz
 

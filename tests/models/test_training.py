@@ -122,7 +122,7 @@ def test_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "medchain.cli", "train", "--data", str(data), "--out", str(out), "--epochs", "2",
+           "-m", "medchain_app.cli", "train", "--data", str(data), "--out", str(out), "--epochs", "2",
            "--batch-size", "16", "--no-progress", "--device", "cpu", "--model", json.dumps(tiny_model)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ from edge_agent.node import EdgeNode
 from edge_agent.processor import Processor
 from edge_agent.sink import FolderSink
 from edge_agent.spool import Spool
-from medchain.cli import main
+from medchain_app.cli import main
 
 
 def _node(tmp_path):

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.errors import ProofInvalid
-from ledger.merkle import (
+from medchain.errors import ProofInvalid
+from medchain.merkle import (
     EMPTY_ROOT,
     InclusionProof,
     MerkleTree,

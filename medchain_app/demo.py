@@ -49,7 +49,7 @@ def _fresh(workdir: Path) -> None:
 
 
 def _cloud_toml(workdir: Path, cluster, port: int) -> Path:
-    from ledger.identity import RecipientKey, SigningKey
+    from medchain.identity import RecipientKey, SigningKey
 
     cloud = workdir / "cloud"
     (cloud / "keys").mkdir(parents=True)
@@ -73,8 +73,8 @@ class _Edge:
         from cloud.enrolment import enroll, write_enrollment
         from edge_agent.config import load_profile, profile_path
         from edge_agent.service import EdgeAgent
-        from ledger.identity import SigningKey
-        from medchain.keys import load_secret, new_secret
+        from medchain.identity import SigningKey
+        from medchain.identity import load_secret, new_secret
 
         (root / "keys").mkdir(parents=True)
         key = SigningKey.generate()
@@ -139,10 +139,10 @@ def run(workdir: Path, *, studies: int = 150, new_studies: int = 6, epochs: int 
     from cloud.coordinator import Coordinator
     from ledger.cluster import LocalCluster
     from ledger.genesis import free_ports
-    from ledger.identity import SigningKey
+    from medchain.identity import SigningKey
     from ledger.client import LedgerClient
     from ledger.transactions import ConsentSet
-    from medchain.cli import main as cli
+    from medchain_app.cli import main as cli
     from scanner_sim.studies import generate_studies
 
     t_start = time.perf_counter()

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.canonical import canonical_bytes, decode
-from ledger.errors import EncodingError
+from medchain.canonical import canonical_bytes, decode
+from medchain.errors import EncodingError
 
 scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20) | st.binary(max_size=40) | st.floats(allow_nan=False, allow_infinity=False)
 values = st.recursive(

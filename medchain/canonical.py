@@ -19,7 +19,7 @@ from typing import Any
 
 import cbor2
 
-from ledger.errors import EncodingError
+from medchain.errors import EncodingError
 
 __all__ = ["canonical_bytes", "decode", "check_encodable"]
 

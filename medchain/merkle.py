@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ledger.errors import ProofInvalid
+from medchain.errors import ProofInvalid
 
 __all__ = [
     "HASH_SIZE",

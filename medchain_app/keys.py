@@ -7,28 +7,12 @@ public material (public key and key id), never a private key or a secret.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from ledger.errors import KeyFileError
-from ledger.identity import RecipientKey, SigningKey, read_secret_file, write_secret_file
+from medchain.errors import KeyFileError
+from medchain.identity import SECRET_SIZE, RecipientKey, SigningKey, new_secret
 
-__all__ = ["register", "SECRET_SIZE", "new_secret", "load_secret"]
-
-SECRET_SIZE = 32
-
-
-def new_secret(path: str | os.PathLike) -> Path:
-    """A random 256-bit secret (e.g. the site pseudonymization key), mode 0600."""
-    return write_secret_file(path, os.urandom(SECRET_SIZE))
-
-
-def load_secret(path: str | os.PathLike) -> bytes:
-    data = read_secret_file(path)
-    if len(data) != SECRET_SIZE:
-        raise KeyFileError(f"{path}: secret must be {SECRET_SIZE} bytes, found {len(data)}")
-    return data
-
+__all__ = ["register"]
 
 def _new(args: argparse.Namespace) -> int:
     if args.kind == "secret":

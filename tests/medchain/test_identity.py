@@ -5,8 +5,8 @@ import stat
 
 import pytest
 
-from ledger.errors import KeyFileError, SignatureInvalid
-from ledger.identity import RecipientKey, SigningKey, VerifyKey, ed25519_valid, encoded_message
+from medchain.errors import KeyFileError, SignatureInvalid
+from medchain.identity import RecipientKey, SigningKey, VerifyKey, ed25519_valid, encoded_message
 
 
 def test_signing_key_file_round_trip_is_private(tmp_path):
@@ -98,7 +98,7 @@ def test_public_key_hex_round_trip():
 
 
 def test_encoded_signing_matches_value_signing():
-    from ledger.canonical import canonical_bytes
+    from medchain.canonical import canonical_bytes
 
     key = SigningKey.from_seed(bytes(range(32)))
     value = {"n": 3, "d": b"\x01" * 32}

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 
-from ledger.canonical import canonical_bytes
-from ledger.errors import KeyFileError, SignatureInvalid
+from medchain.canonical import canonical_bytes
+from medchain.errors import KeyFileError, SignatureInvalid
 
 __all__ = [
     "SigningKey",
@@ -259,3 +259,19 @@ class RecipientKey:
 
     def __repr__(self) -> str:
         return f"RecipientKey(id={self.public.id})"
+
+
+SECRET_SIZE = 32
+
+
+def new_secret(path: str | os.PathLike) -> Path:
+    """A random 256-bit secret (e.g. the site pseudonymization key), mode 0600."""
+    return write_secret_file(path, os.urandom(SECRET_SIZE))
+
+
+def load_secret(path: str | os.PathLike) -> bytes:
+    """A secret written by :func:`new_secret` (mode 0600, exactly ``SECRET_SIZE`` bytes)."""
+    data = read_secret_file(path)
+    if len(data) != SECRET_SIZE:
+        raise KeyFileError(f"{path}: secret must be {SECRET_SIZE} bytes, found {len(data)}")
+    return data
