@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from medchain.canonical import canonical_bytes, decode
+from medchain.durable import durable_write
 from medchain.protocol import Envelope, EnvelopeHeader
 
 from cloud.errors import ObjectMissing, ObjectStoreError
@@ -152,17 +152,7 @@ class LocalObjectStore(ObjectStore):
     def _write(self, key: str, data: bytes) -> None:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        durable_write(path, data)
 
     def _delete(self, key: str) -> None:
         (self.root / key).unlink(missing_ok=True)

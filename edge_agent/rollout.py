@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from medchain.errors import MedChainError, ProtocolError, SignatureInvalid, VerificationError
+from medchain.durable import durable_write, fsync_dir
 from medchain.identity import SigningKey, VerifyKey
 from ledger.quorum import Keyring
 from ledger.receipts import TxReceipt
@@ -159,15 +160,6 @@ class InstalledModel:
         return self.model.model_version
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class ModelManager:
     """Keeps the serving model and answers offers. ``current`` is read lock-free by the
     packager: a swap is one reference assignment."""
@@ -264,7 +256,7 @@ class ModelManager:
         modality = card.data.get("modality") if isinstance(card.data, dict) else None
         self._current = InstalledModel(model, release.model_hash,
                                        modality.upper() if isinstance(modality, str) else None)
-        _write_atomic(self.dir / "current.json", json.dumps(
+        durable_write(self.dir / "current.json", json.dumps(
             {"model_hash": release.model_hash.hex(), "version": release.version}).encode())
         log.info("model %s installed (%s) on %s", release.version, release.model_hash.hex()[:12],
                  ", ".join(model.providers))
@@ -280,11 +272,12 @@ class ModelManager:
         tmp = self.dir / f".{release.model_hash.hex()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _write_atomic(tmp / "model.onnx", release.onnx)
-        _write_atomic(tmp / "model_card.json", release.card)
-        _write_atomic(tmp / "release.cbor", encode(release))
+        durable_write(tmp / "model.onnx", release.onnx)
+        durable_write(tmp / "model_card.json", release.card)
+        durable_write(tmp / "release.cbor", encode(release))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
+        fsync_dir(self.dir)  # the folder's new name must survive a crash too
         return folder
 
     def _cached(self, model_hash: bytes) -> ModelRelease | None:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medchain.canonical import canonical_bytes
+from medchain.durable import durable_write
 from ledger.errors import GenesisError
 from medchain.identity import SigningKey
 from ledger.transactions import PURPOSES, TX_TYPES
@@ -156,10 +157,7 @@ class Genesis:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return durable_write(path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
     @classmethod
     def from_json(cls, data: dict) -> Genesis:

@@ -1,8 +1,17 @@
-"""Files that survive a crash whole or not at all: write, fsync, rename, fsync the folder."""
+"""Files that survive a crash whole or not at all: the one recipe every writer of ours uses
+(spool quarantine, object store, model installs, genesis, checkpoints, key files).
+
+Write to a temporary name unique to this writer in the same folder, fsync it, rename it into
+place (or, with ``exclusive``, hard-link it so an existing file is never replaced), then fsync
+the folder so the new name itself survives. After a crash at any point the final name holds
+the old content or the new, never a mix; a temporary file a crash left behind is named
+``.<name>.<random>.tmp`` and is never read.
+"""
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 __all__ = ["fsync_dir", "write_synced", "durable_write"]
@@ -18,7 +27,7 @@ def fsync_dir(path: Path) -> None:
 
 def write_synced(temp: Path, data: bytes, mode: int = 0o644) -> None:
     """Write and fsync ``temp`` (created with ``mode``); the caller renames it into place and
-    syncs the directory."""
+    syncs the directory (a caller that commits a group of files at once does so itself)."""
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.fchmod(fd, mode)  # an existing leftover keeps its old mode otherwise
@@ -30,9 +39,19 @@ def write_synced(temp: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
 
 
-def durable_write(final: Path, data: bytes, temp: Path | None = None, mode: int = 0o644) -> None:
-    """Write ``data`` to ``final`` so that after a crash it is either complete or absent."""
-    temp = temp or final.with_name(final.name + ".part")
-    write_synced(temp, data, mode)
-    os.replace(temp, final)
+def durable_write(final: str | os.PathLike, data: bytes, *, mode: int = 0o644, exclusive: bool = False) -> Path:
+    """Write ``data`` to ``final`` so that after a crash it is either complete or absent (or
+    its previous content). ``exclusive``: raise ``FileExistsError`` rather than replace an
+    existing file (key files are never overwritten)."""
+    final = Path(final)
+    temp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
+    try:
+        write_synced(temp, data, mode)
+        if exclusive:
+            os.link(temp, final)
+        else:
+            os.replace(temp, final)
+    finally:
+        temp.unlink(missing_ok=True)
     fsync_dir(final.parent)
+    return final

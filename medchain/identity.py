@@ -26,6 +26,7 @@ from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 
 from medchain.canonical import canonical_bytes
+from medchain.durable import durable_write
 from medchain.errors import KeyFileError, SignatureInvalid
 
 __all__ = [
@@ -87,20 +88,10 @@ def write_secret_file(path: str | os.PathLike, data: bytes) -> Path:
     """Create ``path`` with mode 0600 atomically; refuse to overwrite an existing file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)  # fails if path exists: never clobber a key
-        except FileExistsError:
-            raise KeyFileError(f"{path}: already exists; refusing to overwrite a key") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return durable_write(path, data, mode=0o600, exclusive=True)
+    except FileExistsError:
+        raise KeyFileError(f"{path}: already exists; refusing to overwrite a key") from None
 
 
 def read_secret_file(path: str | os.PathLike) -> bytes:

@@ -13,6 +13,7 @@ epochs after the learning-rate warm-up, whose swings say nothing about convergen
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from medchain.durable import durable_write
 from models.errors import ModelError
 from models.metrics import classification_metrics, softmax
 from models.transforms import Transform, apply_batch
@@ -148,9 +150,9 @@ def _shard(n: int, seed: int, epoch: int, dist: Dist) -> np.ndarray:
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    durable_write(path, buf.getvalue())
 
 
 def fit(net: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
