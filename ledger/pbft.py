@@ -119,6 +119,7 @@ class Replica(StateTransfer, ViewChanges):
         self.status_due = now
         self.vc_resend_due = now
         self.fetching: tuple[int, int] | None = None   # (peer, deadline)
+        self.fetch_served: dict[int, tuple[int, int]] = {}  # peer -> (start, when) last answered
         self.progress_mark = (ledger.height, now)
         self.exec_gap = 0.0   # smoothed ms between executed blocks while busy
         self._out = Ready()
@@ -214,6 +215,9 @@ class Replica(StateTransfer, ViewChanges):
         if sender == self.me:  # our own message sent back to us: a replay
             self._drop("from_self")
             return self._take()
+        if isinstance(msg, Blocks) and (self.fetching is None or self.fetching[0] != sender):
+            self._drop("unsolicited")  # before the signature check: a large body costs to hash
+            return self._take()
         if not self.keys.valid(sender, msg.KIND, body, msg.sig):
             self._drop("bad_signature")
             return self._take()
@@ -222,6 +226,12 @@ class Replica(StateTransfer, ViewChanges):
         return self._take()
 
     def tick(self, now: int) -> Ready:
+        late = now - self.now
+        if late > self.params.status_ms and self.deadline is not None:
+            # a tick this late means this replica was not running (its process paused, the
+            # machine starved): that time is not the primary's fault, so it does not count
+            self.deadline += late
+            self.counters["stalls_forgiven"] += 1
         self.now = max(self.now, now)
         if self.deadline is not None and self.now >= self.deadline:
             self.counters["timeouts"] += 1

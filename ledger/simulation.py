@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from medchain.canonical import canonical_bytes
+from ledger.byzantine import Byzantine
 from ledger.genesis import Genesis, Params, PrincipalInfo, ValidatorInfo
 from medchain.identity import SigningKey
 from ledger.messages import Reply, Request, RequestBatch, decode_frame, encode_frame, sign_frame
@@ -95,13 +96,16 @@ class _Node:
 
 class Simulation:
     def __init__(self, seed: int, *, n: int = 4, faults: Faults = Faults(), requests: int = 40,
-                 params: Params | None = None, submit_every_ms: int = 15):
+                 params: Params | None = None, submit_every_ms: int = 15,
+                 byzantine: dict[int, str] | None = None):
         self.seed = seed
         self.rng = random.Random(seed)
         self.faults = faults
         self.genesis, vkeys, self.client_key = sim_genesis(self.rng, n, params)
         self.keyring = Keyring(self.genesis.validator_keys())
         self.nodes = [_Node(self, i, k) for i, k in enumerate(vkeys)]
+        # replicas that lie on purpose, exactly as a real validator does with --byzantine
+        self.byzantine = {i: Byzantine(mode, Signer(i, vkeys[i]), n, seed) for i, mode in (byzantine or {}).items()}
         self.now = 0
         self._events: list = []
         self._order = 0
@@ -151,12 +155,14 @@ class Simulation:
             if self.committed.setdefault(h, digest) != digest:
                 raise SafetyViolation(f"seed {self.seed}: replica {node.id} committed a "
                                       f"different block at height {h}")
+        liar = self.byzantine.get(node.id)
         for dest, frame in ready.messages:
-            self.messages += 1
-            targets = [i for i in range(len(self.nodes)) if i != node.id] \
-                if dest == BROADCAST else [dest]
-            for t in targets:
-                self._deliver_later(t, frame)
+            for dest, frame in (liar.outgoing(dest, frame) if liar else [(dest, frame)]):  # noqa: PLW2901
+                self.messages += 1
+                targets = [i for i in range(len(self.nodes)) if i != node.id] \
+                    if dest == BROADCAST else [dest]
+                for t in targets:
+                    self._deliver_later(t, frame)
         for _client, frame in ready.replies:
             reply, _ = decode_frame(frame)
             assert isinstance(reply, Reply)

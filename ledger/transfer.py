@@ -61,6 +61,13 @@ class StateTransfer:
             self._fetch_from(peers[self.counters["fetches"] % len(peers)], target)
 
     def _on_fetch(self, msg: Fetch, body: bytes) -> None:
+        # each answer may cost up to FETCH_BYTES: a fetch that asks again for no more than the
+        # last one served to that peer, soon after, is a replay (or a retry too eager) and gets
+        # nothing; a catching-up peer asks for the next range, which is served at once
+        last = self.fetch_served.get(msg.sender)
+        if last is not None and msg.start <= last[0] and self.now - last[1] < 4 * self.params.status_ms:
+            return self._drop("duplicate")
+        self.fetch_served[msg.sender] = (msg.start, self.now)
         out, size = [], 0
         end = min(msg.end, self.executed, msg.start + FETCH_BLOCKS - 1)
         for height in range(msg.start, end + 1):

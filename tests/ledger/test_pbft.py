@@ -315,3 +315,45 @@ def test_status_gossip_is_signed_and_counted(net):
     assert r1.dropped["bad_signature"] == 1
     net.inject(1, st)
     assert r1.peer_status[2].executed == 0
+
+
+def test_time_a_replica_was_not_running_does_not_count_against_the_primary(net):
+    """A machine-wide pause (every validator process stopped, as on a starved or suspended
+    host) used to start a view change on resume: with the code before this change, pausing
+    all four real validators for 1.5 s with a request outstanding moved the view in 2 of 3
+    tries. A late tick is forgiven; a primary that really stays silent is still replaced."""
+    rid, frame = net.request()
+    net.submit([frame], to=[1, 2, 3])  # the primary never hears of it: the backups wait
+    assert all(net.replicas[i].deadline is not None for i in (1, 2, 3))
+    net.now += 5 * net.genesis.params.max_view_change_ms  # nobody ran meanwhile
+    for i, r in enumerate(net.replicas):
+        net.handle(i, r.tick(net.now))
+    net.deliver()
+    assert all(r.view == 0 and r.normal for r in net.replicas)
+    assert all(net.replicas[i].counters["stalls_forgiven"] == 1 for i in (1, 2, 3))
+    net.block = lambda src, dest, msg: src == 0  # now the primary is really silent
+    net.advance(2000)
+    assert all(net.replicas[i].view >= 1 for i in (1, 2, 3)) and net.answered(rid)
+
+
+def test_replayed_fetches_and_unsolicited_blocks_cost_nothing(net):
+    """A peer's Fetch is answered once; the same Fetch replayed soon after gets no second
+    answer (each can cost up to 16 MiB of blocks), while the next range is served at once.
+    Blocks nobody asked for are dropped before their signature is even checked."""
+    from ledger.messages import Blocks, Fetch
+
+    run_requests(net, 20)
+    r0 = net.replicas[0]
+    fetch, body = Signer(2, net.vkeys[2]).sign(Fetch(2, 1, 3))
+
+    def answers(msg, b):
+        return [m for m in r0.step(msg, b).messages if m[0] == 2]
+
+    assert len(answers(fetch, body)) == 1
+    assert answers(fetch, body) == [] and r0.dropped_from[(2, "duplicate")] == 1
+    nxt, nbody = Signer(2, net.vkeys[2]).sign(Fetch(2, 4, 6))
+    assert len(answers(nxt, nbody)) == 1
+    blocks, bbody = Signer(1, net.vkeys[1]).sign(Blocks(1, (), 0, b"\0" * 32, ()))
+    before = r0.dropped["bad_signature"]
+    r0.step(dataclasses.replace(blocks, sig=b"\1" * 64), bbody)  # forged, and unsolicited
+    assert r0.dropped_from[(1, "unsolicited")] == 1 and r0.dropped["bad_signature"] == before

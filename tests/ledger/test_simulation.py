@@ -77,3 +77,27 @@ def test_the_harness_detects_divergence():
                           (canonical_bytes(forged.to_wire()),))
     with pytest.raises(SafetyViolation):
         sim.check_converged()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_replaying_validator_never_forces_a_view_change(seed):
+    """Validator 3 keeps re-sending its old messages (ledger.byzantine's replay mode, as in the
+    process test). In virtual time, where nothing but the protocol can delay a block, every
+    replay is dropped and the view never moves: replays are no liveness attack."""
+    sim = Simulation(seed, faults=Faults(faulty_until_ms=0), requests=80, byzantine={3: "replay"})
+    report = sim.run(60_000)
+    sim.check_converged()
+    assert sim.done(), report
+    assert report.view == 0
+    replayed = sum(v for (sender, reason), v in _dropped_from(sim).items()
+                   if sender == 3 and reason in ("stale", "duplicate", "late"))
+    assert sim.byzantine[3].lies > 0 and replayed > 0
+
+
+def _dropped_from(sim):
+    from collections import Counter
+
+    total = Counter()
+    for node in sim.nodes[:3]:
+        total.update(node.replica.dropped_from)
+    return total
