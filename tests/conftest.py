@@ -39,6 +39,18 @@ def service_missing(what: str, reason: str) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def need_tools():
+    """``need_tools("openssl", "mosquitto")``: each command on PATH, or skip (fail in CI)."""
+    import shutil
+
+    def need(*names: str) -> None:
+        for name in names:
+            if shutil.which(name) is None:
+                service_missing(name, "not on PATH (its Debian package is not installed)")
+    return need
+
+
 def _port_open(host: str, port: int, timeout: float = 2.0) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=timeout):
