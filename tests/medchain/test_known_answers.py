@@ -4,7 +4,6 @@ import hashlib
 
 import pytest
 from cryptography.exceptions import InvalidTag
-
 from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
