@@ -216,9 +216,10 @@ def database_url(request, tmp_path):
 
 
 @pytest.fixture
-def make_site(site_on, deployment):
+def make_site(deployment, site_on):
     """A site on the embedded broker with SQLite, and again on the real Mosquitto with
-    PostgreSQL (the catalog, fleet registry, prediction log and releases of its cloud)."""
+    PostgreSQL (the catalog, fleet registry, prediction log and releases of its cloud).
+    The deployment comes first, so its broker and schema outlive the sites."""
     endpoint, database_url = deployment
     cloud = {"database": {"url": database_url}} if database_url else None
     return lambda device_id=None: site_on(endpoint, device_id, cloud=cloud)

@@ -38,7 +38,7 @@ STUDIES, PER_STUDY, SEED = 12, 2, 7
 
 
 @pytest.fixture
-def cr_site(site_on, mosquitto_endpoint, database_url, tmp_path):
+def cr_site(database_url, mosquitto_endpoint, site_on, tmp_path):  # the database outlives the site
     """A site whose store holds 24 CR instances of 12 patients, labelled and consented per
     the site's records, its catalog in SQLite and again in PostgreSQL; returns (site,
     token -> study)."""
