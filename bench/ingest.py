@@ -1,6 +1,6 @@
 """Ingest rate of the edge node against a bare pynetdicom SCP, measured in the same run.
 
-    python bench/ingest.py [--instances 200] [--concurrency 4] [--rounds 3]
+    python bench/ingest.py [--instances 200] [--concurrency 4] [--rounds 3] [--smoke]
 
 Both receivers get the same 512x512 16-bit CT instances from the same sender
 (:func:`scanner_sim.sender.send`, ``--concurrency`` parallel associations), interleaved
@@ -14,7 +14,8 @@ round by round so drift hits both alike:
 The edge rate counts until the last instance is de-identified and handed off (not only
 until the scanner got its Success). Both receivers run in this process, beside the sender,
 as an edge box shares its cores. Prints the median instances/s and the ratio edge/bare.
-Target: edge >= 0.80 x bare.
+Target: edge >= 0.80 x bare (exit status 1 when missed). ``--smoke``: 8 instances, one round,
+target not enforced.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from verdict import Verdict, add_smoke  # noqa: E402  (bench/verdict.py)
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt  # noqa: E402
 
@@ -88,7 +91,10 @@ def main(argv=None) -> int:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    add_smoke(parser)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.instances, args.rounds, args.concurrency = 8, 1, 2
 
     studies = -(-args.instances // 4)
     datasets = [ds for st in generate_studies("CT", studies, seed=7) for ds in st.datasets][: args.instances]
@@ -114,8 +120,10 @@ def main(argv=None) -> int:
     print(f"| bare pynetdicom SCP (write file) | {b:.1f} | 1.00 |")
     print(f"| edge node: spool + de-identify + hand-off (until handed off) | {e:.1f} | **{e / b:.2f}** |")
     print(f"| edge node, as the scanner sees it (until last Success) | {a:.1f} | {a / b:.2f} |")
-    print(f"\ntarget edge >= 0.80 x bare: {'met' if e / b >= 0.8 else 'NOT met'}")
-    return 0
+    print()
+    verdict = Verdict(args.smoke)
+    verdict.ratio("edge/bare (until handed off)", e, b, at_least=0.80)
+    return verdict.exit_status()
 
 
 if __name__ == "__main__":

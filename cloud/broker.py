@@ -90,12 +90,24 @@ class EmbeddedBroker:
         self.stop()
 
     def start(self) -> None:
+        self._check_bindable()
         for name in ("amqtt", "transitions"):  # their INFO lines would drown ours
             logging.getLogger(name).setLevel(logging.WARNING)
         self._thread = threading.Thread(target=self._serve, name="embedded-broker", daemon=True)
         self._thread.start()
         if not self._ready.wait(self._start_timeout) or self._error:
             raise BrokerError(f"embedded broker on {self.host}:{self.port} did not start: {self._error}")
+
+    def _check_bindable(self) -> None:
+        """A port in use or out of range is one clear error here, rather than amqtt's
+        traceback in the log followed by a start that never comes."""
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
+                probe.bind((self.host, self.port))
+        except (OSError, OverflowError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise BrokerError(f"embedded broker cannot listen on {self.host}:{self.port}: {reason}") from None
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._loop and self._stop and self._thread and self._thread.is_alive():

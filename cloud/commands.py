@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from medchain.commandline import hex_bytes, integer, number, port
 
 __all__ = ["register"]
 
@@ -135,10 +138,12 @@ def _devices(args: argparse.Namespace) -> int:
     from cloud.fleet import FleetRegistry
 
     fleet = FleetRegistry(_config(args).database_url)
-    for d in fleet.list(args.group):
+    devices = fleet.list(args.group)
+    for d in devices:
         print(json.dumps({"device_id": d.device_id, "group": d.group, "site": d.site, "state": d.state,
                           "revoked": d.revoked, "last_seen_ms": d.last_seen_ms, "queue_depth": d.queue_depth,
                           "model_version": d.model_version}, sort_keys=True))
+    print(f"{len(devices)} device(s)" + (f" in group {args.group}" if args.group else ""), file=sys.stderr)
     return 0
 
 
@@ -184,7 +189,7 @@ def _rollout(args: argparse.Namespace) -> int:
                   f"the ledger at height {release.receipt['header']['height']}, published", flush=True)
             model_hash = release.model_hash
         else:
-            model_hash = bytes.fromhex(args.model)
+            model_hash = args.model
         report = shell.run(model_hash, args.group, canary_share=args.canary,
                            timeout_s=args.timeout, progress=progress)
     return _print_report(report)
@@ -249,6 +254,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hex(size: int):
+    """A hex argument of ``size`` bytes, checked before any network wait, kept as text."""
+    parse = hex_bytes(size)
+    return lambda text: parse(text).hex()
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="the coordinator's cloud.toml")
     p.add_argument("--state-dir", type=Path, default=None,
@@ -263,7 +274,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--ledger-dir", type=Path, required=True,
                    help="where `medchain ledger genesis/cluster` wrote genesis.json and keys/")
-    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--port", type=port(), default=1883, help="the broker's port (default 1883)")
     p.add_argument("--embedded", action="store_true", help="run the in-process broker")
     p.set_defaults(func=_init)
 
@@ -274,14 +285,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = actions.add_parser("broker", help="run the embedded MQTT broker (amqtt) until SIGTERM, "
                                           "for one machine without Mosquitto")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--port", type=port(any_free=True), default=1883, help="default 1883; 0: any free port")
     p.set_defaults(func=_broker)
 
     p = actions.add_parser("enroll", help="enrol a device (ledger + registry) and write its enrolment file")
     _with_config(p)
     p.add_argument("--device-id", required=True)
     key = p.add_mutually_exclusive_group(required=True)
-    key.add_argument("--public-key", help="the device's Ed25519 public key, hex")
+    key.add_argument("--public-key", type=_hex(32), help="the device's Ed25519 public key, hex")
     key.add_argument("--key-file", type=Path, help="the device's key file (only its public half is used)")
     p.add_argument("--site", required=True)
     p.add_argument("--group", required=True)
@@ -300,23 +311,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     _with_config(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", type=Path, help="a training run folder (model.onnx + model_card.json)")
-    what.add_argument("--model", help="the hash (hex) of a model released before")
+    what.add_argument("--model", type=hex_bytes(32), help="the hash (hex) of a model released before")
     p.add_argument("--group", required=True, help="the device group to roll out to")
-    p.add_argument("--canary", type=float, default=0.25, help="share of the group offered first")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for devices")
+    p.add_argument("--canary", type=number(0, 1, above=True, what="a share"), default=0.25,
+                   help="share of the group offered first (default 0.25)")
+    p.add_argument("--timeout", type=number(0, above=True, what="seconds"), default=600.0,
+                   help="seconds to wait for devices (default 600)")
     p.add_argument("--name", default="hybrid", help="release name recorded on the ledger")
     p.set_defaults(func=_rollout)
 
     p = actions.add_parser("rollback", help="offer a group the model it ran before its last rollout")
     _with_config(p)
     p.add_argument("--group", required=True)
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--timeout", type=number(0, above=True, what="seconds"), default=600.0,
+                   help="seconds to wait for devices (default 600)")
     p.set_defaults(func=_rollback)
 
     p = actions.add_parser("prediction", help="an image's edge prediction with its verified "
                                               "ledger proof (INFERENCE_RECORDED batch)")
     _with_config(p)
-    p.add_argument("--envelope", required=True, help="the envelope id (hex)")
+    p.add_argument("--envelope", required=True, type=_hex(16), help="the envelope id (hex)")
     p.set_defaults(func=_prediction)
     p = actions.add_parser(
         "train", help="train on the stored images the ledger grants for training; export ONNX",
@@ -328,12 +342,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _with_config(p)
     p.add_argument("--modality", required=True, help="one modality, e.g. CR")
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
-    p.add_argument("--seed", type=int, help="seed of the split and of training (default 0)")
-    p.add_argument("--max-images", type=int, help="stop once this many labelled images are granted")
-    p.add_argument("--batch-size", type=int, help="batch size (default 64)")
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 6)")
-    p.add_argument("--max-image-size", type=int, help="longest side fed to the model (default 64)")
+    p.add_argument("--epochs", type=integer(1), help="maximum epochs (default 20)")
+    p.add_argument("--seed", type=integer(0), help="seed of the split and of training (default 0)")
+    p.add_argument("--max-images", type=integer(1), help="stop once this many labelled images are granted")
+    p.add_argument("--batch-size", type=integer(2), help="batch size (default 64)")
+    p.add_argument("--patience", type=integer(1), help="early-stopping patience in epochs (default 6)")
+    p.add_argument("--max-image-size", type=integer(1), help="longest side fed to the model (default 64)")
     p.add_argument("--model", metavar="JSON", help='architecture overrides, e.g. \'{"depth": 1}\'')
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from medchain.commandline import port
+
 __all__ = ["register"]
 
 
@@ -129,7 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run = actions.add_parser("run", help="run the edge agent until SIGTERM (receive, de-identify, "
                                          "prepare, seal, queue, send to the cloud)")
     _common(run)
-    run.add_argument("--port", type=int, default=None, help="override the profile's DICOM port (0: any free port)")
+    run.add_argument("--port", type=port(any_free=True), default=None,
+                     help="override the profile's DICOM port (0: any free port)")
     run.add_argument("--host", default=None, help="override the profile's bind address")
     run.add_argument("--out", type=Path, default=None,
                      help="stand-alone mode: write de-identified instances to this folder instead "

@@ -115,6 +115,9 @@ def parse_records(text: str, *, fmt: str, origin: str = "records") -> list[_Row]
     if fmt == "csv":
         reader = csv.DictReader(io.StringIO(text))
         missing = {"patient_id", "accession", "label"} - set(reader.fieldnames or ())
+        if missing and any(";" in name for name in reader.fieldnames or ()):
+            raise RecordsError(f"{origin}: columns are separated by ';'; export the file with commas "
+                               "(patient_id,accession,label,...)")
         if missing:
             raise RecordsError(f"{origin}: CSV header lacks {', '.join(sorted(missing))}")
         return [_row(f"{origin}: line {reader.line_num}", obj) for obj in reader]
@@ -130,6 +133,9 @@ def read_records_file(path: str | Path) -> list[_Row]:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise RecordsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:  # a Latin-1 or Windows-1252 export: say where, never what
+        raise RecordsError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded); "
+                           "export the file as UTF-8") from None
     return parse_records(text, fmt=fmt, origin=str(path))
 
 

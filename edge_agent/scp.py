@@ -25,7 +25,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import RLELossless
 
 from edge_agent.config import DicomConfig
-from edge_agent.errors import Quarantined, SpoolError, SpoolFull
+from edge_agent.errors import EdgeError, Quarantined, SpoolError, SpoolFull
 from edge_agent.processor import parse_received
 from edge_agent.spool import Spool
 
@@ -100,8 +100,12 @@ class StorageSCP:
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected)]
         self._ae = self._make_ae()
-        self._server = self._ae.start_server((self.dicom.host, self.dicom.port), block=False,
-                                             evt_handlers=handlers)
+        try:
+            self._server = self._ae.start_server((self.dicom.host, self.dicom.port), block=False,
+                                                 evt_handlers=handlers)
+        except (OSError, OverflowError) as exc:  # port taken, out of range, address not ours
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise EdgeError(f"DICOM node cannot listen on {self.dicom.host}:{self.dicom.port}: {reason}") from None
         log.info("DICOM node %s listening on %s:%d (max PDU %d, max %d associations)",
                  self.dicom.ae_title, self.dicom.host, self.port, self.dicom.max_pdu,
                  self.dicom.max_associations)

@@ -9,15 +9,19 @@ import argparse
 import time
 from pathlib import Path
 
+from medchain.commandline import UsageError, integer, number, port
+
 __all__ = ["register"]
 
 
 def _genesis(args: argparse.Namespace) -> int:
+    from ledger.errors import GenesisError
     from ledger.genesis import make_local_genesis
 
     if (args.dir / "genesis.json").exists():
-        print(f"{args.dir}/genesis.json already exists; not overwriting", flush=True)
-        return 2
+        raise GenesisError(f"{args.dir}/genesis.json already exists; not overwriting")
+    if args.base_port and args.base_port + args.n - 1 > 65535:
+        raise UsageError(f"--base-port {args.base_port} leaves no room for {args.n} validators below port 65536")
     ports = list(range(args.base_port, args.base_port + args.n)) if args.base_port else None
     g = make_local_genesis(args.dir, args.n, host=args.host, ports=ports,
                            genesis_time_ms=int(time.time() * 1000))
@@ -101,12 +105,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--n", type=int, default=4, help="validators, n = 3f + 1 (default 4)")
     g.add_argument("--dir", type=Path, required=True, help="where genesis.json and keys/ go")
     g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--base-port", type=int, default=0, help="first port (default: free ports)")
+    g.add_argument("--base-port", type=port(any_free=True), default=0, help="first port (default: free ports)")
     g.set_defaults(func=_genesis)
 
     v = actions.add_parser("validator", help="run one validator in the foreground")
     v.add_argument("--genesis", type=Path, required=True)
-    v.add_argument("--id", type=int, required=True)
+    v.add_argument("--id", type=integer(0), required=True, help="this validator's id in the genesis")
     v.add_argument("--key", type=Path, help="default: <genesis dir>/keys/validator-<id>.key")
     v.add_argument("--data", type=Path, help="block store folder (default: <genesis dir>/data)")
     v.add_argument("--byzantine", help=argparse.SUPPRESS)  # test-only, needs an env flag
@@ -116,12 +120,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--n", type=int, default=4)
     c.add_argument("--dir", type=Path, default=Path(".medchain-demo/ledger"),
                    help="work folder (reused if it holds a genesis; default .medchain-demo/ledger)")
-    c.add_argument("--report-s", type=float, default=5.0, help="status line period")
+    c.add_argument("--report-s", type=number(0, above=True), default=5.0, help="status line period")
     c.set_defaults(func=_cluster)
 
     s = actions.add_parser("simulate", help="randomized simulation of the PBFT replicas")
-    s.add_argument("--seeds", type=int, default=50)
-    s.add_argument("--start", type=int, default=0)
+    s.add_argument("--seeds", type=integer(1), default=50, help="how many seeds (default 50)")
+    s.add_argument("--start", type=integer(0), default=0, help="first seed (default 0)")
     s.add_argument("--long", action="store_true", help="longer runs with harsher faults")
     s.set_defaults(func=_simulate)
 

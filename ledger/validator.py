@@ -30,7 +30,7 @@ from collections import deque
 from pathlib import Path
 
 from ledger.byzantine import ENV_FLAG, Byzantine
-from ledger.errors import LedgerError, MessageInvalid, QueryFailed
+from ledger.errors import GenesisError, LedgerError, MessageInvalid, QueryFailed
 from ledger.execution import AUDIT_DOMAIN
 from ledger.genesis import Genesis
 from medchain.identity import SigningKey
@@ -257,6 +257,8 @@ class Validator:
 def run_validator(genesis_path, vid: int, key_path, data_dir, byzantine: str | None = None) -> int:
     """Run one validator in the foreground until SIGINT/SIGTERM."""
     genesis = Genesis.load(genesis_path)
+    if not 0 <= vid < genesis.n:
+        raise GenesisError(f"{genesis_path}: no validator {vid}; its validators are 0 to {genesis.n - 1}")
     validator = Validator(genesis, vid, SigningKey.load(key_path), data_dir, byzantine)
 
     async def main():

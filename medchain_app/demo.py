@@ -29,6 +29,8 @@ import shutil
 import time
 from pathlib import Path
 
+from medchain.commandline import integer
+
 __all__ = ["register", "run"]
 
 MARKER = ".medchain-demo"
@@ -275,7 +277,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole system end to end on embedded defaults")
     p.add_argument("--workdir", type=Path, default=Path(".medchain-demo"),
                    help="where everything goes (default .medchain-demo; replaced by each run)")
-    p.add_argument("--studies", type=int, default=150, help="CR studies sent before training")
-    p.add_argument("--new-studies", type=int, default=6, help="CR studies sent after the rollout")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (a short run on purpose)")
+    p.add_argument("--studies", type=integer(10), default=150,
+                   help="CR studies sent before training (default 150; at least 10, so that the "
+                        "patient split leaves patients for training, validation and test)")
+    p.add_argument("--new-studies", type=integer(1), default=6, help="CR studies sent after the rollout")
+    p.add_argument("--epochs", type=integer(1), default=30, help="training epochs (a short run on purpose)")
     p.set_defaults(func=_main)

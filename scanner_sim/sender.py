@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-__all__ = ["SendResult", "Item", "send", "items_from_datasets", "items_from_folder", "items_from_paths"]
+from scanner_sim.errors import ScannerError
+
+__all__ = ["SendResult", "Item", "send", "check_reachable", "items_from_datasets", "items_from_folder",
+           "items_from_paths"]
 
 log = logging.getLogger("medchain.scanner")
 MAX_CONTEXTS = 128
@@ -221,6 +225,19 @@ def _send_share(host: str, port: int, calling: str, called: str, share: Sequence
             time.sleep(RETRY_DELAY)
 
 
+def check_reachable(host: str, port: int, timeout: float = 5.0) -> None:
+    """Open and close one TCP connection to ``host:port``, so a wrong host or port is one
+    clear error before any study is generated or association attempted."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.gaierror as exc:
+        raise ScannerError(f"cannot reach {host}:{port}: unknown host ({exc.strerror})") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ScannerError(f"cannot reach {host}:{port}: {reason} (is the DICOM node running there?)") from None
+
+
 def send(host: str, port: int, items: Sequence[Item], *, calling_ae: str = "SCANNER", called_ae: str = "ANY-SCP",
          concurrency: int = 4, progress: bool = True, max_pdu: int = 65536, retries: int = 0) -> SendResult:
     """Send ``items`` over ``concurrency`` associations in parallel; never raises for a
@@ -243,9 +260,16 @@ def send(host: str, port: int, items: Sequence[Item], *, calling_ae: str = "SCAN
 
     concurrency = max(1, min(concurrency, len(items) or 1))
     shares = [list(items[i::concurrency]) for i in range(concurrency)]
+    failures: list[BaseException] = []
+
+    def share_thread(share: Sequence[Item]) -> None:
+        try:
+            _send_share(host, port, calling_ae, called_ae, share, result, lock, tick, max_pdu, retries)
+        except Exception as exc:  # reported by send(), never a thread's traceback
+            failures.append(exc)
+
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=_send_share, args=(host, port, calling_ae, called_ae, share, result, lock,
-                                                          tick, max_pdu, retries), name=f"scu-{i}")
+    threads = [threading.Thread(target=share_thread, args=(share,), name=f"scu-{i}")
                for i, share in enumerate(shares) if share]
     for t in threads:
         t.start()
@@ -254,4 +278,7 @@ def send(host: str, port: int, items: Sequence[Item], *, calling_ae: str = "SCAN
     result.elapsed = time.perf_counter() - t0
     if bar is not None:
         bar.close()
+    if failures:
+        exc = failures[0]
+        raise ScannerError(f"sending to {host}:{port} failed: {type(exc).__name__}: {exc}") from exc
     return result

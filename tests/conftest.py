@@ -4,6 +4,12 @@ Real services on loopback are used for real: PostgreSQL and Mosquitto. When one 
 answer (a laptop without them), tests that need it skip with the reason; with
 ``MEDCHAIN_REQUIRE_SERVICES=1`` (set by ``.ci/run``) a missing service fails instead, so CI
 can never go green by skipping what it claims to test.
+
+Both services are shared (other runs, other people, a coordinator started next), so a run
+leaves nothing behind on them: what it creates carries the run's mark (:data:`RUN`: device
+ids from ``new_device_id``, schemas ``t_<RUN>_...``), is removed when the test ends, and
+the session fails if anything marked is still there at the end (in CI, on a machine of its
+own, anything new at all).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ POSTGRES_URL = os.environ.get(
 )
 MQTT_HOST = os.environ.get("MEDCHAIN_TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("MEDCHAIN_TEST_MQTT_PORT", "1883"))
+RUN = uuid.uuid4().hex[:8]  # marks what this run creates on the shared services
+STRICT = bool(os.environ.get("CI"))  # CI has the services to itself: anything new is ours
 
 
 def service_missing(what: str, reason: str) -> None:
@@ -62,9 +70,25 @@ def _port_open(host: str, port: int, timeout: float = 2.0) -> str | None:
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 
+def _postgres_objects(engine) -> set[str]:
+    """Every schema and every table outside the system catalogs, as ``schema`` and
+    ``schema.table``."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        schemas = conn.execute(text("select nspname from pg_namespace where nspname not like 'pg\\_%' "
+                                    "and nspname <> 'information_schema'")).scalars()
+        found = set(schemas)
+        found |= {f"{s}.{t}" for s, t in conn.execute(text(
+            "select schemaname, tablename from pg_tables "
+            "where schemaname not in ('pg_catalog', 'information_schema')"))}
+    return found
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
-    """SQLAlchemy URL of the test database, checked by a real connection."""
+    """SQLAlchemy URL of the test database, checked by a real connection. At the end of the
+    session, a schema of this run still there (or, in CI, any new schema or table) fails it."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
@@ -76,23 +100,58 @@ def postgres_url() -> str:
     try:
         with engine.connect() as conn:
             conn.execute(text("select 1"))
+        before = _postgres_objects(engine)
     except Exception as exc:  # any driver error means: not usable here
+        engine.dispose()
         service_missing("PostgreSQL", f"{url.render_as_string(hide_password=True)}: {exc}")
+    try:
+        yield POSTGRES_URL
+        after = _postgres_objects(engine)
+        left = {o for o in after if o.startswith(f"t_{RUN}_")} | (after - before if STRICT else set())
+        with engine.begin() as conn:  # leave the database clean either way
+            for schema in {o.split(".")[0] for o in left if o.startswith(f"t_{RUN}_")}:
+                conn.execute(text(f'drop schema if exists "{schema}" cascade'))
+        if left:
+            pytest.fail(f"the test run left {len(left)} schema(s)/table(s) in PostgreSQL: {sorted(left)[:8]}",
+                        pytrace=False)
     finally:
         engine.dispose()
-    return POSTGRES_URL
 
 
 @pytest.fixture
-def postgres_engine(postgres_url):
-    """An engine bound to a fresh schema of its own, dropped afterwards (tests can run in
-    parallel and never see each other's tables)."""
-    from sqlalchemy import create_engine, event, text
+def postgres_schema(postgres_url):
+    """A fresh schema of this test's own (marked with the run), dropped afterwards: tests can
+    run in parallel and never see each other's tables."""
+    from sqlalchemy import create_engine, text
 
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"t_{RUN}_{uuid.uuid4().hex[:8]}"
     admin = create_engine(postgres_url)
     with admin.begin() as conn:
         conn.execute(text(f'create schema "{schema}"'))
+    try:
+        yield schema
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'drop schema "{schema}" cascade'))
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_schema_url(postgres_url, postgres_schema) -> str:
+    """A PostgreSQL URL whose sessions live in this test's own schema (``search_path`` set by
+    the URL, so it can go into a configuration file and another process)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url).update_query_dict({"options": f"-csearch_path={postgres_schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def postgres_engine(postgres_url, postgres_schema):
+    """An engine bound to this test's own schema."""
+    from sqlalchemy import create_engine, event
+
+    schema = postgres_schema
     engine = create_engine(postgres_url)
 
     @event.listens_for(engine, "connect")
@@ -105,9 +164,38 @@ def postgres_engine(postgres_url):
         yield engine
     finally:
         engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'drop schema "{schema}" cascade'))
-        admin.dispose()
+
+
+# -- a small real filesystem ----------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs():
+    """``small_tmpfs(path, size_mib)``: a real tmpfs of that size mounted at ``path`` (made if
+    needed, unmounted after the test), so a full disk is the kernel's ENOSPC, not a pretend
+    one. Mounting needs root: CI runs as root, or inside a user and mount namespace of its own
+    (``unshare -rm``, see ``.ci/run``); elsewhere the test skips, and with
+    ``MEDCHAIN_REQUIRE_SERVICES=1`` it fails."""
+    import shutil
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(path: Path, size_mib: int) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        if shutil.which("mount") is None:
+            service_missing("a small tmpfs", "no mount command on PATH")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            service_missing("a small tmpfs", f"cannot mount one at {path} (needs root, or a user namespace: "
+                                             f"unshare -rm): {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 # -- Mosquitto -------------------------------------------------------------------------------
@@ -119,9 +207,85 @@ class Broker:
     port: int
 
 
+def retained_topics(host: str, port: int, topic_filter: str = "medchain/#", timeout: float = 20.0) -> set[str]:
+    """Topics under ``topic_filter`` that hold a retained message, as a subscriber arriving now
+    sees them. The broker queues them when it takes the SUBSCRIBE; a message we publish after
+    the SUBACK on a topic of the filter comes back behind them, so it ends the reading."""
+    import paho.mqtt.client as mqtt
+
+    sentinel = f"medchain/janitor/{RUN}/{uuid.uuid4().hex}"
+    found: set[str] = set()
+    done, subscribed = threading.Event(), threading.Event()
+
+    def on_message(client, userdata, msg):
+        if msg.topic == sentinel:
+            done.set()
+        elif msg.retain and msg.payload:
+            found.add(msg.topic)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"janitor-{RUN}-{uuid.uuid4().hex[:6]}")
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect(host, port, keepalive=10)
+    client.loop_start()
+    try:
+        client.subscribe(topic_filter, qos=1)
+        if not subscribed.wait(timeout):
+            raise RuntimeError(f"no SUBACK from {host}:{port}")
+        client.publish(sentinel, b"end", qos=1)
+        if not done.wait(timeout):
+            raise RuntimeError(f"{host}:{port} did not hand back the retained messages within {timeout:.0f} s")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return found
+
+
+def clear_retained(host: str, port: int, topics) -> None:
+    """Publish an empty retained message on each topic: the broker then forgets its retained one."""
+    import paho.mqtt.client as mqtt
+
+    topics = sorted(topics)
+    if not topics:
+        return
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"janitor-{RUN}-{uuid.uuid4().hex[:6]}")
+    client.connect(host, port, keepalive=10)
+    client.loop_start()
+    try:
+        for info in [client.publish(t, b"", qos=1, retain=True) for t in topics]:
+            info.wait_for_publish(10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def ours(topics) -> set[str]:
+    """The topics of devices made by ``new_device_id`` in this run."""
+    return {t for t in topics if f"-{RUN}-" in t}
+
+
+class _Janitor:
+    """Whether the current test touched the shared Mosquitto (its retained messages are then
+    cleared when the test ends)."""
+
+    used = False
+
+
+_JANITOR = _Janitor()
+
+
 @pytest.fixture(scope="session")
-def mosquitto() -> Broker:
-    """The Mosquitto broker on loopback, checked by a real MQTT CONNECT/CONNACK."""
+def new_device_id():
+    """``new_device_id(tag="edge")``: a fresh device id carrying this run's mark, so what its
+    device leaves retained on the shared broker is found and cleared (and nothing else is)."""
+    return lambda tag="edge": f"{tag}-{RUN}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def mosquitto_server() -> Broker:
+    """The Mosquitto broker on loopback, checked by a real MQTT CONNECT/CONNACK. At the end of
+    the session, a retained message of this run still there (or, in CI, any retained message
+    under ``medchain/`` that was not there before) fails it; they are cleared either way."""
     import paho.mqtt.client as mqtt
 
     closed = _port_open(MQTT_HOST, MQTT_PORT)
@@ -148,7 +312,31 @@ def mosquitto() -> Broker:
     finally:
         client.loop_stop()
         client.disconnect()
-    return Broker(MQTT_HOST, MQTT_PORT)
+    before = retained_topics(MQTT_HOST, MQTT_PORT)
+    yield Broker(MQTT_HOST, MQTT_PORT)
+    now = retained_topics(MQTT_HOST, MQTT_PORT)
+    left = ours(now) | (now - before if STRICT else set())
+    clear_retained(MQTT_HOST, MQTT_PORT, left)
+    if left:
+        pytest.fail(f"the test run left {len(left)} retained message(s) on the shared Mosquitto "
+                    f"{MQTT_HOST}:{MQTT_PORT}: {sorted(left)[:6]}", pytrace=False)
+
+
+@pytest.fixture
+def mosquitto(mosquitto_server) -> Broker:
+    """The shared Mosquitto for one test; this run's retained messages are cleared after it."""
+    _JANITOR.used = True
+    return mosquitto_server
+
+
+@pytest.fixture(autouse=True)
+def _clear_retained_after_test():
+    """Set up before every other fixture of a test, so torn down after all of them (sites,
+    edges, uplinks have stopped publishing): then clear what the test left retained."""
+    yield
+    if _JANITOR.used:
+        _JANITOR.used = False
+        clear_retained(MQTT_HOST, MQTT_PORT, ours(retained_topics(MQTT_HOST, MQTT_PORT)))
 
 
 # -- brokers for integration tests -----------------------------------------------------------
@@ -304,12 +492,19 @@ class MosquittoProcess:
                                    tls_cert=str(client.cert), tls_key=str(client.key))
 
 
-@pytest.fixture
-def private_mosquitto(tmp_path):
+@pytest.fixture(scope="session")
+def mosquitto_binary() -> str:
+    """The path of the ``mosquitto`` broker program (tests start private brokers with it)."""
     import shutil
 
-    if shutil.which("mosquitto") is None:
+    path = shutil.which("mosquitto")
+    if path is None:
         service_missing("the mosquitto binary", "not on PATH (Debian package mosquitto)")
+    return path
+
+
+@pytest.fixture
+def private_mosquitto(tmp_path, mosquitto_binary):
     broker = MosquittoProcess(tmp_path / "mosquitto")
     broker.start()
     yield broker
@@ -317,33 +512,48 @@ def private_mosquitto(tmp_path):
 
 
 @pytest.fixture
-def tls_mosquitto(tmp_path):
+def tls_mosquitto(tmp_path, mosquitto_binary):
     """A private Mosquitto whose only listener is TLS with client certificates required;
     ``tls_mosquitto.pki`` holds the CA, the client certificates and a rogue CA."""
-    import shutil
-
-    if shutil.which("mosquitto") is None:
-        service_missing("the mosquitto binary", "not on PATH (Debian package mosquitto)")
     broker = MosquittoProcess(tmp_path / "mosquitto-tls", pki=issue_pki(tmp_path / "pki"))
     broker.start()
     yield broker
     broker.stop()
 
 
-@pytest.fixture(params=["embedded", "mosquitto"])
-def broker_endpoint(request):
-    """Each integration test runs on the embedded broker and on the real Mosquitto."""
-    from medchain.mqtt import MqttEndpoint
-
-    if request.param == "mosquitto":
-        found = request.getfixturevalue("mosquitto")
-        yield MqttEndpoint(host=found.host, port=found.port, max_message_bytes=8 * 1024 * 1024,
-                           reconnect_min_s=0.2, reconnect_max_s=1.0)
-        return
+@pytest.fixture
+def embedded_endpoint():
+    """The endpoint of an embedded broker of this test's own."""
     from cloud.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield broker.endpoint
+
+
+@pytest.fixture
+def mosquitto_endpoint(mosquitto):
+    """The endpoint of the shared Mosquitto."""
+    from medchain.mqtt import MqttEndpoint
+
+    return MqttEndpoint(host=mosquitto.host, port=mosquitto.port, max_message_bytes=8 * 1024 * 1024,
+                        reconnect_min_s=0.2, reconnect_max_s=1.0)
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def broker_endpoint(request):
+    """Each integration test runs on the embedded broker and on the real Mosquitto."""
+    return request.getfixturevalue(f"{request.param}_endpoint")
+
+
+@pytest.fixture(params=["embedded-sqlite", "mosquitto-postgres"])
+def deployment(request):
+    """``(endpoint, database_url)``: the tests whose cloud keeps a catalog and fleet registry
+    run twice, as on one machine (embedded broker, SQLite: ``None``, the default) and as in
+    a hospital's data centre (Mosquitto, PostgreSQL in a schema of the test's own). Pairing
+    them keeps each such test at two runs, not four."""
+    broker, database = request.param.split("-")
+    endpoint = request.getfixturevalue(f"{broker}_endpoint")
+    return endpoint, request.getfixturevalue("postgres_schema_url") if database == "postgres" else None
 
 
 @pytest.fixture(scope="session")

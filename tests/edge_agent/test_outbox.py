@@ -1,7 +1,6 @@
 """The durable outbox: survives restarts, keeps sequence numbers rising, refuses when full."""
 
 import os
-import subprocess
 import uuid
 
 import pytest
@@ -66,16 +65,9 @@ def test_a_failing_build_stores_nothing(tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, small_tmpfs):
     """A real 8 MiB filesystem, so 'disk full' is the kernel's ENOSPC, not a pretend one."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    return small_tmpfs(tmp_path / "disk", 8)
 
 
 def fill(path, chunk=64 * 1024):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -191,13 +190,13 @@ class Site:
 
 
 @pytest.fixture
-def site_on(tmp_path, ledger_cluster):
+def site_on(tmp_path, ledger_cluster, new_device_id):
     """``site_on(endpoint, device_id=None, **Site options)``: a site on a given broker
     (closed after the test)."""
     sites = []
 
     def make(endpoint, device_id: str | None = None, **options) -> Site:
-        device_id = device_id or f"edge-{uuid.uuid4().hex[:10]}"
+        device_id = device_id or new_device_id()
         site = Site(tmp_path / f"site{len(sites)}", ledger_cluster, endpoint, device_id, **options)
         sites.append(site)
         return site
@@ -207,10 +206,23 @@ def site_on(tmp_path, ledger_cluster):
         site.close()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path):
+    """The cloud's database, once SQLite (a file of the test's own) and once PostgreSQL (a
+    schema of the test's own), for tests that run on one broker."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_schema_url")
+    return f"sqlite:///{tmp_path / 'cloud-db.sqlite'}"
+
+
 @pytest.fixture
-def make_site(site_on, broker_endpoint):
-    """A site on the embedded broker, and again on the real Mosquitto."""
-    return lambda device_id=None: site_on(broker_endpoint, device_id)
+def make_site(deployment, site_on):
+    """A site on the embedded broker with SQLite, and again on the real Mosquitto with
+    PostgreSQL (the catalog, fleet registry, prediction log and releases of its cloud).
+    The deployment comes first, so its broker and schema outlive the sites."""
+    endpoint, database_url = deployment
+    cloud = {"database": {"url": database_url}} if database_url else None
+    return lambda device_id=None: site_on(endpoint, device_id, cloud=cloud)
 
 
 @pytest.fixture(scope="session")

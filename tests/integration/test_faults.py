@@ -102,7 +102,6 @@ def test_tampered_chunk_and_replay_from_another_client(make_site):
 # -- crashes and outages: nothing lost, nothing duplicated --------------------------------------
 
 import sqlite3  # noqa: E402
-import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -193,16 +192,9 @@ def test_broker_stopped_and_restarted_mid_stream(site_on, private_mosquitto, wai
 
 
 @pytest.fixture
-def small_edge_disk(tmp_path):
+def small_edge_disk(tmp_path, small_tmpfs):
     """The first site's edge directory on a real 24 MiB filesystem."""
-    mount = tmp_path / "site0" / "edge"
-    mount.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    return small_tmpfs(tmp_path / "site0" / "edge", 24)
 
 
 def test_full_edge_disk_is_back_pressure_and_loses_nothing(small_edge_disk, make_site, wait_for):

@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import uuid
 
 import numpy as np
 import onnx
@@ -227,13 +226,13 @@ def test_canary_rollout_predictions_on_the_ledger_halt_and_rollback(make_site, s
 
 
 def test_offers_over_the_broker_forged_ones_are_ignored_missing_releases_refused(
-        broker_endpoint, ledger_cluster, tmp_path, wait_for):
+        broker_endpoint, ledger_cluster, tmp_path, wait_for, new_device_id):
     from medchain.mqtt import MqttLink
     from medchain.protocol import (ModelOffer, ModelStatus, decode_message, encode,
                                    model_offer_topic, model_status_topic)
 
     model_key, device_key = SigningKey.generate(), SigningKey.generate()
-    device = f"edge-{uuid.uuid4().hex[:10]}"  # Mosquitto keeps retained messages across runs
+    device = new_device_id()  # marked: what it leaves retained on Mosquitto is cleared
     trust = ReleaseTrust(model_key.public, Keyring(ledger_cluster.genesis.validator_keys()))
     statuses = []
     watcher = MqttLink(broker_endpoint, subscriptions=[(model_status_topic(device), 1)],

@@ -23,33 +23,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.postgres]
 
 
 @pytest.fixture
-def shared_catalog_url(postgres_url):
-    """A PostgreSQL URL whose sessions live in a fresh schema of their own (dropped after)."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'create schema "{schema}"'))
-    url = make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'drop schema "{schema}" cascade'))
-        admin.dispose()
-
-
-@pytest.fixture
-def ingest_group(mosquitto, shared_catalog_url, site_on, tmp_path):
+def ingest_group(mosquitto, postgres_schema_url, site_on, tmp_path):
     """``ingest_group(n)``: n sites whose coordinators form one shared-subscription group
     (2 workers each) over one catalog and one object store; each site has its own edge."""
     endpoint = MqttEndpoint(host=mosquitto.host, port=mosquitto.port, max_message_bytes=8 * 1024 * 1024,
                             reconnect_min_s=0.2, reconnect_max_s=1.0)
     group = f"medchain-test-{uuid.uuid4().hex[:8]}"
     cloud = {"broker": {"shared_group": group, "workers": 2},
-             "database": {"url": shared_catalog_url},
+             "database": {"url": postgres_schema_url},
              "store": {"url": str(tmp_path / "shared-objects")}}
 
     def make(n: int):

@@ -25,7 +25,6 @@ from ledger.client import LedgerClient
 from medchain.identity import SigningKey
 from ledger.transactions import ConsentSet
 from medchain_app.cli import main
-from medchain.mqtt import MqttEndpoint
 from medchain.sealing import open_envelope
 from models.card import ModelCard
 from models.modality import modality_values
@@ -39,12 +38,11 @@ STUDIES, PER_STUDY, SEED = 12, 2, 7
 
 
 @pytest.fixture
-def cr_site(site_on, mosquitto, tmp_path):
+def cr_site(database_url, mosquitto_endpoint, site_on, tmp_path):  # the database outlives the site
     """A site whose store holds 24 CR instances of 12 patients, labelled and consented per
-    the site's records; returns (site, token -> study)."""
-    site = site_on(MqttEndpoint(host=mosquitto.host, port=mosquitto.port,
-                                max_message_bytes=8 * 1024 * 1024, reconnect_min_s=0.2,
-                                reconnect_max_s=1.0))
+    the site's records, its catalog in SQLite and again in PostgreSQL; returns (site,
+    token -> study)."""
+    site = site_on(mosquitto_endpoint, cloud={"database": {"url": database_url}})
     site.enroll()
     sims = generate_studies("CR", STUDIES, seed=SEED, images_per_study=PER_STUDY)  # what send() sends
     pz = Pseudonymizer(site.secret, site.profile.deid.patient_id_issuer)

@@ -95,12 +95,12 @@ def wait_for(predicate, timeout=20.0):
 
 
 @pytest.mark.parametrize("size", [20_000, 300_000], ids=["whole", "fragmented"])
-def test_everything_is_delivered_and_released(tmp_path, broker_endpoint, size):
+def test_everything_is_delivered_and_released(tmp_path, broker_endpoint, size, new_device_id):
     import dataclasses
 
     endpoint = dataclasses.replace(broker_endpoint, max_message_bytes=64 * 1024)
     device, cloud = SigningKey.generate(), SigningKey.generate()
-    device_id = f"edge-{device.public.id[:6]}"
+    device_id = new_device_id()
     with Outbox(tmp_path / "o.db") as box, CloudPeer(endpoint, cloud, device.public) as peer:
         ids = enqueue(box, device, device_id, 12, size)
         with Uplink(box, endpoint, device_id=device_id, device_key=device,
@@ -112,9 +112,9 @@ def test_everything_is_delivered_and_released(tmp_path, broker_endpoint, size):
         assert open_envelope(one, CUSTODIAN, device.public)["dicom"] == bytes([4]) * size
 
 
-def test_acks_not_signed_by_the_cloud_release_nothing(tmp_path, broker_endpoint):
+def test_acks_not_signed_by_the_cloud_release_nothing(tmp_path, broker_endpoint, new_device_id):
     device, cloud, impostor = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
-    device_id = f"edge-{device.public.id[:6]}"
+    device_id = new_device_id()
     with Outbox(tmp_path / "o.db") as box, CloudPeer(broker_endpoint, impostor, device.public) as peer:
         enqueue(box, device, device_id, 3)
         with Uplink(box, broker_endpoint, device_id=device_id, device_key=device,
@@ -123,9 +123,9 @@ def test_acks_not_signed_by_the_cloud_release_nothing(tmp_path, broker_endpoint)
         assert box.depth == 3 and up.stats.released == 0 and len(peer.received) == 3
 
 
-def test_rejections_are_set_aside_with_their_reason(tmp_path, broker_endpoint):
+def test_rejections_are_set_aside_with_their_reason(tmp_path, broker_endpoint, new_device_id):
     device, cloud = SigningKey.generate(), SigningKey.generate()
-    device_id = f"edge-{device.public.id[:6]}"
+    device_id = new_device_id()
     with Outbox(tmp_path / "o.db") as box, \
             CloudPeer(broker_endpoint, cloud, device.public, status=AckStatus.REJECTED):
         ids = enqueue(box, device, device_id, 2)
@@ -135,9 +135,9 @@ def test_rejections_are_set_aside_with_their_reason(tmp_path, broker_endpoint):
         assert box.rejected() == [(ids[0], "refused by test"), (ids[1], "refused by test")]
 
 
-def test_heartbeat_is_retained_and_signed(tmp_path, broker_endpoint):
+def test_heartbeat_is_retained_and_signed(tmp_path, broker_endpoint, new_device_id):
     device, cloud = SigningKey.generate(), SigningKey.generate()
-    device_id = f"edge-{device.public.id[:6]}"
+    device_id = new_device_id()
     with Outbox(tmp_path / "o.db") as box:
         enqueue(box, device, device_id, 2)
         with Uplink(box, broker_endpoint, device_id=device_id, device_key=device,
@@ -153,10 +153,10 @@ def test_heartbeat_is_retained_and_signed(tmp_path, broker_endpoint):
         assert beat.disk_free_bytes > 0
 
 
-def test_broker_stopped_and_restarted_mid_stream(tmp_path, private_mosquitto):
+def test_broker_stopped_and_restarted_mid_stream(tmp_path, private_mosquitto, new_device_id):
     endpoint = private_mosquitto.endpoint
     device, cloud = SigningKey.generate(), SigningKey.generate()
-    device_id = f"edge-{device.public.id[:6]}"
+    device_id = new_device_id()
     with Outbox(tmp_path / "o.db") as box:
         ids = enqueue(box, device, device_id, 10)
         with CloudPeer(endpoint, cloud, device.public) as peer, \
@@ -173,13 +173,14 @@ def test_broker_stopped_and_restarted_mid_stream(tmp_path, private_mosquitto):
         assert set(peer.received) == set(ids)  # every envelope arrived; repeats were acked again
 
 
-def test_cloud_monitor_records_verified_heartbeats(tmp_path, broker_endpoint):
+def test_cloud_monitor_records_verified_heartbeats(tmp_path, deployment, new_device_id):
     from cloud.fleet import FleetRegistry
     from cloud.monitor import HeartbeatMonitor
 
+    broker_endpoint, database_url = deployment
     device, cloud = SigningKey.generate(), SigningKey.generate()
-    device_id = f"edge-{device.public.id[:6]}"
-    fleet = FleetRegistry(f"sqlite:///{tmp_path / 'fleet.db'}")
+    device_id = new_device_id()
+    fleet = FleetRegistry(database_url or f"sqlite:///{tmp_path / 'fleet.db'}")
     fleet.enrol(device_id, device.public, site="s", group="g", profile="x86-cpu", now_ms=0)
     with HeartbeatMonitor(broker_endpoint, fleet) as monitor, Outbox(tmp_path / "o.db") as box:
         enqueue(box, device, device_id, 1)

@@ -2,12 +2,15 @@
 
 import hashlib
 
+import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from medchain import sealing
 from medchain.identity import SigningKey
 
 h = bytes.fromhex
@@ -64,7 +67,6 @@ def test_x25519_rfc7748_section_6_1():
 
 def test_hpke_rfc9180_a1_base_decrypts():
     # RFC 9180 A.1.1: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-128-GCM, sequence 0.
-    # Our suite swaps in AES-256-GCM; the KEM and KDF under it are the ones checked here.
     suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
     sk_r = X25519PrivateKey.from_private_bytes(
         h("4612c550263fc8ad58375df3f557aac531d26850903e55a9f23f21d8534e8ac8")
@@ -75,3 +77,29 @@ def test_hpke_rfc9180_a1_base_decrypts():
         suite, enc + ct, sk_r, info=h("4f6465206f6e2061204772656369616e2055726e"), aad=b"Count-0"
     )
     assert pt == b"Beauty is truth, truth beauty"
+
+
+def test_hpke_vector_of_the_suite_sealing_uses():
+    """The suite medchain.sealing wraps data keys with, DHKEM(X25519, HKDF-SHA256),
+    HKDF-SHA256, AES-256-GCM (kem 0x20, kdf 1, aead 2), base mode, sequence 0: the CFRG's
+    RFC 9180 test-vector set (the RFC's appendix prints only the AES-128-GCM one), as carried
+    by BoringSSL/AWS-LC in crypto/hpke/hpke_test_vectors.txt."""
+    sk_r = X25519PrivateKey.from_private_bytes(
+        h("497b4502664cfea5d5af0b39934dac72242a74f8480451e1aee7d6a53320333d")
+    )
+    sk_e = X25519PrivateKey.from_private_bytes(
+        h("179d4b53b6365c45b600c4163b61d95cbc2f4d9e36f1695558dce265ab8bab11")
+    )
+    assert sk_r.public_key().public_bytes_raw() == h(
+        "430f4b9859665145a6b1ba274024487bd66f03a2dd577d7753c68d7d7d00c00c"
+    )
+    enc = sk_e.public_key().public_bytes_raw()
+    assert enc == h("6c93e09869df3402d7bf231bf540fadd35cd56be14f97178f0954db94b7fc256")
+    info = h("4f6465206f6e2061204772656369616e2055726e")
+    ct = h("e5d84cd531cfb583096e7cfa9641bd3079cf3a91cda813c52deb5f512be9931980a41de125a925cdad859d5b7a")
+    pt = rust_openssl.hpke._decrypt_with_aad(sealing._SUITE, enc + ct, sk_r, info=info, aad=b"Count-0")
+    assert pt == b"Beauty is truth, truth beauty"
+    # the vector pins the AEAD: the AES-128-GCM suite cannot open it
+    other = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
+    with pytest.raises(InvalidTag):
+        rust_openssl.hpke._decrypt_with_aad(other, enc + ct, sk_r, info=info, aad=b"Count-0")
