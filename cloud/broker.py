@@ -18,12 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from medchain.mqtt import MqttEndpoint
 
 from cloud.errors import BrokerError
 
-__all__ = ["EmbeddedBroker", "BrokerProcess", "BrokerError", "free_port"]
+__all__ = ["EmbeddedBroker", "BrokerSecurity", "BrokerProcess", "BrokerError", "free_port"]
 
 
 class _Payload(bytearray):
@@ -65,11 +67,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class EmbeddedBroker:
-    """``with EmbeddedBroker() as broker: broker.endpoint`` — started and stopped cleanly."""
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """What the embedded broker needs to hold clients to the deployment's rules: the CA and
+    its CRL, the broker's own certificate and key, and the generated ACL file."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 10.0):
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path
+    acl: Path
+
+
+class EmbeddedBroker:
+    """``with EmbeddedBroker(security=...) as broker: broker.endpoint`` — started and stopped
+    cleanly. With ``security`` (the default everywhere but tests of the broker itself) it
+    speaks TLS only, takes only clients whose certificate the CA issued, not revoked, for a
+    name the ACL knows, and applies the ACL; without it, anyone on loopback may connect."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 10.0,
+                 security: BrokerSecurity | None = None):
+        if security is None and host not in ("127.0.0.1", "::1", "localhost"):
+            raise BrokerError(f"embedded broker on {host}: without TLS and client certificates it "
+                              "listens on loopback only")
         self.host = host
+        self.security = security
         self.port = port or free_port(host)
         self._start_timeout = start_timeout
         self._ready = threading.Event()
@@ -80,7 +102,10 @@ class EmbeddedBroker:
 
     @property
     def endpoint(self) -> MqttEndpoint:
-        return MqttEndpoint(host=self.host, port=self.port, max_message_bytes=8 * 1024 * 1024)
+        """Where clients connect (without a client certificate: add one with
+        ``dataclasses.replace(endpoint, tls_cert=..., tls_key=...)``)."""
+        return MqttEndpoint(host=self.host, port=self.port, max_message_bytes=8 * 1024 * 1024,
+                            tls_ca=str(self.security.ca) if self.security else None)
 
     def __enter__(self) -> EmbeddedBroker:
         self.start()
@@ -117,10 +142,14 @@ class EmbeddedBroker:
     def _serve(self) -> None:
         from amqtt.broker import Broker  # imported here: only the embedded default needs it
 
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        }
+        listener = {"type": "tcp", "bind": f"{self.host}:{self.port}"}
+        plugins: dict = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        sec = self.security
+        if sec is not None:
+            listener.update(ssl=True, cafile=str(sec.ca), certfile=str(sec.cert), keyfile=str(sec.key))
+            plugins = {"cloud.broker_security.CertificateAuth": {"crl": str(sec.crl), "acl": str(sec.acl)},
+                       "cloud.broker_security.FileAcl": {"acl": str(sec.acl)}}
+        config = {"listeners": {"default": listener}, "plugins": plugins}
 
         async def main() -> None:
             self._stop = asyncio.Event()

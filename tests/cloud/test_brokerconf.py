@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud.broker import free_port
+from cloud.broker import BrokerSecurity, EmbeddedBroker, free_port
 from cloud.brokerconf import acl_text, write_broker_files
 from medchain.pki import CertificateAuthority
 from medchain.protocol import ack_topic, envelope_topic, model_offer_topic
@@ -20,8 +20,9 @@ from medchain.protocol import ack_topic, envelope_topic, model_offer_topic
 COORDINATOR = "cloud-coordinator"
 
 
-@pytest.fixture
-def acl_broker(tmp_path, need_tools):
+@pytest.fixture(params=["mosquitto", "embedded"])
+def acl_broker(request, tmp_path, need_tools):
+    """The same deployment files served by a real Mosquitto and by the embedded broker."""
     need_tools("mosquitto", "mosquitto_pub", "mosquitto_sub")
     ca = CertificateAuthority.create(tmp_path / "ca", "Hospital A")
     server = ca.issue("broker", tmp_path / "broker", server=True, client=False, hosts=("127.0.0.1",))
@@ -31,9 +32,14 @@ def acl_broker(tmp_path, need_tools):
                                cert=server.cert, key=server.key, crl=ca.crl_path,
                                devices=["edge-a", "edge-b"], coordinator=COORDINATOR,
                                as_root=os.geteuid() == 0)
+    broker = Broker(port, ca.cert_path, ids)
+    if request.param == "embedded":
+        security = BrokerSecurity(ca.cert_path, server.cert, server.key, ca.crl_path, files.acl)
+        with EmbeddedBroker(port=port, security=security):
+            yield broker
+        return
     proc = subprocess.Popen(["mosquitto", "-c", str(files.conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    broker = Broker(port, ca.cert_path, ids)
     try:
         deadline = time.monotonic() + 10
         while broker.pub(COORDINATOR, "medchain/v1/models/probe", "x").returncode != 0:
