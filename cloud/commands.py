@@ -15,36 +15,6 @@ from medchain.commandline import hex_bytes, integer, number, port
 
 __all__ = ["register"]
 
-CONFIG_TEMPLATE = """\
-# MedChain cloud coordinator. Paths are relative to the state directory (--state-dir,
-# default: the directory this file is in). Key files only: no key is ever written here.
-
-[broker]
-host = "127.0.0.1"
-port = {port}
-embedded = {embedded}          # true: run the in-process broker (one machine); false: use Mosquitto/EMQX
-# shared_group = "ingest"      # with a broker that has shared subscriptions: several workers split the load
-workers = 1
-
-[ledger]
-genesis = "{genesis}"
-ingest_key = "{ingest_key}"       # principal 'ingest': registers images and signs acks
-operator_key = "{operator_key}"   # principal 'operator': enrols and revokes devices
-training_key = "{training_key}"   # principal 'training': reads consented images, releases models
-policy = "default"
-
-[store]
-url = "objects"                # a directory, file:///path, or s3://bucket/prefix
-
-[database]
-url = "sqlite:///{database}"
-
-[keys]
-custodian = "keys/custodian.key"   # X25519: data keys are wrapped for it
-model = "keys/model.key"           # Ed25519: signs model releases
-"""
-
-
 def _config(args):
     from cloud.config import load_config
 
@@ -53,27 +23,14 @@ def _config(args):
 
 
 def _init(args: argparse.Namespace) -> int:
-    from medchain.identity import RecipientKey, SigningKey
+    from cloud.provision import init_deployment
 
-    root = args.dir
-    (root / "keys").mkdir(parents=True, exist_ok=True)
-    made = []
-    if not (root / "keys" / "custodian.key").exists():
-        RecipientKey.generate().save(root / "keys" / "custodian.key")
-        made.append("keys/custodian.key")
-    if not (root / "keys" / "model.key").exists():
-        SigningKey.generate().save(root / "keys" / "model.key")
-        made.append("keys/model.key")
     ledger = args.ledger_dir.resolve()
-    config = root / "cloud.toml"
-    if not config.exists():
-        config.write_text(CONFIG_TEMPLATE.format(
-            port=args.port, embedded="true" if args.embedded else "false",
-            genesis=ledger / "genesis.json", ingest_key=ledger / "keys" / "ingest.key",
-            operator_key=ledger / "keys" / "operator.key",
-            training_key=ledger / "keys" / "training.key", database=(root / "cloud.sqlite").resolve()))
-        made.append("cloud.toml")
-    print(f"{root}: {'created ' + ', '.join(made) if made else 'already set up'}")
+    _, made = init_deployment(args.dir, genesis=ledger / "genesis.json", ingest_key=ledger / "keys" / "ingest.key",
+                              operator_key=ledger / "keys" / "operator.key",
+                              training_key=ledger / "keys" / "training.key", organization=args.organization,
+                              broker_host=args.host, broker_port=args.port, embedded=args.embedded)
+    print(f"{args.dir}: {'created ' + ', '.join(made) if made else 'already set up'}")
     return 0
 
 
@@ -109,28 +66,36 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from cloud.enrolment import enroll, write_enrollment
     from cloud.fleet import FleetRegistry
+    from cloud.provision import issue_kit
     from medchain.identity import SigningKey, VerifyKey
 
     config = _config(args)
     public = VerifyKey.from_hex(args.public_key) if args.public_key else SigningKey.load(args.key_file).public
-    fleet = FleetRegistry(config.database_url)
-    enrollment = enroll(config, fleet, device_id=args.device_id, public_key=public, site=args.site,
-                        group=args.group, profile=args.profile)
-    write_enrollment(enrollment, args.out)
-    print(f"enrolled {args.device_id} (key {public.id}) on the ledger and in the fleet registry; "
-          f"give {args.out} to the device")
+    kit = issue_kit(config, FleetRegistry(config.database_url), device_id=args.device_id, public_key=public,
+                    site=args.site, group=args.group, profile=args.profile, out=args.out)
+    print(f"enrolled {args.device_id} (key {public.id}) on the ledger and in the fleet registry; its kit "
+          f"(profile, enrolment, CA, client certificate) is in {kit.directory}: give it to the device. "
+          f"Mosquitto applies the new ACL on SIGHUP")
     return 0
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from cloud.enrolment import revoke
     from cloud.fleet import FleetRegistry
+    from cloud.provision import revoke_device
 
     config = _config(args)
-    revoke(config, FleetRegistry(config.database_url), args.device_id, args.reason)
-    print(f"revoked {args.device_id}: its envelopes are refused from now on")
+    revoke_device(config, FleetRegistry(config.database_url), args.device_id, args.reason)
+    print(f"revoked {args.device_id}: its envelopes are refused, its certificate is on the CRL and its "
+          "topics are gone from the ACL (Mosquitto: send SIGHUP)")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from cloud.provision import rotate_certificate
+
+    tls = rotate_certificate(_config(args), args.device_id, args.kit)
+    print(f"{args.device_id}: new client certificate {tls.cert} (the old one is on the CRL)")
     return 0
 
 
@@ -270,12 +235,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     cloud = sub.add_parser("cloud", help="the cloud coordinator: ingest, fleet, enrolment")
     actions = cloud.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    p = actions.add_parser("init", help="create the coordinator's keys (0600) and a cloud.toml")
+    p = actions.add_parser("init", help="create the coordinator's keys (0600), the deployment's certificate "
+                                        "authority, the broker's files and a cloud.toml (TLS on)")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--ledger-dir", type=Path, required=True,
                    help="where `medchain ledger genesis/cluster` wrote genesis.json and keys/")
-    p.add_argument("--port", type=port(), default=1883, help="the broker's port (default 1883)")
-    p.add_argument("--embedded", action="store_true", help="run the in-process broker")
+    p.add_argument("--host", default="127.0.0.1", help="the broker's address as devices reach it")
+    p.add_argument("--port", type=port(), default=8883, help="the broker's TLS port (default 8883)")
+    p.add_argument("--organization", default="MedChain", help="the name on the certificates")
+    p.add_argument("--embedded", action="store_true", help="run the in-process broker (one machine)")
     p.set_defaults(func=_init)
 
     p = actions.add_parser("run", help="run ingest and the heartbeat monitor until SIGTERM")
@@ -288,7 +256,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port(any_free=True), default=1883, help="default 1883; 0: any free port")
     p.set_defaults(func=_broker)
 
-    p = actions.add_parser("enroll", help="enrol a device (ledger + registry) and write its enrolment file")
+    p = actions.add_parser("enroll", help="enrol a device (ledger + registry) and write its kit: enrolment, "
+                                          "profile, CA and client certificate")
     _with_config(p)
     p.add_argument("--device-id", required=True)
     key = p.add_mutually_exclusive_group(required=True)
@@ -297,8 +266,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--site", required=True)
     p.add_argument("--group", required=True)
     p.add_argument("--profile", default="x86-cpu")
-    p.add_argument("--out", type=Path, required=True, help="where to write the enrolment file")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write the device's kit into")
     p.set_defaults(func=_enroll)
+
+    p = actions.add_parser("rotate", help="give one device a new client certificate (the old one revoked)")
+    _with_config(p)
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--kit", type=Path, required=True, help="the device's kit folder (keys/ is replaced)")
+    p.set_defaults(func=_rotate)
 
     p = actions.add_parser("revoke", help="revoke a device: its envelopes are refused from then on")
     _with_config(p)

@@ -39,12 +39,19 @@ class CloudConfig:
     custodian_key: Path
     model_key: Path
     state_dir: Path
+    # the deployment's certificate authority, the generated broker files, and the name of the
+    # coordinator's certificate (its MQTT user in the ACL)
+    pki_dir: Path | None = None
+    broker_dir: Path | None = None
+    coordinator_name: str = "cloud-coordinator"
 
 
 def load_config(path: str | Path, state_dir: str | Path | None = None) -> CloudConfig:
+    """Read and check ``path``; relative paths in it resolve against ``state_dir`` (default:
+    the folder the file is in)."""
     path = Path(path)
     return parse_config(read_toml(path, ConfigError, "cloud configuration"),
-                        origin=str(path), state_dir=state_dir)
+                        origin=str(path), state_dir=path.resolve().parent if state_dir is None else state_dir)
 
 
 def parse_config(raw: dict[str, Any], *, origin: str = "cloud configuration",
@@ -92,8 +99,13 @@ def parse_config(raw: dict[str, Any], *, origin: str = "cloud configuration",
     custodian, model = s.path("custodian"), s.path("model")
     s.done()
 
+    s = Section(origin, "pki", top.pop("pki", {}), base, ConfigError)
+    pki_dir, broker_dir = s.path("dir", "pki"), s.path("broker_dir", "mosquitto")
+    coordinator = s.str("coordinator", "cloud-coordinator")
+    s.done()
+
     if top:
         raise ConfigError(f"{origin}: unknown section(s): {', '.join(sorted(top))}")
     return CloudConfig(endpoint, embedded, shared, workers, genesis, ingest_key, operator_key,
-                       training_key,
-                       policy, store_url, database_url, custodian, model, base)
+                       training_key, policy, store_url, database_url, custodian, model, base,
+                       pki_dir, broker_dir, coordinator)

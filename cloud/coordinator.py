@@ -70,7 +70,13 @@ class Coordinator:
     def start(self) -> None:
         c = self.config
         if c.embedded_broker and self._endpoint is None:
-            self.broker = EmbeddedBroker(c.endpoint.host, c.endpoint.port or None)
+            security = None
+            if c.pki_dir is not None and (c.pki_dir / "ca.crt").exists():
+                from cloud.provision import broker_security, rewrite_acl  # noqa: PLC0415
+
+                rewrite_acl(c, self.fleet)  # the ACL from the registry as it is now
+                security = broker_security(c)
+            self.broker = EmbeddedBroker(c.endpoint.host, c.endpoint.port or None, security=security)
             self.broker.start()
         self.ledger = LedgerClient(c.genesis, self.ingest_key, "ingest")
         self.ledger.start()

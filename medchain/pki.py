@@ -127,10 +127,12 @@ class CertificateAuthority:
         return cls(directory, key, cert)
 
     def issue(self, cn: str, out_dir: str | Path, *, client: bool = True, server: bool = False,
-              hosts: tuple[str, ...] = (), stem: str | None = None, days: int = LEAF_DAYS) -> Identity:
+              hosts: tuple[str, ...] = (), stem: str | None = None, key_stem: str | None = None,
+              days: int = LEAF_DAYS) -> Identity:
         """A new key and certificate for ``cn`` (client and/or server use; ``hosts``: the
-        names and addresses a server answers on), written as ``<stem>.crt`` and ``<stem>.key``
-        (0600) in ``out_dir``; an existing pair is replaced (rotation)."""
+        names and addresses a server answers on), written as ``<stem>.crt`` and
+        ``<key_stem or stem>.key`` (0600) in ``out_dir``; an existing pair is replaced
+        (rotation)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -156,7 +158,7 @@ class CertificateAuthority:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
         stem = stem or cn
-        key_path, cert_path = out_dir / f"{stem}.key", out_dir / f"{stem}.crt"
+        key_path, cert_path = out_dir / f"{key_stem or stem}.key", out_dir / f"{stem}.crt"
         durable_write(key_path, _pem_key(key), mode=0o600)
         durable_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return Identity(cert_path, key_path)
