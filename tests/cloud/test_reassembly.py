@@ -100,3 +100,33 @@ def test_shared_reassembly_refuses_pieces_that_do_not_add_up(tmp_path):
     member.add("dev", pieces[0], 0)
     member.expire(10**9)
     assert member.dropped == 1
+
+
+@pytest.mark.parametrize("kind", ["memory", "shared"])
+def test_a_forged_fragment_under_the_same_id_never_displaces_the_genuine_partial(kind, tmp_path):
+    """Before this change (c1ffc7f) a fragment with the genuine message id and another digest
+    replaced the genuine partial, so a device's envelope never completed."""
+    genuine = frags(os.urandom(3000), 600)
+    forged = frags(os.urandom(3000), 600, mid=genuine[0].message_id)
+    r = Reassembler() if kind == "memory" else SharedReassembler(create_engine(f"sqlite:///{tmp_path / 'f.db'}"))
+    out = []
+    for g, f in zip(genuine, forged):
+        out += [r.add("dev", g, 0), r.add("dev", f, 0)]
+    done = [m for m in out if m]
+    assert b"".join(g.data for g in genuine) in done
+
+
+@pytest.mark.parametrize("kind", ["memory", "shared"])
+def test_one_source_flooding_sheds_only_its_own_partials(kind, tmp_path):
+    """Before this change (c1ffc7f) the memory bound was global: another device's flood of
+    partials pushed the victim's genuine partial out first (it was the oldest)."""
+    victim = frags(os.urandom(4000), 800)
+    r = (Reassembler(max_source_bytes=10_000, max_pending_bytes=20_000) if kind == "memory"
+         else SharedReassembler(create_engine(f"sqlite:///{tmp_path / 'f.db'}"), max_source_bytes=10_000))
+    assert r.add("victim", victim[0], 0) is None
+    for i in range(40):  # another device's endless partials, each never completed
+        flood = frags(os.urandom(3000), 600, mid=os.urandom(16))
+        r.add("attacker", flood[0], i)
+        r.add("attacker", flood[1], i)
+    done = [m for f in victim[1:] if (m := r.add("victim", f, 50)) is not None]
+    assert done and len(done[0]) == 4000
