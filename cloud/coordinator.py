@@ -86,7 +86,7 @@ class Coordinator:
             self.endpoint, directory=LedgerDirectory(self.ledger), store=self.store,
             catalog=self.catalog, registrar=LedgerRegistrar(self.ledger, c.policy),
             ingest_key=self.ingest_key, shared_group=c.shared_group, workers=c.workers,
-            on_stored=self.predictions.add,
+            on_stored=self.predictions.add, known=self.fleet.knows,
         )
         self.ingest.start()
         # retained heartbeats come back on every subscribe: no session to keep, so a unique id

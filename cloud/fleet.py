@@ -115,6 +115,12 @@ class FleetRegistry:
             raise UnknownDevice(f"no device {device_id!r} is enrolled")
         return _device(row)
 
+    def knows(self, device_id: str) -> bool:
+        """Whether the registry holds ``device_id`` (revoked or not): ingest asks this before
+        it spends a ledger query on a device id it has never seen."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(devices.c.device_id).where(devices.c.device_id == device_id)).first() is not None
+
     def list(self, group: str | None = None) -> list[Device]:
         query = select(devices).order_by(devices.c.device_id)
         if group is not None:

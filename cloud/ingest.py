@@ -13,8 +13,8 @@ Nothing is acked ``stored`` before the ledger committed it.
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -81,11 +81,12 @@ class Registrar(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    status: str  # an AckStatus value, or "accept"
+    status: str  # an AckStatus value, "accept", or "drop" (no ack: not the device's own word)
     reason: str = ""
     receipt: Receipt | None = None
 
     ACCEPT = "accept"
+    DROP = "drop"
 
 
 def judge(
@@ -95,19 +96,24 @@ def judge(
     prior: CatalogEntry | None,
     sequence_owner: str | None,
 ) -> Verdict:
-    """Decide what to do with an envelope, without touching anything."""
+    """Decide what to do with an envelope, without touching anything.
+
+    Only an envelope signed by the topic's enrolled device, bodies intact, earns an ack of
+    any kind: anything else (unknown device, a signature or a chunk that does not verify) is
+    dropped unanswered, because a signed ``rejected`` would make the device give up an
+    envelope that someone else forged or tampered with; its own copy is resent."""
     header = envelope.header
-    if header.device_id != topic_device:
-        return Verdict(AckStatus.REJECTED, f"envelope names device {header.device_id!r} "
-                                           f"but came on the topic of {topic_device!r}")
     if device is None:
-        return Verdict(AckStatus.REJECTED, f"unknown device {header.device_id!r}")
-    if device.revoked:
-        return Verdict(AckStatus.REJECTED, f"device {header.device_id!r} is revoked")
+        return Verdict(Verdict.DROP, f"unknown device {topic_device!r}")
     try:
         verify(envelope, device.public_key)
     except (VerificationError, ProtocolError) as exc:
-        return Verdict(AckStatus.REJECTED, str(exc))
+        return Verdict(Verdict.DROP, str(exc))
+    if header.device_id != topic_device:
+        return Verdict(AckStatus.REJECTED, f"envelope names device {header.device_id!r} "
+                                           f"but came on the topic of {topic_device!r}")
+    if device.revoked:
+        return Verdict(AckStatus.REJECTED, f"device {header.device_id!r} is revoked")
     if prior is not None:
         return Verdict(AckStatus.DUPLICATE, "already stored", prior.receipt)
     if sequence_owner is not None and sequence_owner != envelope.envelope_id:
@@ -123,7 +129,64 @@ class IngestStats:
     rejected: int = 0
     malformed: int = 0
     failed: int = 0
+    # dropped unanswered: not provably the device's (unknown, bad signature or chunk), too
+    # large to decode, or over the device's rate
+    unauthenticated: int = 0
+    oversize: int = 0
+    rate_limited: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+
+
+class _Inbox:
+    """Messages waiting for a worker, bounded by their total size (the MQTT thread waits
+    when it is full, so the broker holds the rest): a count bound alone let 256 messages of
+    up to the broker's limit each sit here unauthenticated."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: collections.deque = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+
+    def put(self, item) -> None:
+        size = len(item[1]) if item is not None else 0
+        with self._cond:
+            while self._items and self._bytes + size > self.max_bytes:
+                self._cond.wait()
+            self._items.append(item)
+            self._bytes += size
+            self._cond.notify_all()
+
+    def get(self):
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            item = self._items.popleft()
+            self._bytes -= len(item[1]) if item is not None else 0
+            self._cond.notify_all()
+            return item
+
+
+class _RateLimit:
+    """A token bucket per device: a device that publishes faster than ``rate`` messages per
+    second (beyond a ``burst``) has the excess dropped unanswered (its edge resends later).
+    At most ``max_devices`` buckets are kept: the least recently seen go first."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float], max_devices: int = 100_000):
+        self.rate, self.burst, self._clock, self.max_devices = rate, burst, clock, max_devices
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, device: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            tokens, then = self._buckets.pop(device, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            allowed = tokens >= 1.0
+            self._buckets[device] = (tokens - 1.0 if allowed else tokens, now)
+            if len(self._buckets) > self.max_devices:
+                self._buckets.popitem(last=False)
+            return allowed
 
 
 class IngestService:
@@ -152,8 +215,17 @@ class IngestService:
         client_id: str | None = None,
         clock: Callable[[], float] = time.time,
         on_stored: Callable[[CatalogEntry], object] | None = None,
+        known: Callable[[str], bool] | None = None,
+        rate: float = 200.0,
+        burst: float = 400.0,
+        inbox_bytes: int = 256 * 1024**2,
     ):
+        """``known(device_id)``: whether the fleet registry holds the device (a cheap local
+        check before any ledger query; None: ask the directory for every device)."""
         self.directory = directory
+        self._known = known
+        self._max_message = endpoint.max_message_bytes
+        self._rate = _RateLimit(rate, burst, clock)
         self._on_stored = on_stored
         self.store = store
         self.catalog = catalog
@@ -162,7 +234,7 @@ class IngestService:
         self._clock = clock
         self._workers = workers
         self.stats = IngestStats()
-        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=256)
+        self._inbox = _Inbox(inbox_bytes)
         # in a group the broker deals an envelope's fragments to different members
         self._reassembler = SharedReassembler(catalog.engine) if shared_group else Reassembler()
         self._reassembly_lock = threading.Lock()
@@ -218,9 +290,20 @@ class IngestService:
                 log.exception("ingest: failed on a message from %s; it will be resent", topic)
 
     def handle(self, topic: str, payload: bytes) -> Ack | None:
-        """Process one MQTT message; returns the ack it sent (None if none was due)."""
+        """Process one MQTT message; returns the ack it sent (None if none was due). Work
+        before authentication is bounded: size first, then the device's rate, then whether
+        the device is known, all before a byte is decoded."""
         try:
             device_id = device_from_topic(topic)
+        except MedChainError:
+            return self._drop("malformed", topic, "not a device topic")
+        if len(payload) > self._max_message:
+            return self._drop("oversize", topic, f"{len(payload)} bytes over the {self._max_message} limit")
+        if not self._rate.allow(device_id):
+            return self._drop("rate_limited", topic, "over the device's message rate")
+        if self._known is not None and not self._known(device_id):
+            return self._drop("unauthenticated", topic, "device not in the fleet registry")
+        try:
             message = decode_message(payload)
             if isinstance(message, Fragment):
                 with self._reassembly_lock:
@@ -236,6 +319,12 @@ class IngestService:
             log.warning("ingest: unreadable message on %s: %s", topic, exc)
             return None
         return self._ingest(device_id, message)
+
+    def _drop(self, counter: str, topic: str, why: str) -> None:
+        with self._stats_lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        log.warning("ingest: message on %s dropped: %s", topic, why)
+        return None
 
     def _store_and_register(self, envelope: Envelope) -> Verdict:
         """Store, register, catalogue. A refusal by the ledger withdraws what was stored; a
@@ -270,7 +359,7 @@ class IngestService:
                 log.exception("ingest: after-store hook failed for %s", envelope.envelope_id)
         return Verdict(AckStatus.STORED, "", receipt)
 
-    def _ingest(self, device_id: str, envelope: Envelope) -> Ack:
+    def _ingest(self, device_id: str, envelope: Envelope) -> Ack | None:
         header = envelope.header
         verdict = judge(
             envelope,
@@ -286,9 +375,16 @@ class IngestService:
                 self.stats.stored += 1
             elif verdict.status == AckStatus.DUPLICATE:
                 self.stats.duplicates += 1
+            elif verdict.status == Verdict.DROP:
+                self.stats.unauthenticated += 1
             else:
                 self.stats.rejected += 1
+            if verdict.status not in (AckStatus.STORED, AckStatus.DUPLICATE):
                 self.stats.reasons[verdict.reason] = self.stats.reasons.get(verdict.reason, 0) + 1
+        if verdict.status == Verdict.DROP:
+            log.warning("ingest: dropped envelope %s on the topic of %s unanswered: %s",
+                        envelope.envelope_id, device_id, verdict.reason)
+            return None
         if verdict.status not in (AckStatus.STORED, AckStatus.DUPLICATE):
             log.warning("ingest: rejected envelope %s from %s: %s",
                         envelope.envelope_id, device_id, verdict.reason)
