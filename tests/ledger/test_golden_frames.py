@@ -61,11 +61,12 @@ def samples() -> dict:
     commits = [signed(Commit(1, 5, digest, i), i) for i in (0, 1, 2)]
     checkpoints = [signed(Checkpoint(4, b"\x33" * 32, i), i) for i in (0, 1, 2)]
     proof = tuple((c.sender, c.sig) for c in checkpoints)
-    prepared = Certificate("prepared", 1, 5, 1234, digest, tuple((p.sender, p.sig) for p in prepares[1:]),
-                           pp.sig, requests)
+    prepared = Certificate("prepared", 1, 5, 1234, digest,
+                           tuple((p.sender, p.sig) for p in prepares[1:]), pp.sig, requests)
     committed = Certificate("committed", 1, 5, 1234, digest,
                             tuple((c.sender, c.sig) for c in commits))
-    vc = signed(ViewChange(2, 3, 4, b"\x33" * 32, proof, (prepared, committed.without_requests())), 3)
+    vc = signed(ViewChange(2, 3, 4, b"\x33" * 32, proof,
+                           (prepared, committed.without_requests())), 3)
     vc_empty = signed(ViewChange(2, 0, 0, b"\x00" * 32, (), ()), 0)
     header = BlockHeader("chain-a", 5, 1234, tx_root(requests), 2, b"\x01" * 32, b"\x02" * 32,
                          b"\x03" * 32)

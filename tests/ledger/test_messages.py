@@ -6,9 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from medchain.canonical import canonical_bytes
 from ledger.errors import MessageInvalid
-from medchain.identity import SigningKey
 from ledger.messages import (
     Blocks,
     Certificate,
@@ -31,6 +29,8 @@ from ledger.messages import (
     sign_frame,
 )
 from ledger.quorum import Keyring, Signer
+from medchain.canonical import canonical_bytes
+from medchain.identity import SigningKey
 
 KEY = SigningKey.from_seed(bytes(32))
 H = b"\x11" * 32
@@ -91,7 +91,7 @@ def frame(kind, body, sig=S, payload=None, version=1):
     (frame("nonsense", b""), "unknown message kind"),
     (frame("prepare", "text"), "body must be a byte string"),
     (frame("prepare", canonical_bytes({"v": 0}), sig=b"short"), "signature"),
-    (frame("prepare", canonical_bytes([1])), "body must be a map"),
+    (frame("prepare", canonical_bytes([1])), "prepare: must be a map"),
     (frame("prepare", canonical_bytes({"v": 0, "n": 1, "d": H, "i": 1, "k": "commit"})), "'k'"),
     (frame("prepare", canonical_bytes({"v": -1, "n": 1, "d": H, "i": 1, "k": "prepare"})), "'v'"),
     (frame("prepare", canonical_bytes({"v": True, "n": 1, "d": H, "i": 1, "k": "prepare"})), "'v'"),
@@ -103,10 +103,11 @@ def frame(kind, body, sig=S, payload=None, version=1):
     (frame("hello", canonical_bytes({"role": "admin", "name": "x", "chain": "c", "ts": 1})),
      "role"),
     (frame("viewchange", canonical_bytes({"v": 1, "i": 0, "h": 0, "hd": H, "hp": [[0, b"x"]],
-                                          "P": []})), "checkpoint proof"),
+                                          "P": []})), r"'hp\[0\]\[1\]' must be 64 bytes"),
     (frame("viewchange", canonical_bytes({"v": 1, "i": 0, "h": 0, "hd": H, "hp": [],
-                                          "P": [{"k": "weird"}]})), "certificate"),
-    (frame("newview", canonical_bytes({"v": 1, "i": 0, "V": [], "O": [[1, 2, H]]})), "new view"),
+                                          "P": [{"k": "weird"}]})), r"'P\[0\].k' must be one of"),
+    (frame("newview", canonical_bytes({"v": 1, "i": 0, "V": [], "O": [[1, 2, H]]})),
+     r"'O\[0\]' must be a list of 4"),
     (frame("reply", canonical_bytes({"v": 1, "i": 0, "c": "x", "r": [[1]]})), "reply"),
     (frame("status", canonical_bytes({"v": 1, "i": 0, "e": 0, "h": 0, "ok": 1})), "'ok'"),
     (frame("request", canonical_bytes({"client": "", "rid": 1, "ts": 1, "tx": {}})), "client"),
