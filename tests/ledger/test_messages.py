@@ -1,7 +1,6 @@
 """The v1 ledger wire codec: round trips, and every malformed frame refused clearly."""
 
-import contextlib
-
+import cbor2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -74,12 +73,6 @@ def test_votes_round_trip_and_bodies_are_canonical(view, seq, sender, digest):
         assert body == canonical_bytes(msg.fields())
 
 
-@given(st.binary(max_size=200))
-def test_garbage_never_decodes_to_something_else(data):
-    with contextlib.suppress(MessageInvalid):
-        decode_frame(data)
-
-
 def frame(kind, body, sig=S, payload=None, version=1):
     return canonical_bytes([version, kind, body, sig, payload])
 
@@ -111,6 +104,21 @@ def frame(kind, body, sig=S, payload=None, version=1):
     (frame("reply", canonical_bytes({"v": 1, "i": 0, "c": "x", "r": [[1]]})), "reply"),
     (frame("status", canonical_bytes({"v": 1, "i": 0, "e": 0, "h": 0, "ok": 1})), "'ok'"),
     (frame("request", canonical_bytes({"client": "", "rid": 1, "ts": 1, "tx": {}})), "client"),
+    (frame("request", canonical_bytes({"rid": 1, "ts": 1, "tx": {}})), "'client' is missing"),
+    (frame("request", canonical_bytes({"client": "c", "rid": 1, "ts": 1, "tx": {}, "x": 0})),
+     "unknown field"),
+    (frame("request", canonical_bytes({"client": "c", "rid": 1, "ts": 1,
+                                       "tx": {"t": [cbor2.undefined]}}, check=False)),
+     "'tx' must be a map of plain CBOR values"),
+    (frame("prepare", canonical_bytes({"v": 0, "n": 1, "d": H, "i": 1, "k": "prepare"}),
+           version=True), "version"),
+    (frame("requests", canonical_bytes({"r": []})), "unexpected signature"),
+    (frame("preprepare", canonical_bytes({"v": 0, "n": 1, "d": H, "i": 1, "t": 1, "k": "pp"}),
+           payload=[]), "empty payload|non-empty"),
+    (frame("preprepare", canonical_bytes({"v": 0, "n": 1, "d": H, "i": 1, "t": 1})), "'k'"),
+    (frame("viewchange", canonical_bytes({"v": 1, "i": 0, "h": 0, "hd": H, "hp": [], "P": [
+        {"k": "committed", "v": 1, "n": 2, "t": 3, "d": H, "s": [], "p": S, "r": []}]})),
+     "pre-prepare signature"),
 ])
 def test_malformed_frames_are_refused_with_the_field_named(bad, why):
     with pytest.raises(MessageInvalid, match=why):
