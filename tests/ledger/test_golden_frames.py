@@ -35,6 +35,7 @@ from ledger.messages import (
     sign_frame,
 )
 from ledger.quorum import Signer
+from ledger.receipts import TxReceipt
 from medchain.canonical import canonical_bytes, decode
 from medchain.identity import SigningKey
 
@@ -109,7 +110,16 @@ EXTRA = {  # wire maps that are not frames but are signed, hashed or stored as t
     "certificate_prepared": lambda s: canonical_bytes(s["viewchange"].certs[0].to_wire()),
     "certificate_committed": lambda s: canonical_bytes(s["viewchange"].certs[1].to_wire()),
     "block": lambda s: canonical_bytes(s["blocks"].blocks[0]),
+    "receipt": lambda s: canonical_bytes(receipt(s).to_wire()),
 }
+
+
+def receipt(s) -> TxReceipt:
+    """The receipt of the second request of the sample block."""
+    block = Block.from_wire(s["blocks"].blocks[0])
+    record = {"height": 5, "index": 1, "type": "X", "t": 1234}
+    return TxReceipt(record, block.header, block.requests[1], block.proof(1),
+                     s["viewchange"].certs[1])
 
 
 def test_every_kind_has_a_golden_frame():
@@ -144,3 +154,5 @@ def test_recorded_certificates_and_blocks_decode():
         assert Certificate.from_wire(decode(bytes.fromhex(GOLDEN[name]))) == cert
     block = Block.from_wire(decode(bytes.fromhex(GOLDEN["block"])))
     assert canonical_bytes(block.to_wire()).hex() == GOLDEN["block"]
+    got = TxReceipt.from_wire(decode(bytes.fromhex(GOLDEN["receipt"])))
+    assert got == receipt(SAMPLES)
