@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["Invalid", "Codec", "Int", "Bool", "Text", "Choice", "Bytes", "Hex", "Const",
            "Optional", "ListOf", "TupleOf", "Value", "Map", "Record", "Schema", "wire",
@@ -56,7 +55,7 @@ class Codec:
     """Checks and converts one field's value. ``plain``: the wire value is the value itself,
     so encoding can skip :meth:`encode`."""
 
-    plain: ClassVar[bool] = True
+    plain: bool = True
 
     def decode(self, value: Any) -> Any:  # pragma: no cover - every codec overrides
         raise NotImplementedError
@@ -74,12 +73,13 @@ class Int(Codec):
 
     def __init__(self, lo: int | None = 0, hi: int | None = None):
         self.lo, self.hi = lo, hi
+        self._lo = -math.inf if lo is None else lo  # ints compare exactly with infinities
+        self._hi = math.inf if hi is None else hi
         bounds = ([f">= {lo}"] if lo is not None else []) + ([f"<= {hi}"] if hi is not None else [])
         self.problem = " ".join(["must be an integer", " and ".join(bounds)]).strip()
 
     def decode(self, value: Any) -> int:
-        if (type(value) is not int or (self.lo is not None and value < self.lo)
-                or (self.hi is not None and value > self.hi)):
+        if type(value) is not int or not self._lo <= value <= self._hi:
             raise Invalid(self.problem)
         return value
 
@@ -246,6 +246,17 @@ class TupleOf(Codec):
                     raise exc.within(f"[{i}]") from None
             raise  # pragma: no cover - a codec that fails only once
 
+    def decode_all(self, values: list) -> tuple:
+        if self._pair is None:
+            return super().decode_all(values)
+        first, second = self._pair
+        out = []
+        for value in values:  # pairs inline: lists of them are long (results, signatures)
+            if type(value) is not list or len(value) != 2:
+                raise Invalid(self.problem)
+            out.append((first(value[0]), second(value[1])))
+        return tuple(out)
+
     def encode(self, value: Iterable) -> list:
         if self._plain_items:
             return list(value)
@@ -358,6 +369,7 @@ class Schema:
         self._keys = tuple(w.key for _, w in specs)
         self._attrs = tuple(attr for attr, _ in specs)
         self._decoders = tuple(w.codec.decode for _, w in specs)
+        self._fields = tuple(zip(self._keys, self._decoders))
         self._if_absent = tuple(w.if_absent for _, w in specs)
         self._all_required = all(a is _ABSENT for a in self._if_absent)
         self._encoders = tuple((w.key, attr, None if w.codec.plain else w.codec.encode)
@@ -386,8 +398,10 @@ class Schema:
         if type(d) is not dict:
             raise Invalid("must be a map")
         if self._all_required:
-            try:  # one pass in C over the fields; a failure is located below
-                values = list(map(operator.call, self._decoders, map(d.__getitem__, self._keys)))
+            values = []
+            try:  # the common case in one loop; a failure is located below
+                for key, decode in self._fields:
+                    values.append(decode(d[key]))
             except (KeyError, Invalid):
                 raise self._first_problem(d) from None
             present = len(values)
