@@ -67,6 +67,16 @@ class Codec:
     def encode(self, value: Any) -> Any:
         return value
 
+    def encode_all(self, values: Iterable) -> list:
+        """:meth:`encode` of every item of a list."""
+        encode = self.encode
+        return [encode(value) for value in values]
+
+    def inline(self, var: str) -> str | None:
+        """A Python expression, true when the value in ``var`` is invalid, that a compiled
+        :class:`Schema` runs instead of calling :meth:`decode`; ``None``: call it."""
+        return None
+
 
 class Int(Codec):
     """An integer (never a bool) in ``[lo, hi]``; ``None`` leaves that side open."""
@@ -83,12 +93,20 @@ class Int(Codec):
             raise Invalid(self.problem)
         return value
 
+    def inline(self, var: str) -> str:
+        lo = "" if self.lo is None else f"{self.lo!r} <= "
+        hi = "" if self.hi is None else f" <= {self.hi!r}"
+        return f"type({var}) is not int" + (f" or not {lo}{var}{hi}" if lo or hi else "")
+
 
 class Bool(Codec):
     def decode(self, value: Any) -> bool:
         if type(value) is not bool:
             raise Invalid("must be a bool")
         return value
+
+    def inline(self, var: str) -> str:
+        return f"type({var}) is not bool"
 
 
 class Text(Codec):
@@ -106,6 +124,12 @@ class Text(Codec):
             raise Invalid(self.problem)
         return value
 
+    def inline(self, var: str) -> str:
+        if not self.min_len and self.max_len is None:
+            return f"type({var}) is not str"
+        hi = "" if self.max_len is None else f" <= {self.max_len!r}"
+        return f"type({var}) is not str or not {self.min_len!r} <= len({var}){hi}"
+
 
 class Choice(Codec):
     """One of a closed set of texts."""
@@ -119,6 +143,9 @@ class Choice(Codec):
             raise Invalid(self.problem)
         return value
 
+    def inline(self, var: str) -> str:
+        return f"type({var}) is not str or {var} not in {tuple(sorted(self.choices))!r}"
+
 
 class Bytes(Codec):
     """A byte string, of exactly ``size`` bytes when given."""
@@ -131,6 +158,10 @@ class Bytes(Codec):
         if type(value) is not bytes or (self.size is not None and len(value) != self.size):
             raise Invalid(self.problem)
         return value
+
+    def inline(self, var: str) -> str:
+        size = "" if self.size is None else f" or len({var}) != {self.size!r}"
+        return f"type({var}) is not bytes{size}"
 
     def decode_all(self, values: list) -> tuple:
         size = self.size
@@ -215,8 +246,7 @@ class ListOf(Codec):
     def encode(self, value: Iterable) -> list:
         if self.item.plain:
             return list(value)
-        encode = self.item.encode
-        return [encode(x) for x in value]
+        return self.item.encode_all(value)
 
 
 class TupleOf(Codec):
@@ -261,6 +291,11 @@ class TupleOf(Codec):
         if self._plain_items:
             return list(value)
         return [c.encode(x) for c, x in zip(self.items, value)]
+
+    def encode_all(self, values: Iterable) -> list:
+        if self._plain_items:
+            return [list(value) for value in values]
+        return super().encode_all(values)
 
 
 _LEAVES = frozenset({type(None), bool, int, str, bytes})
@@ -346,8 +381,7 @@ def wire(key: str, codec: Codec, *, default: Any = dataclasses.MISSING,
     ``default``/``default_factory`` are for building the message; on the wire the key is
     always written, and a decoder requires it unless ``if_absent`` gives the value to take
     (for files written before the field existed). ``signed=False`` leaves it out of
-    :meth:`Schema.encode` with ``signed_only`` (bulk data bound by a signed hash, or the
-    signature itself)."""
+    ``Schema.encode_signed`` (bulk data bound by a signed hash, or the signature itself)."""
     return dataclasses.field(default=default, default_factory=default_factory, compare=compare,
                              metadata={_META: _Wire(key, codec, signed, if_absent)})
 
@@ -358,100 +392,110 @@ class Schema:
     ``tags`` are constant entries of the map (a body's kind); ``tolerate`` names keys a
     caller checks itself (a protocol message's ``v`` and ``type``); ``check`` is called with
     each decoded message for rules across fields; it raises :class:`Invalid` (or the
-    caller's error type)."""
+    caller's error type).
+
+    ``encode``, ``encode_signed`` and ``parse`` are compiled from the table once, as
+    dataclasses compiles ``__init__``: a message is encoded and checked at the speed of
+    hand-written code (its source is in ``source``)."""
 
     def __init__(self, cls: type, name: str, error: type[Exception], *,
                  tags: dict[str, str | int] | None = None, tolerate: Iterable[str] = (),
                  check: Callable[[Any], None] | None = None):
-        self.cls, self.name, self.error, self.check = cls, name, error, check
+        self.cls, self.name, self.error = cls, name, error
         params = [f for f in dataclasses.fields(cls) if f.init]
         specs = [(f.name, f.metadata[_META]) for f in params if _META in f.metadata]
-        self._keys = tuple(w.key for _, w in specs)
-        self._attrs = tuple(attr for attr, _ in specs)
-        self._decoders = tuple(w.codec.decode for _, w in specs)
-        self._fields = tuple(zip(self._keys, self._decoders))
-        self._if_absent = tuple(w.if_absent for _, w in specs)
-        self._all_required = all(a is _ABSENT for a in self._if_absent)
-        self._encoders = tuple((w.key, attr, None if w.codec.plain else w.codec.encode)
-                               for attr, w in specs)
-        self._signed = tuple(e for e, (_, w) in zip(self._encoders, specs) if w.signed)
+        self._specs = specs
         self.tags = tuple((tags or {}).items())
-        self.keys = frozenset(self._keys) | {k for k, _ in self.tags}
+        self.keys = frozenset(w.key for _, w in specs) | {k for k, _ in self.tags}
         self._tolerate = frozenset(tolerate)
         if len(self.keys) != len(specs) + len(self.tags):
             raise TypeError(f"{name}: two fields share a wire key")
-        if tuple(f.name for f in params[:len(specs)]) != self._attrs:  # built by position
-            raise TypeError(f"{name}: wire fields must come before the others")
-
-    def encode(self, obj: Any, *, signed_only: bool = False) -> dict:
-        """The wire map of ``obj`` (with ``signed_only``, of its signed fields)."""
-        out = dict(self.tags)
-        for key, attr, encode in (self._signed if signed_only else self._encoders):
-            value = getattr(obj, attr)
-            out[key] = value if encode is None else encode(value)
-        return out
-
-    def parse(self, d: Any, *rest: Any) -> Any:
-        """Check the map ``d`` and build the message; ``rest`` are the values of the
-        attributes after the wire fields that are not on the wire (a frame's signature).
-        Raise :class:`Invalid`."""
-        if type(d) is not dict:
-            raise Invalid("must be a map")
-        if self._all_required:
-            values = []
-            try:  # the common case in one loop; a failure is located below
-                for key, decode in self._fields:
-                    values.append(decode(d[key]))
-            except (KeyError, Invalid):
-                raise self._first_problem(d) from None
-            present = len(values)
-        else:
-            values, present = self._with_absent(d)
-        for key, tag in self.tags:
-            value = d.get(key)
-            if type(value) is not type(tag) or value != tag:
-                raise Invalid(f"must be {tag!r}", key)
-        if len(d) != present + len(self.tags):
-            unknown = [k for k in d if k not in self.keys and k not in self._tolerate]
-            if unknown:
-                names = ", ".join(repr(k)[:40] for k in unknown[:3])
-                raise Invalid(f"has unknown field(s) {names}")
-        obj = self.cls(*values, *rest)
-        if self.check is not None:
-            self.check(obj)
-        return obj
+        if tuple(f.name for f in params[:len(specs)]) != tuple(a for a, _ in specs):
+            raise TypeError(f"{name}: wire fields must come before the others")  # by position
+        self.source = self._compile(check)
 
     def decode(self, d: Any, *rest: Any) -> Any:
-        """:meth:`parse`, with a failure raised as the schema's error type."""
+        """``parse(d, *rest)`` (check the map ``d`` and build the message; ``rest`` are the
+        attributes after the wire fields that are not on the wire, a frame's signature), with
+        a failure raised as the schema's error type."""
         try:
             return self.parse(d, *rest)
         except Invalid as exc:
             raise self.error(f"{self.name}: {exc}") from None
 
-    def _first_problem(self, d: dict) -> Invalid:
-        for key, decode in zip(self._keys, self._decoders):
-            if key not in d:
-                return Invalid("is missing", key)
+    def _compile(self, check: Callable[[Any], None] | None) -> str:
+        ns: dict[str, Any] = {"Invalid": Invalid, "ABSENT": _ABSENT, "cls": self.cls,
+                              "check": check, "problem": self._problem,
+                              "unknown": self._unknown}
+        out, out_signed, body = [], [], []
+        for key, tag in self.tags:
+            out.append(f"{key!r}: {tag!r}")
+            body += [f"    t = d.get({key!r})",
+                     f"    if type(t) is not {type(tag).__name__} or t != {tag!r}:",
+                     f"        raise Invalid({'must be ' + repr(tag)!r}, {key!r})"]
+        out_signed += out
+        fields = []
+        for i, (attr, w) in enumerate(self._specs):
+            ns.update({f"dec{i}": w.codec.decode, f"enc{i}": w.codec.encode,
+                       f"absent{i}": w.if_absent})
+            value = f"obj.{attr}" if w.codec.plain else f"enc{i}(obj.{attr})"
+            out.append(f"{w.key!r}: {value}")
+            if w.signed:
+                out_signed.append(f"{w.key!r}: {value}")
+            test = w.codec.inline(f"v{i}")
+            if w.if_absent is not _ABSENT:
+                fields += [f"        v{i} = d.get({w.key!r}, ABSENT)",
+                           f"        if v{i} is ABSENT:",
+                           f"            v{i} = absent{i}; absent += 1",
+                           "        else:",
+                           f"            v{i} = dec{i}(v{i})"]
+            elif test is None:
+                fields.append(f"        v{i} = dec{i}(d[{w.key!r}])")
+            else:
+                fields += [f"        v{i} = d[{w.key!r}]",
+                           f"        if {test}:",
+                           "            raise Invalid('')"]
+        values = "".join(f"v{i}, " for i in range(len(self._specs)))
+        source = "\n".join([
+            "def encode(obj):", f"    return {{{', '.join(out)}}}",
+            "def encode_signed(obj):", f"    return {{{', '.join(out_signed)}}}",
+            "def parse(d, *rest):",
+            "    if type(d) is not dict:",
+            "        raise Invalid('must be a map')",
+            "    absent = 0",
+            "    try:", *(fields or ["        pass"]),
+            "    except (KeyError, Invalid):",  # located and named by the slow path
+            "        raise problem(d) from None",
+            *body,
+            f"    if len(d) != {len(self.keys)} - absent:",
+            "        unknown(d)",
+            f"    obj = cls({values}*rest)",
+            *(["    check(obj)"] if check is not None else []),
+            "    return obj", ""])
+        exec(compile(source, f"<schema {self.name}>", "exec"), ns)  # noqa: S102 - our table
+        self.encode: Callable[[Any], dict] = ns["encode"]
+        self.encode_signed: Callable[[Any], dict] = ns["encode_signed"]
+        self.parse: Callable[..., Any] = ns["parse"]
+        return source
+
+    def _problem(self, d: dict) -> Invalid:
+        """The first field of ``d`` that is missing or malformed, located."""
+        for _, w in self._specs:
+            if w.key not in d:
+                if w.if_absent is _ABSENT:
+                    return Invalid("is missing", w.key)
+                continue
             try:
-                decode(d[key])
+                w.codec.decode(d[w.key])
             except Invalid as exc:
-                return exc.within(key)
+                return exc.within(w.key)
         return Invalid("is malformed")  # pragma: no cover - a codec that fails only once
 
-    def _with_absent(self, d: dict) -> tuple[list, int]:
-        values, present = [], 0
-        for key, decode, if_absent in zip(self._keys, self._decoders, self._if_absent):
-            if key in d:
-                try:
-                    values.append(decode(d[key]))
-                except Invalid as exc:
-                    raise exc.within(key) from None
-                present += 1
-            elif if_absent is _ABSENT:
-                raise Invalid("is missing", key)
-            else:
-                values.append(if_absent)
-        return values, present
+    def _unknown(self, d: dict) -> None:
+        unknown = [k for k in d if k not in self.keys and k not in self._tolerate]
+        if unknown:
+            names = ", ".join(repr(k)[:40] for k in unknown[:3])
+            raise Invalid(f"has unknown field(s) {names}")
 
 
 def schema(name: str, error: type[Exception], **options: Any) -> Callable[[type[T]], type[T]]:

@@ -68,7 +68,7 @@ class Signed(Wire):
     DOMAIN: ClassVar[str]
 
     def body(self) -> dict:
-        return self.SCHEMA.encode(self, signed_only=True)
+        return self.SCHEMA.encode_signed(self)
 
     def signed(self, key) -> Any:
         """A copy signed with ``key`` (a :class:`medchain.identity.SigningKey`)."""
