@@ -25,12 +25,13 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from medchain.canonical import MAX_DEPTH, is_plain
+
 __all__ = ["Invalid", "Codec", "Int", "Bool", "Text", "Choice", "Bytes", "Hex", "Const",
            "Optional", "ListOf", "TupleOf", "Value", "Map", "Record", "Schema", "wire",
            "schema", "VALUE", "MAP", "BOOL", "BYTES", "TEXT", "MAX_DEPTH"]
 
 T = TypeVar("T")
-MAX_DEPTH = 64  # nesting a free-form value may have (cbor2 itself stops at 400)
 _META = "medchain.wire"
 _ABSENT = object()
 
@@ -298,40 +299,15 @@ class TupleOf(Codec):
         return super().encode_all(values)
 
 
-_LEAVES = frozenset({type(None), bool, int, str, bytes})
-
-
-def _plain(value: Any, depth: int) -> bool:
-    """True iff ``value`` has a canonical encoding (see :mod:`medchain.canonical`)."""
-    kind = type(value)
-    if kind is dict:
-        if depth >= MAX_DEPTH:
-            return False
-        for key, item in value.items():  # leaves inline: most items are
-            if type(key) is not str or (type(item) not in _LEAVES
-                                        and not _plain(item, depth + 1)):
-                return False
-        return True
-    if kind is list:
-        if depth >= MAX_DEPTH:
-            return False
-        for item in value:
-            if type(item) not in _LEAVES and not _plain(item, depth + 1):
-                return False
-        return True
-    if kind in _LEAVES:
-        return True
-    return kind is float and math.isfinite(value)
-
-
 class Value(Codec):
-    """Any value with a canonical encoding: what decoded CBOR holds minus tags, non-text map
-    keys, undefined and non-finite floats, nested at most :data:`MAX_DEPTH` deep."""
+    """Any value with a canonical encoding (:func:`medchain.canonical.is_plain`): what decoded
+    CBOR holds minus tags, non-text map keys, undefined and non-finite floats, nested at most
+    :data:`MAX_DEPTH` deep."""
 
     problem = "must be a plain CBOR value"
 
     def decode(self, value: Any) -> Any:
-        if not _plain(value, 0):
+        if not is_plain(value):
             raise Invalid(self.problem)
         return value
 
@@ -342,7 +318,7 @@ class Map(Value):
     problem = "must be a map of plain CBOR values"
 
     def decode(self, value: Any) -> dict:
-        if type(value) is not dict or not _plain(value, 0):
+        if type(value) is not dict or not is_plain(value):
             raise Invalid(self.problem)
         return value
 
