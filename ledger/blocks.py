@@ -17,10 +17,11 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from medchain.canonical import canonical_bytes
 from ledger.errors import MessageInvalid
+from ledger.messages import DIGEST, FRAMES, Certificate
+from medchain.canonical import canonical_bytes
+from medchain.fields import Int, Optional, Record, Text, schema, wire
 from medchain.merkle import EMPTY_ROOT, MerkleTree, merkle_root
-from ledger.messages import Certificate
 
 __all__ = ["BlockHeader", "Block", "batch_digest", "tx_root", "genesis_header", "ZERO_HASH"]
 
@@ -37,37 +38,27 @@ def batch_digest(seq: int, t: int, root: bytes) -> bytes:
     return hashlib.sha256(canonical_bytes({"n": seq, "t": t, "root": root})).digest()
 
 
+COUNT = Int(0)
+
+
+@schema("block header", MessageInvalid)
 @dataclass(frozen=True, slots=True)
 class BlockHeader:
-    chain: str
-    height: int
-    t: int
-    tx_root: bytes
-    tx_count: int
-    prev_hash: bytes
-    state_root: bytes
-    results_hash: bytes
+    chain: str = wire("chain", Text())
+    height: int = wire("height", COUNT)
+    t: int = wire("t", COUNT)
+    tx_root: bytes = wire("tx_root", DIGEST)
+    tx_count: int = wire("tx_count", COUNT)
+    prev_hash: bytes = wire("prev", DIGEST)
+    state_root: bytes = wire("state", DIGEST)
+    results_hash: bytes = wire("results", DIGEST)
 
     def to_wire(self) -> dict:
-        return {"chain": self.chain, "height": self.height, "t": self.t, "tx_root": self.tx_root,
-                "tx_count": self.tx_count, "prev": self.prev_hash, "state": self.state_root,
-                "results": self.results_hash}
+        return self.SCHEMA.encode(self)
 
     @classmethod
     def from_wire(cls, d: object) -> BlockHeader:
-        if not isinstance(d, dict):
-            raise MessageInvalid("block header: expected a map")
-        try:
-            h = cls(d["chain"], d["height"], d["t"], d["tx_root"], d["tx_count"], d["prev"],
-                    d["state"], d["results"])
-        except KeyError as exc:
-            raise MessageInvalid(f"block header: missing field {exc.args[0]!r}") from None
-        ints = (h.height, h.t, h.tx_count)
-        hashes = (h.tx_root, h.prev_hash, h.state_root, h.results_hash)
-        if (not isinstance(h.chain, str) or not all(type(x) is int and x >= 0 for x in ints)
-                or not all(isinstance(x, bytes) and len(x) == 32 for x in hashes)):
-            raise MessageInvalid("block header: mistyped field")
-        return h
+        return cls.SCHEMA.decode(d)
 
     @property
     def hash(self) -> bytes:
@@ -83,26 +74,29 @@ def genesis_header(chain: str, state_root: bytes) -> BlockHeader:
     return BlockHeader(chain, 0, 0, EMPTY_ROOT, 0, ZERO_HASH, state_root, EMPTY_ROOT)
 
 
+class _CommitProof(Record):
+    """A block's certificate travels without the batch: the block holds the requests."""
+
+    def encode(self, value: Certificate) -> dict:
+        return super().encode(value.without_requests())
+
+
+@schema("block", MessageInvalid)
 @dataclass(frozen=True, slots=True)
 class Block:
     """A header, the signed request frames it orders, and a commit certificate for it."""
 
-    header: BlockHeader
-    requests: tuple[bytes, ...]
-    cert: Certificate | None  # None only for the genesis block
+    header: BlockHeader = wire("h", Record(BlockHeader))
+    requests: tuple[bytes, ...] = wire("r", FRAMES)
+    # None only for the genesis block
+    cert: Certificate | None = wire("c", Optional(_CommitProof(Certificate)))
 
     def to_wire(self) -> dict:
-        return {"h": self.header.to_wire(), "r": list(self.requests),
-                "c": self.cert.without_requests().to_wire() if self.cert else None}
+        return self.SCHEMA.encode(self)
 
     @classmethod
     def from_wire(cls, d: object) -> Block:
-        if not isinstance(d, dict) or not isinstance(d.get("r"), list):
-            raise MessageInvalid("block: expected a map with a request list")
-        if not all(isinstance(r, bytes) for r in d["r"]):
-            raise MessageInvalid("block: requests must be byte strings")
-        cert = Certificate.from_wire(d["c"]) if d.get("c") is not None else None
-        return cls(BlockHeader.from_wire(d.get("h")), tuple(d["r"]), cert)
+        return cls.SCHEMA.decode(d)
 
     def proof(self, index: int):
         """Inclusion proof of request ``index`` under ``header.tx_root``."""

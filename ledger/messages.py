@@ -4,9 +4,13 @@ A frame is the canonical CBOR array ``[kind, body, signature, payload]``. ``body
 canonical CBOR of the message's fields and is what the sender's Ed25519 key signs, under the
 domain ``medchain/v1/ledger/<kind>``; ``payload`` carries bulk data whose hash the body
 already binds (the requests of a pre-prepare, whose Merkle root is inside the batch digest),
-so it is never signed twice. Decoding checks every field's type and size and raises
-:class:`MessageInvalid`; it does not verify signatures, which needs the keys (the replica and
-the shells do that, see :mod:`ledger.quorum`).
+so it is never signed twice. Decoding checks every field's type and size, refuses unknown
+fields, and raises :class:`MessageInvalid` and nothing else; it does not verify signatures,
+which needs the keys (the replica and the shells do that, see :mod:`ledger.quorum`).
+
+Each message declares its body fields once, as ``wire(key, codec)`` on its dataclass fields
+(:mod:`medchain.fields`); the body map, the checks on decoding and the error naming the field
+all follow from that declaration.
 
 Votes (pre-prepare, prepare, commit, checkpoint) have bodies built only from their fields, so a
 certificate can carry just ``(sender, signature)`` pairs and anyone can rebuild the signed bytes.
@@ -21,12 +25,31 @@ proofs in state transfer).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from medchain.canonical import canonical_bytes, decode
 from ledger.errors import MessageInvalid
+from medchain.canonical import canonical_bytes, decode
 from medchain.errors import EncodingError
+from medchain.fields import (
+    BOOL,
+    BYTES,
+    MAP,
+    VALUE,
+    Bytes,
+    Choice,
+    Int,
+    Invalid,
+    ListOf,
+    Optional,
+    Record,
+    Schema,
+    Text,
+    TupleOf,
+    schema,
+    wire,
+)
 
 __all__ = [
     "VERSION",
@@ -70,63 +93,26 @@ def request_digest(request_bytes: bytes) -> bytes:
     return hashlib.sha256(request_bytes).digest()
 
 
-# -- field checks ------------------------------------------------------------------------------
+# -- field codecs ------------------------------------------------------------------------------
+
+UINT = Int(0, 2**63 - 1)
+NAME = Text(1, MAX_NAME)
+DIGEST = Bytes(HASH)
+SIGNATURE = Bytes(SIG)
+FRAMES = ListOf(BYTES)  # encoded requests or frames, each signed on its own
+SIG_PAIRS = ListOf(TupleOf(UINT, SIGNATURE))  # [[replica, signature], ...]
+
+M = TypeVar("M")
 
 
-def _int(d: dict, key: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int:
-    value = d.get(key)
-    if type(value) is not int or not lo <= value <= hi:
-        raise MessageInvalid(f"field {key!r}: expected an integer in [{lo}, {hi}]")
-    return value
+def _body(**options: Any) -> Callable[[type[M]], type[M]]:
+    """Attach the schema of a message's body, named by its ``KIND``."""
 
+    def attach(cls: type[M]) -> type[M]:
+        cls.SCHEMA = Schema(cls, cls.KIND, MessageInvalid, **options)
+        return cls
 
-def _bytes(d: dict, key: str, size: int | None = None, *, optional: bool = False) -> bytes | None:
-    value = d.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, bytes) or (size is not None and len(value) != size):
-        raise MessageInvalid(f"field {key!r}: expected {size or 'some'} bytes")
-    return value
-
-
-def _str(d: dict, key: str, limit: int = MAX_NAME) -> str:
-    value = d.get(key)
-    if not isinstance(value, str) or not 0 < len(value) <= limit:
-        raise MessageInvalid(f"field {key!r}: expected a non-empty string of at most {limit}")
-    return value
-
-
-def _list(d: dict, key: str) -> list:
-    value = d.get(key)
-    if not isinstance(value, list):
-        raise MessageInvalid(f"field {key!r}: expected a list")
-    return value
-
-
-def _map(d: dict, key: str) -> dict:
-    value = d.get(key)
-    if not isinstance(value, dict):
-        raise MessageInvalid(f"field {key!r}: expected a map")
-    return value
-
-
-def _bytes_list(d: dict, key: str) -> tuple[bytes, ...]:
-    items = _list(d, key)
-    if not all(isinstance(x, bytes) for x in items):
-        raise MessageInvalid(f"field {key!r}: expected a list of byte strings")
-    return tuple(items)
-
-
-def _sig_pairs(items: Any, what: str) -> tuple[tuple[int, bytes], ...]:
-    if not isinstance(items, list):
-        raise MessageInvalid(f"{what}: expected a list of [replica, signature]")
-    out = []
-    for item in items:
-        if (not isinstance(item, list) or len(item) != 2 or type(item[0]) is not int
-                or item[0] < 0 or not isinstance(item[1], bytes) or len(item[1]) != SIG):
-            raise MessageInvalid(f"{what}: expected [replica, 64-byte signature]")
-        out.append((item[0], item[1]))
-    return tuple(out)
+    return attach
 
 
 # -- messages ----------------------------------------------------------------------------------
@@ -136,126 +122,104 @@ def _sig_pairs(items: Any, what: str) -> tuple[tuple[int, bytes], ...]:
 class _Msg:
     KIND: ClassVar[str] = ""
     SIGNED: ClassVar[bool] = True
+    SCHEMA: ClassVar[Schema]
     # validators build replies and block/view-change bundles from values already checked
     # (decoded CBOR, parsed transactions); skipping the type walk halves their encoding cost
     TRUSTED: ClassVar[bool] = False
 
-    def fields(self) -> dict:  # pragma: no cover - every message overrides
-        raise NotImplementedError
+    def fields(self) -> dict:
+        """The body map: what is encoded and signed."""
+        return self.SCHEMA.encode(self)
 
     def body(self) -> bytes:
-        return canonical_bytes(self.fields(), check=not self.TRUSTED)
+        return canonical_bytes(self.SCHEMA.encode(self), check=not self.TRUSTED)
+
+    @classmethod
+    def from_fields(cls, d: Any, sig: bytes = b"") -> _Msg:
+        """The message for a decoded body map, or :class:`MessageInvalid`."""
+        return cls.SCHEMA.decode(d, sig) if cls.SIGNED else cls.SCHEMA.decode(d)
 
 
+@_body()
 @dataclass(frozen=True, slots=True)
 class Request(_Msg):
     """A transaction submitted by a principal. ``rid`` names the request (retries reuse it);
     ``ts`` is the client's clock, checked for freshness against the agreed block time."""
 
     KIND: ClassVar[str] = "request"
-    client: str
-    rid: int
-    ts: int
-    tx: dict
+    client: str = wire("client", NAME)
+    rid: int = wire("rid", UINT)
+    ts: int = wire("ts", UINT)
+    tx: dict = wire("tx", MAP)
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"client": self.client, "rid": self.rid, "ts": self.ts, "tx": self.tx}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> Request:
-        return cls(_str(d, "client"), _int(d, "rid"), _int(d, "ts"), _map(d, "tx"), sig)
-
-
+@_body()
 @dataclass(frozen=True, slots=True)
 class RequestBatch(_Msg):
     """Client to validator: several encoded requests in one frame (each signed on its own)."""
 
     KIND: ClassVar[str] = "requests"
     SIGNED: ClassVar[bool] = False
-    requests: tuple[bytes, ...]
-
-    def fields(self) -> dict:
-        return {"r": list(self.requests)}
-
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> RequestBatch:
-        return cls(_bytes_list(d, "r"))
+    requests: tuple[bytes, ...] = wire("r", FRAMES)
 
 
+@_body(tags={"k": "pp"})
 @dataclass(frozen=True, slots=True)
 class PrePrepare(_Msg):
     """The primary's proposal: batch ``digest`` (which binds seq, time and the requests'
     Merkle root) at ``seq`` in ``view``; ``requests`` travel as the unsigned payload."""
 
     KIND: ClassVar[str] = "preprepare"
-    view: int
-    seq: int
-    t: int
-    digest: bytes
-    sender: int
+    view: int = wire("v", UINT)
+    seq: int = wire("n", UINT)
+    t: int = wire("t", UINT)
+    digest: bytes = wire("d", DIGEST)
+    sender: int = wire("i", UINT)
     sig: bytes = b""
     requests: tuple[bytes, ...] = field(default=(), compare=False)
-
-    def fields(self) -> dict:
-        return {"v": self.view, "n": self.seq, "d": self.digest, "i": self.sender, "k": "pp",
-                "t": self.t}
-
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes, payload: Any = None) -> PrePrepare:
-        requests = () if payload is None else _bytes_list({"p": payload}, "p")
-        return cls(_int(d, "v"), _int(d, "n"), _int(d, "t"), _bytes(d, "d", HASH),
-                   _int(d, "i"), sig, requests)
 
 
 @dataclass(frozen=True, slots=True)
 class _Vote(_Msg):
-    view: int
-    seq: int
-    digest: bytes
-    sender: int
+    view: int = wire("v", UINT)
+    seq: int = wire("n", UINT)
+    digest: bytes = wire("d", DIGEST)
+    sender: int = wire("i", UINT)
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"v": self.view, "n": self.seq, "d": self.digest, "i": self.sender,
-                "k": self.KIND}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes):
-        if d.get("k") != cls.KIND:
-            raise MessageInvalid(f"field 'k': expected {cls.KIND!r}")
-        return cls(_int(d, "v"), _int(d, "n"), _bytes(d, "d", HASH), _int(d, "i"), sig)
-
-
+@_body(tags={"k": "prepare"})
 @dataclass(frozen=True, slots=True)
 class Prepare(_Vote):
     KIND: ClassVar[str] = "prepare"
 
 
+@_body(tags={"k": "commit"})
 @dataclass(frozen=True, slots=True)
 class Commit(_Vote):
     KIND: ClassVar[str] = "commit"
 
 
+@_body(tags={"k": "checkpoint"})
 @dataclass(frozen=True, slots=True)
 class Checkpoint(_Msg):
     """``digest`` is the hash of the block header at ``seq`` (which chains every earlier
     header and holds the state root)."""
 
     KIND: ClassVar[str] = "checkpoint"
-    seq: int
-    digest: bytes
-    sender: int
+    seq: int = wire("n", UINT)
+    digest: bytes = wire("d", DIGEST)
+    sender: int = wire("i", UINT)
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"n": self.seq, "d": self.digest, "i": self.sender, "k": "checkpoint"}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> Checkpoint:
-        return cls(_int(d, "n"), _bytes(d, "d", HASH), _int(d, "i"), sig)
+def _primary_sig_iff_prepared(cert: Certificate) -> None:
+    if (cert.kind == "prepared") != (cert.primary_sig is not None):
+        raise Invalid("must carry a pre-prepare signature if and only if prepared")
 
 
+@schema("certificate", MessageInvalid, check=_primary_sig_iff_prepared)
 @dataclass(frozen=True, slots=True)
 class Certificate:
     """Transferable proof about one sequence number, carried in view changes and blocks.
@@ -264,91 +228,60 @@ class Certificate:
     ``(view, seq, digest)``. ``committed``: 2f + 1 commit signatures. ``requests`` is the
     batch (so the digest can be recomputed and the batch re-proposed)."""
 
-    kind: str
-    view: int
-    seq: int
-    t: int
-    digest: bytes
-    sigs: tuple[tuple[int, bytes], ...]
-    primary_sig: bytes | None = None
-    requests: tuple[bytes, ...] = ()
+    SCHEMA: ClassVar[Schema]
+    kind: str = wire("k", Choice("prepared", "committed"))
+    view: int = wire("v", UINT)
+    seq: int = wire("n", UINT)
+    t: int = wire("t", UINT)
+    digest: bytes = wire("d", DIGEST)
+    sigs: tuple[tuple[int, bytes], ...] = wire("s", SIG_PAIRS)
+    primary_sig: bytes | None = wire("p", Optional(SIGNATURE), default=None)
+    requests: tuple[bytes, ...] = wire("r", FRAMES, default=())
 
     def to_wire(self) -> dict:
-        return {"k": self.kind, "v": self.view, "n": self.seq, "t": self.t, "d": self.digest,
-                "s": [list(p) for p in self.sigs], "p": self.primary_sig,
-                "r": list(self.requests)}
+        return self.SCHEMA.encode(self)
 
     @classmethod
     def from_wire(cls, d: Any) -> Certificate:
-        if not isinstance(d, dict) or d.get("k") not in ("prepared", "committed"):
-            raise MessageInvalid("certificate: expected a prepared or committed certificate")
-        primary = _bytes(d, "p", SIG, optional=True)
-        if (d["k"] == "prepared") != (primary is not None):
-            raise MessageInvalid("certificate: pre-prepare signature only in prepared ones")
-        return cls(d["k"], _int(d, "v"), _int(d, "n"), _int(d, "t"), _bytes(d, "d", HASH),
-                   _sig_pairs(d.get("s"), "certificate signatures"), primary,
-                   _bytes_list(d, "r"))
+        return cls.SCHEMA.decode(d)
 
     def without_requests(self) -> Certificate:
         return Certificate(self.kind, self.view, self.seq, self.t, self.digest, self.sigs,
-                           self.primary_sig, ())
+                           self.primary_sig)
 
 
+@_body()
 @dataclass(frozen=True, slots=True)
 class ViewChange(_Msg):
     """Sent by ``sender`` to move to ``view``: its stable checkpoint with 2f + 1 signatures,
     and its best certificate for every sequence number above it."""
 
     KIND: ClassVar[str] = "viewchange"
-    view: int
-    sender: int
-    stable_seq: int
-    stable_digest: bytes
-    stable_proof: tuple[tuple[int, bytes], ...]
-    certs: tuple[Certificate, ...]
+    view: int = wire("v", UINT)
+    sender: int = wire("i", UINT)
+    stable_seq: int = wire("h", UINT)
+    stable_digest: bytes = wire("hd", DIGEST)
+    stable_proof: tuple[tuple[int, bytes], ...] = wire("hp", SIG_PAIRS)
+    certs: tuple[Certificate, ...] = wire("P", ListOf(Record(Certificate)))
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"v": self.view, "i": self.sender, "h": self.stable_seq, "hd": self.stable_digest,
-                "hp": [list(p) for p in self.stable_proof],
-                "P": [c.to_wire() for c in self.certs]}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> ViewChange:
-        return cls(_int(d, "v"), _int(d, "i"), _int(d, "h"), _bytes(d, "hd", HASH),
-                   _sig_pairs(d.get("hp"), "checkpoint proof"),
-                   tuple(Certificate.from_wire(c) for c in _list(d, "P")), sig)
-
-
+@_body()
 @dataclass(frozen=True, slots=True)
 class NewView(_Msg):
     """The new primary's proof that ``view`` started: 2f + 1 view changes and the
     pre-prepares ``(seq, t, digest, signature)`` it re-issues, which every replica recomputes."""
 
     KIND: ClassVar[str] = "newview"
-    view: int
-    sender: int
-    view_changes: tuple[bytes, ...]  # the senders' signed frames, verbatim
-    preprepares: tuple[tuple[int, int, bytes, bytes], ...]
+    view: int = wire("v", UINT)
+    sender: int = wire("i", UINT)
+    view_changes: tuple[bytes, ...] = wire("V", FRAMES)  # the senders' signed frames, verbatim
+    preprepares: tuple[tuple[int, int, bytes, bytes], ...] = wire(
+        "O", ListOf(TupleOf(UINT, UINT, DIGEST, SIGNATURE)))
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"v": self.view, "i": self.sender, "V": list(self.view_changes),
-                "O": [list(p) for p in self.preprepares]}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> NewView:
-        pps = []
-        for item in _list(d, "O"):
-            if (not isinstance(item, list) or len(item) != 4
-                    or not all(type(x) is int for x in item[:2])
-                    or not isinstance(item[2], bytes) or len(item[2]) != HASH
-                    or not isinstance(item[3], bytes) or len(item[3]) != SIG):
-                raise MessageInvalid("new view: expected [seq, t, digest, signature] entries")
-            pps.append(tuple(item))
-        return cls(_int(d, "v"), _int(d, "i"), _bytes_list(d, "V"), tuple(pps), sig)
-
-
+@_body()
 @dataclass(frozen=True, slots=True)
 class Reply(_Msg):
     """A validator's results for one client's requests executed in one block (or a cached
@@ -356,68 +289,40 @@ class Reply(_Msg):
 
     KIND: ClassVar[str] = "reply"
     TRUSTED: ClassVar[bool] = True
-    view: int
-    sender: int
-    client: str
-    results: tuple[tuple[int, dict], ...]
+    view: int = wire("v", UINT)
+    sender: int = wire("i", UINT)
+    client: str = wire("c", NAME)
+    results: tuple[tuple[int, dict], ...] = wire("r", ListOf(TupleOf(UINT, MAP)))
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"v": self.view, "i": self.sender, "c": self.client,
-                "r": [[rid, res] for rid, res in self.results]}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> Reply:
-        results = []
-        for item in _list(d, "r"):
-            if (not isinstance(item, list) or len(item) != 2 or type(item[0]) is not int
-                    or not isinstance(item[1], dict)):
-                raise MessageInvalid("reply: expected [rid, result] entries")
-            results.append((item[0], item[1]))
-        return cls(_int(d, "v"), _int(d, "i"), _str(d, "c"), tuple(results), sig)
-
-
+@_body()
 @dataclass(frozen=True, slots=True)
 class Status(_Msg):
     """Periodic gossip: lets a lagging replica learn that it is behind (in view or height)."""
 
     KIND: ClassVar[str] = "status"
-    view: int
-    sender: int
-    executed: int
-    stable: int
-    normal: bool
+    view: int = wire("v", UINT)
+    sender: int = wire("i", UINT)
+    executed: int = wire("e", UINT)
+    stable: int = wire("h", UINT)
+    normal: bool = wire("ok", BOOL)
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"v": self.view, "i": self.sender, "e": self.executed, "h": self.stable,
-                "ok": self.normal}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> Status:
-        if not isinstance(d.get("ok"), bool):
-            raise MessageInvalid("field 'ok': expected a bool")
-        return cls(_int(d, "v"), _int(d, "i"), _int(d, "e"), _int(d, "h"), d["ok"], sig)
-
-
+@_body()
 @dataclass(frozen=True, slots=True)
 class Fetch(_Msg):
     """Ask a peer for the blocks ``start..end`` (state transfer)."""
 
     KIND: ClassVar[str] = "fetch"
-    sender: int
-    start: int
-    end: int
+    sender: int = wire("i", UINT)
+    start: int = wire("a", Int(1, 2**63 - 1))
+    end: int = wire("b", Int(1, 2**63 - 1))
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"i": self.sender, "a": self.start, "b": self.end}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> Fetch:
-        return cls(_int(d, "i"), _int(d, "a", lo=1), _int(d, "b", lo=1), sig)
-
-
+@_body()
 @dataclass(frozen=True, slots=True)
 class Blocks(_Msg):
     """Blocks with their commit certificates (``ledger.blocks.Block`` wire maps), plus the
@@ -425,68 +330,42 @@ class Blocks(_Msg):
 
     KIND: ClassVar[str] = "blocks"
     TRUSTED: ClassVar[bool] = True
-    sender: int
-    blocks: tuple[dict, ...]
-    stable_seq: int
-    stable_digest: bytes
-    stable_proof: tuple[tuple[int, bytes], ...]
+    sender: int = wire("i", UINT)
+    blocks: tuple[dict, ...] = wire("B", ListOf(MAP))
+    stable_seq: int = wire("h", UINT)
+    stable_digest: bytes = wire("hd", DIGEST)
+    stable_proof: tuple[tuple[int, bytes], ...] = wire("hp", SIG_PAIRS)
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"i": self.sender, "B": list(self.blocks), "h": self.stable_seq,
-                "hd": self.stable_digest, "hp": [list(p) for p in self.stable_proof]}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> Blocks:
-        blocks = _list(d, "B")
-        if not all(isinstance(b, dict) for b in blocks):
-            raise MessageInvalid("blocks: expected block maps")
-        return cls(_int(d, "i"), tuple(blocks), _int(d, "h"), _bytes(d, "hd", HASH),
-                   _sig_pairs(d.get("hp"), "checkpoint proof"), sig)
-
-
+@_body()
 @dataclass(frozen=True, slots=True)
 class Hello(_Msg):
     """First frame on a connection: who is talking (a validator id or a principal name),
     signed by that identity's key, bound to the chain and a fresh time."""
 
     KIND: ClassVar[str] = "hello"
-    role: str  # "validator" or "client"
-    name: str
-    chain: str
-    ts: int
+    role: str = wire("role", Choice("validator", "client"))
+    name: str = wire("name", NAME)
+    chain: str = wire("chain", NAME)
+    ts: int = wire("ts", UINT)
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"role": self.role, "name": self.name, "chain": self.chain, "ts": self.ts}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> Hello:
-        role = _str(d, "role")
-        if role not in ("validator", "client"):
-            raise MessageInvalid("hello: role must be 'validator' or 'client'")
-        return cls(role, _str(d, "name"), _str(d, "chain"), _int(d, "ts"), sig)
-
-
+@_body()
 @dataclass(frozen=True, slots=True)
 class Query(_Msg):
     """A read-only question from a principal (answered by each validator on its own)."""
 
     KIND: ClassVar[str] = "query"
-    client: str
-    qid: int
-    what: str
-    args: dict
+    client: str = wire("c", NAME)
+    qid: int = wire("q", UINT)
+    what: str = wire("w", NAME)
+    args: dict = wire("a", MAP)
     sig: bytes = b""
 
-    def fields(self) -> dict:
-        return {"c": self.client, "q": self.qid, "w": self.what, "a": self.args}
 
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> Query:
-        return cls(_str(d, "c"), _int(d, "q"), _str(d, "w"), _map(d, "a"), sig)
-
-
+@_body()
 @dataclass(frozen=True, slots=True)
 class QueryResult(_Msg):
     """A validator's answer. ``answer`` is what clients compare across validators;
@@ -494,24 +373,13 @@ class QueryResult(_Msg):
 
     KIND: ClassVar[str] = "queryresult"
     TRUSTED: ClassVar[bool] = True
-    sender: int
-    client: str
-    qid: int
-    ok: bool
-    answer: Any
-    attestation: dict
+    sender: int = wire("i", UINT)
+    client: str = wire("c", NAME)
+    qid: int = wire("q", UINT)
+    ok: bool = wire("ok", BOOL)
+    answer: Any = wire("a", VALUE)
+    attestation: dict = wire("x", MAP)
     sig: bytes = b""
-
-    def fields(self) -> dict:
-        return {"i": self.sender, "c": self.client, "q": self.qid, "ok": self.ok,
-                "a": self.answer, "x": self.attestation}
-
-    @classmethod
-    def from_fields(cls, d: dict, sig: bytes) -> QueryResult:
-        if not isinstance(d.get("ok"), bool):
-            raise MessageInvalid("field 'ok': expected a bool")
-        return cls(_int(d, "i"), _str(d, "c"), _int(d, "q"), d["ok"], d.get("a"),
-                   _map(d, "x"), sig)
 
 
 Message = (Request | RequestBatch | PrePrepare | Prepare | Commit | Checkpoint | ViewChange
@@ -539,31 +407,45 @@ def decode_frame(frame: bytes) -> tuple[_Msg, bytes]:
         outer = decode(frame)
     except EncodingError:
         raise MessageInvalid("frame is not CBOR") from None
-    if not isinstance(outer, list) or len(outer) != 5:
+    if type(outer) is not list or len(outer) != 5:
         raise MessageInvalid("frame: expected [version, kind, body, signature, payload]")
     version, kind, body, sig, payload = outer
-    if version != VERSION:
-        raise MessageInvalid(f"frame: unsupported version {version!r}, expected {VERSION}")
-    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if type(version) is not int or version != VERSION:
+        raise MessageInvalid(f"frame: unsupported version, expected {VERSION}")
+    cls = _KINDS.get(kind) if type(kind) is str else None
     if cls is None:
         raise MessageInvalid("frame: unknown message kind")
-    if not isinstance(body, bytes):
+    if type(body) is not bytes:
         raise MessageInvalid("frame: body must be a byte string")
-    if cls.SIGNED and (not isinstance(sig, bytes) or len(sig) != SIG):
-        raise MessageInvalid(f"{kind}: missing or mis-sized signature")
+    if cls.SIGNED:
+        if type(sig) is not bytes or len(sig) != SIG:
+            raise MessageInvalid(f"{kind}: missing or mis-sized signature")
+        rest: tuple = (sig,)
+    elif sig is not None:
+        raise MessageInvalid(f"{kind}: unexpected signature")
+    else:
+        rest = ()
+    if cls is PrePrepare:
+        rest += (_payload(payload),)
+    elif payload is not None:
+        raise MessageInvalid(f"{kind}: unexpected payload")
     try:
         fields = decode(body)
     except EncodingError:
         raise MessageInvalid(f"{kind}: body is not CBOR") from None
-    if not isinstance(fields, dict):
-        raise MessageInvalid(f"{kind}: body must be a map")
-    if cls is PrePrepare:
-        msg = cls.from_fields(fields, sig, payload)
-    elif payload is not None:
-        raise MessageInvalid(f"{kind}: unexpected payload")
-    else:
-        msg = cls.from_fields(fields, sig or b"")
-    return msg, body
+    return cls.SCHEMA.decode(fields, *rest), body
+
+
+def _payload(payload: Any) -> tuple[bytes, ...]:
+    """A pre-prepare's requests; an empty batch travels as no payload."""
+    if payload is None:
+        return ()
+    if payload == [] or type(payload) is not list:
+        raise MessageInvalid("preprepare: payload must be a non-empty list of byte strings")
+    try:
+        return FRAMES.decode(payload)
+    except Invalid:
+        raise MessageInvalid("preprepare: payload must be a list of byte strings") from None
 
 
 def sign_frame(msg: _Msg, key) -> tuple[_Msg, bytes]:

@@ -9,41 +9,37 @@ install a model the ledger never recorded, or an auditor proving one prediction 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ledger.blocks import BlockHeader
 from ledger.errors import CertificateInvalid, MessageInvalid
-from medchain.errors import ProofInvalid
-from medchain.merkle import InclusionProof, verify_inclusion
 from ledger.messages import Certificate, Request, decode_frame
 from ledger.quorum import Keyring, check_certificate
+from medchain.errors import ProofInvalid
+from medchain.fields import BYTES, MAP, Record, schema, wire
+from medchain.merkle import InclusionProof, verify_inclusion
 
 __all__ = ["TxReceipt"]
 
 
+@schema("receipt", ProofInvalid)
 @dataclass(frozen=True)
 class TxReceipt:
-    record: dict
-    header: BlockHeader
-    request: bytes
-    proof: InclusionProof
-    cert: Certificate
+    record: dict = wire("record", MAP)
+    header: BlockHeader = wire("header", Record(BlockHeader))
+    request: bytes = wire("request", BYTES)
+    proof: InclusionProof = wire("proof", Record(InclusionProof))
+    cert: Certificate = wire("cert", Record(Certificate))
 
     def to_wire(self) -> dict:
-        return {"record": self.record, "request": self.request, "proof": self.proof.to_wire(),
-                "header": self.header.to_wire(), "cert": self.cert.to_wire()}
+        return self.SCHEMA.encode(self)
 
     @classmethod
-    def from_wire(cls, a: Mapping) -> TxReceipt:
+    def from_wire(cls, a: object) -> TxReceipt:
         """Parse; :class:`ProofInvalid` when a part is missing or malformed."""
-        try:
-            if a.get("cert") is None:
-                raise ProofInvalid("receipt: the block has no commit certificate yet")
-            return cls(dict(a["record"]), BlockHeader.from_wire(a["header"]), bytes(a["request"]),
-                       InclusionProof.from_wire(a["proof"]), Certificate.from_wire(a["cert"]))
-        except (KeyError, TypeError, ValueError, AttributeError, MessageInvalid) as exc:
-            raise ProofInvalid(f"receipt: malformed ({type(exc).__name__}: {exc})") from None
+        if type(a) is dict and "cert" in a and a["cert"] is None:
+            raise ProofInvalid("receipt: the block has no commit certificate yet")
+        return cls.SCHEMA.decode(a)
 
     def verify(self, keyring: Keyring) -> dict:
         """The proven transaction (its fields as submitted), or :class:`CertificateInvalid` /

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from medchain.errors import ProofInvalid
+from medchain.fields import Bytes, Int, ListOf, schema, wire
 
 __all__ = [
     "HASH_SIZE",
@@ -48,28 +49,22 @@ def _next_level(level: list[bytes]) -> list[bytes]:
     return pairs
 
 
+@schema("inclusion proof", ProofInvalid)
 @dataclass(frozen=True, slots=True)
 class InclusionProof:
     """Audit path for leaf ``index`` in a tree of ``size`` leaves, siblings bottom-up."""
 
-    index: int
-    size: int
-    path: tuple[bytes, ...]
+    index: int = wire("index", Int(0))
+    size: int = wire("size", Int(0))
+    path: tuple[bytes, ...] = wire("path", ListOf(Bytes(HASH_SIZE), limit=64))
 
     def to_wire(self) -> dict:
-        return {"index": self.index, "size": self.size, "path": list(self.path)}
+        return self.SCHEMA.encode(self)
 
     @classmethod
-    def from_wire(cls, data: dict) -> InclusionProof:
-        try:
-            index, size, path = data["index"], data["size"], data["path"]
-        except (KeyError, TypeError):
-            raise ProofInvalid("inclusion proof: missing index, size or path") from None
-        if not (isinstance(index, int) and isinstance(size, int) and isinstance(path, list)):
-            raise ProofInvalid("inclusion proof: index and size must be ints, path a list")
-        if not all(isinstance(p, bytes) and len(p) == HASH_SIZE for p in path):
-            raise ProofInvalid("inclusion proof: every path element must be 32 bytes")
-        return cls(index, size, tuple(path))
+    def from_wire(cls, data: object) -> InclusionProof:
+        """Parse; :class:`ProofInvalid` names the malformed field."""
+        return cls.SCHEMA.decode(data)
 
 
 class MerkleTree:

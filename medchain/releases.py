@@ -6,21 +6,12 @@ and the device's signed answer — and the topics they travel on (all retained).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 from medchain.errors import ProtocolError
-from medchain.wire import (
-    DIGEST_SIZE,
-    TOPIC_PREFIX,
-    VERSION,
-    Signed,
-    as_map,
-    fixed_bytes,
-    get_field,
-    nonneg,
-)
+from medchain.fields import BYTES, MAP, TEXT, Choice, Optional, wire
+from medchain.wire import DIGEST, NONNEG, TOPIC_PREFIX, VERSION, Signed, message
 
 __all__ = ["model_offer_topic", "model_status_topic", "model_status_subscription", "release_topic",
            "ModelRelease", "OfferStage", "ModelOffer", "ModelState", "ModelStatus"]
@@ -46,6 +37,7 @@ def release_topic(model_hash: bytes) -> str:
     return f"{TOPIC_PREFIX}/models/{model_hash.hex()}"
 
 
+@message("model release")
 @dataclass(frozen=True, slots=True)
 class ModelRelease(Signed):
     """A released model: the ONNX file and its model card, signed by the training service's
@@ -54,43 +46,20 @@ class ModelRelease(Signed):
     (:class:`ledger.receipts.TxReceipt` wire form); it needs no signature of ours, being
     checkable against the validators' keys alone."""
 
-    name: str
-    version: str
-    model_hash: bytes  # SHA-256 of ``onnx``
-    card_hash: bytes  # SHA-256 of ``card``
-    key_id: str  # id of the signing key, so a device can say "unknown key" rather than "bad"
-    released_ms: int
-    onnx: bytes = b""
-    card: bytes = b""
-    receipt: dict | None = None
-    signature: bytes = b""
+    name: str = wire("name", TEXT)
+    version: str = wire("version", TEXT)
+    model_hash: bytes = wire("model_hash", DIGEST)  # SHA-256 of ``onnx``
+    card_hash: bytes = wire("card_hash", DIGEST)  # SHA-256 of ``card``
+    # id of the signing key, so a device can say "unknown key" rather than "bad"
+    key_id: str = wire("key_id", TEXT)
+    released_ms: int = wire("released_ms", NONNEG)
+    onnx: bytes = wire("onnx", BYTES, default=b"", signed=False)
+    card: bytes = wire("card", BYTES, default=b"", signed=False)
+    receipt: dict | None = wire("receipt", Optional(MAP), default=None, signed=False)
+    signature: bytes = wire("signature", BYTES, default=b"", signed=False)
 
     TYPE: ClassVar[str] = "model_release"
     DOMAIN: ClassVar[str] = f"medchain/v{VERSION}/model-release"
-
-    def body(self) -> dict:
-        return {"name": self.name, "version": self.version, "model_hash": self.model_hash,
-                "card_hash": self.card_hash, "key_id": self.key_id,
-                "released_ms": self.released_ms}
-
-    def to_wire(self) -> dict:
-        return {**self.body(), "onnx": self.onnx, "card": self.card, "receipt": self.receipt,
-                "signature": self.signature}
-
-    @classmethod
-    def from_wire(cls, msg: Mapping) -> ModelRelease:
-        where = "model release"
-        receipt = msg.get("receipt")
-        if receipt is not None:
-            receipt = dict(as_map(receipt, f"{where} receipt"))
-        return cls(
-            name=get_field(msg, "name", str, where), version=get_field(msg, "version", str, where),
-            model_hash=fixed_bytes(msg, "model_hash", DIGEST_SIZE, where),
-            card_hash=fixed_bytes(msg, "card_hash", DIGEST_SIZE, where),
-            key_id=get_field(msg, "key_id", str, where), released_ms=nonneg(msg, "released_ms", where),
-            onnx=get_field(msg, "onnx", bytes, where), card=get_field(msg, "card", bytes, where),
-            receipt=receipt, signature=get_field(msg, "signature", bytes, where),
-        )
 
     def check_contents(self) -> None:
         """Raise :class:`ProtocolError` unless the bytes are the ones the hashes name."""
@@ -107,38 +76,21 @@ class OfferStage:
     ALL = (CANARY, FLEET, ROLLBACK)
 
 
+@message("model offer")
 @dataclass(frozen=True, slots=True)
 class ModelOffer(Signed):
     """The cloud tells one device which release to run (retained on its offer topic)."""
 
-    device_id: str
-    group: str
-    model_hash: bytes
-    version: str
-    stage: str
-    issued_ms: int
-    signature: bytes = b""
+    device_id: str = wire("device_id", TEXT)
+    group: str = wire("group", TEXT)
+    model_hash: bytes = wire("model_hash", DIGEST)
+    version: str = wire("version", TEXT)
+    stage: str = wire("stage", Choice(*OfferStage.ALL))
+    issued_ms: int = wire("issued_ms", NONNEG)
+    signature: bytes = wire("signature", BYTES, default=b"", signed=False)
 
     TYPE: ClassVar[str] = "model_offer"
     DOMAIN: ClassVar[str] = f"medchain/v{VERSION}/model-offer"
-
-    def body(self) -> dict:
-        return {"device_id": self.device_id, "group": self.group, "model_hash": self.model_hash,
-                "version": self.version, "stage": self.stage, "issued_ms": self.issued_ms}
-
-    @classmethod
-    def from_wire(cls, msg: Mapping) -> ModelOffer:
-        where = "model offer"
-        offer = cls(
-            device_id=get_field(msg, "device_id", str, where), group=get_field(msg, "group", str, where),
-            model_hash=fixed_bytes(msg, "model_hash", DIGEST_SIZE, where),
-            version=get_field(msg, "version", str, where), stage=get_field(msg, "stage", str, where),
-            issued_ms=nonneg(msg, "issued_ms", where),
-            signature=get_field(msg, "signature", bytes, where),
-        )
-        if offer.stage not in OfferStage.ALL:
-            raise ProtocolError(f"model offer: unknown stage {offer.stage!r}")
-        return offer
 
 
 class ModelState:
@@ -147,38 +99,19 @@ class ModelState:
     ALL = (INSTALLED, REFUSED)
 
 
+@message("model status")
 @dataclass(frozen=True, slots=True)
 class ModelStatus(Signed):
     """A device's answer to an offer, signed by the device key (retained on its status topic)."""
 
-    device_id: str
-    model_hash: bytes
-    version: str
-    state: str
-    reason: str
-    serving: str  # the version now serving ("" when none)
-    sent_ms: int
-    signature: bytes = b""
+    device_id: str = wire("device_id", TEXT)
+    model_hash: bytes = wire("model_hash", DIGEST)
+    version: str = wire("version", TEXT)
+    state: str = wire("state", Choice(*ModelState.ALL))
+    reason: str = wire("reason", TEXT)
+    serving: str = wire("serving", TEXT)  # the version now serving ("" when none)
+    sent_ms: int = wire("sent_ms", NONNEG)
+    signature: bytes = wire("signature", BYTES, default=b"", signed=False)
 
     TYPE: ClassVar[str] = "model_status"
     DOMAIN: ClassVar[str] = f"medchain/v{VERSION}/model-status"
-
-    def body(self) -> dict:
-        return {"device_id": self.device_id, "model_hash": self.model_hash,
-                "version": self.version, "state": self.state, "reason": self.reason,
-                "serving": self.serving, "sent_ms": self.sent_ms}
-
-    @classmethod
-    def from_wire(cls, msg: Mapping) -> ModelStatus:
-        where = "model status"
-        status = cls(
-            device_id=get_field(msg, "device_id", str, where),
-            model_hash=fixed_bytes(msg, "model_hash", DIGEST_SIZE, where),
-            version=get_field(msg, "version", str, where), state=get_field(msg, "state", str, where),
-            reason=get_field(msg, "reason", str, where), serving=get_field(msg, "serving", str, where),
-            sent_ms=nonneg(msg, "sent_ms", where),
-            signature=get_field(msg, "signature", bytes, where),
-        )
-        if status.state not in ModelState.ALL:
-            raise ProtocolError(f"model status: unknown state {status.state!r}")
-        return status

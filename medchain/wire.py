@@ -1,81 +1,74 @@
-"""The ground the wire protocol stands on: its version, topic prefix and sizes, the field
-checks every message parser uses (each failure a :class:`ProtocolError` naming the field),
-and the base of the small signed messages. :mod:`medchain.protocol` and its parts import it;
-nothing else needs to.
+"""The ground the wire protocol stands on: its version, topic prefix and sizes, its field
+codecs, and the bases of its messages (each declares its fields once with
+:func:`medchain.fields.wire`; see :mod:`medchain.fields`). :mod:`medchain.protocol` and its
+parts import it; nothing else needs to.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from medchain.errors import ProtocolError
+from medchain.fields import Bytes, Int, Schema
 
-__all__ = ["VERSION", "TOPIC_PREFIX", "DIGEST_SIZE", "MAX_CHUNKS", "get_field", "nonneg",
-           "fixed_bytes", "bounded_list", "as_map", "Signed"]
+__all__ = ["VERSION", "TOPIC_PREFIX", "DIGEST_SIZE", "MAX_CHUNKS", "NONNEG", "INT", "DIGEST",
+           "message", "record", "Wire", "Signed"]
 
 VERSION = 1
 TOPIC_PREFIX = f"medchain/v{VERSION}"
 DIGEST_SIZE = 32
 MAX_CHUNKS = 1 << 20  # far above any real object; bounds what a parser will allocate
 
+NONNEG = Int(0)
+INT = Int(None)
+DIGEST = Bytes(DIGEST_SIZE)
 
-# -- field checking -------------------------------------------------------------------------
-
-
-def get_field(msg: Mapping, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in msg:
-        raise ProtocolError(f"{where}: missing field '{key}'")
-    value = msg[key]
-    if (isinstance(value, bool) and kind is int) or not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise ProtocolError(
-            f"{where}: field '{key}' must be {names}, got {type(value).__name__}"
-        )
-    return value
+W = TypeVar("W")
 
 
-def nonneg(msg: Mapping, key: str, where: str) -> int:
-    value = get_field(msg, key, int, where)
-    if value < 0:
-        raise ProtocolError(f"{where}: field '{key}' must be >= 0, got {value}")
-    return value
+def record(name: str, **options: Any) -> Callable[[type[W]], type[W]]:
+    """Class decorator (above ``@dataclass``): the schema of a map inside a message, named
+    ``name`` in errors."""
+
+    def attach(cls: type[W]) -> type[W]:
+        cls.SCHEMA = Schema(cls, name, ProtocolError, **options)
+        return cls
+
+    return attach
 
 
-def fixed_bytes(msg: Mapping, key: str, size: int, where: str) -> bytes:
-    value = get_field(msg, key, bytes, where)
-    if len(value) != size:
-        raise ProtocolError(f"{where}: field '{key}' must be {size} bytes, got {len(value)}")
-    return value
+def message(name: str, **options: Any) -> Callable[[type[W]], type[W]]:
+    """:func:`record` for a whole message, whose map also holds ``v`` and ``type`` (checked
+    by :func:`medchain.protocol.decode_message`)."""
+    return record(name, tolerate=("v", "type"), **options)
 
 
-def bounded_list(msg: Mapping, key: str, where: str, limit: int = MAX_CHUNKS) -> list:
-    value = get_field(msg, key, list, where)
-    if len(value) > limit:
-        raise ProtocolError(f"{where}: field '{key}' has {len(value)} items, limit {limit}")
-    return value
+class Wire:
+    """A value with a field table: its wire map and its checked parse."""
+
+    __slots__ = ()
+    SCHEMA: ClassVar[Schema]
+
+    def to_wire(self) -> dict:
+        return self.SCHEMA.encode(self)
+
+    @classmethod
+    def from_wire(cls: type[W], msg: Any) -> W:
+        """Parse a decoded map; :class:`ProtocolError` names the field and the problem."""
+        return cls.SCHEMA.decode(msg)
 
 
-def as_map(value: Any, where: str) -> Mapping:
-    if not isinstance(value, Mapping):
-        raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
-    return value
+class Signed(Wire):
+    """A message that carries an Ed25519 signature over its signed fields (those declared
+    without ``signed=False``) under its ``DOMAIN``."""
 
-
-# -- signed control messages ----------------------------------------------------------------
-
-
-class Signed:
-    """Shared by small messages that carry an Ed25519 signature over their other fields."""
-
+    __slots__ = ()
     DOMAIN: ClassVar[str]
 
     def body(self) -> dict:
-        raise NotImplementedError
-
-    def to_wire(self) -> dict:
-        return {**self.body(), "signature": self.signature}
+        return self.SCHEMA.encode_signed(self)
 
     def signed(self, key) -> Any:
         """A copy signed with ``key`` (a :class:`medchain.identity.SigningKey`)."""

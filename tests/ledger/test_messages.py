@@ -1,14 +1,11 @@
 """The v1 ledger wire codec: round trips, and every malformed frame refused clearly."""
 
-import contextlib
-
+import cbor2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from medchain.canonical import canonical_bytes
 from ledger.errors import MessageInvalid
-from medchain.identity import SigningKey
 from ledger.messages import (
     Blocks,
     Certificate,
@@ -31,6 +28,8 @@ from ledger.messages import (
     sign_frame,
 )
 from ledger.quorum import Keyring, Signer
+from medchain.canonical import canonical_bytes
+from medchain.identity import SigningKey
 
 KEY = SigningKey.from_seed(bytes(32))
 H = b"\x11" * 32
@@ -74,12 +73,6 @@ def test_votes_round_trip_and_bodies_are_canonical(view, seq, sender, digest):
         assert body == canonical_bytes(msg.fields())
 
 
-@given(st.binary(max_size=200))
-def test_garbage_never_decodes_to_something_else(data):
-    with contextlib.suppress(MessageInvalid):
-        decode_frame(data)
-
-
 def frame(kind, body, sig=S, payload=None, version=1):
     return canonical_bytes([version, kind, body, sig, payload])
 
@@ -91,7 +84,7 @@ def frame(kind, body, sig=S, payload=None, version=1):
     (frame("nonsense", b""), "unknown message kind"),
     (frame("prepare", "text"), "body must be a byte string"),
     (frame("prepare", canonical_bytes({"v": 0}), sig=b"short"), "signature"),
-    (frame("prepare", canonical_bytes([1])), "body must be a map"),
+    (frame("prepare", canonical_bytes([1])), "prepare: must be a map"),
     (frame("prepare", canonical_bytes({"v": 0, "n": 1, "d": H, "i": 1, "k": "commit"})), "'k'"),
     (frame("prepare", canonical_bytes({"v": -1, "n": 1, "d": H, "i": 1, "k": "prepare"})), "'v'"),
     (frame("prepare", canonical_bytes({"v": True, "n": 1, "d": H, "i": 1, "k": "prepare"})), "'v'"),
@@ -103,13 +96,29 @@ def frame(kind, body, sig=S, payload=None, version=1):
     (frame("hello", canonical_bytes({"role": "admin", "name": "x", "chain": "c", "ts": 1})),
      "role"),
     (frame("viewchange", canonical_bytes({"v": 1, "i": 0, "h": 0, "hd": H, "hp": [[0, b"x"]],
-                                          "P": []})), "checkpoint proof"),
+                                          "P": []})), r"'hp\[0\]\[1\]' must be 64 bytes"),
     (frame("viewchange", canonical_bytes({"v": 1, "i": 0, "h": 0, "hd": H, "hp": [],
-                                          "P": [{"k": "weird"}]})), "certificate"),
-    (frame("newview", canonical_bytes({"v": 1, "i": 0, "V": [], "O": [[1, 2, H]]})), "new view"),
+                                          "P": [{"k": "weird"}]})), r"'P\[0\].k' must be one of"),
+    (frame("newview", canonical_bytes({"v": 1, "i": 0, "V": [], "O": [[1, 2, H]]})),
+     r"'O\[0\]' must be a list of 4"),
     (frame("reply", canonical_bytes({"v": 1, "i": 0, "c": "x", "r": [[1]]})), "reply"),
     (frame("status", canonical_bytes({"v": 1, "i": 0, "e": 0, "h": 0, "ok": 1})), "'ok'"),
     (frame("request", canonical_bytes({"client": "", "rid": 1, "ts": 1, "tx": {}})), "client"),
+    (frame("request", canonical_bytes({"rid": 1, "ts": 1, "tx": {}})), "'client' is missing"),
+    (frame("request", canonical_bytes({"client": "c", "rid": 1, "ts": 1, "tx": {}, "x": 0})),
+     "unknown field"),
+    (frame("request", canonical_bytes({"client": "c", "rid": 1, "ts": 1,
+                                       "tx": {"t": [cbor2.undefined]}}, check=False)),
+     "'tx' must be a map of plain CBOR values"),
+    (frame("prepare", canonical_bytes({"v": 0, "n": 1, "d": H, "i": 1, "k": "prepare"}),
+           version=True), "version"),
+    (frame("requests", canonical_bytes({"r": []})), "unexpected signature"),
+    (frame("preprepare", canonical_bytes({"v": 0, "n": 1, "d": H, "i": 1, "t": 1, "k": "pp"}),
+           payload=[]), "empty payload|non-empty"),
+    (frame("preprepare", canonical_bytes({"v": 0, "n": 1, "d": H, "i": 1, "t": 1})), "'k'"),
+    (frame("viewchange", canonical_bytes({"v": 1, "i": 0, "h": 0, "hd": H, "hp": [], "P": [
+        {"k": "committed", "v": 1, "n": 2, "t": 3, "d": H, "s": [], "p": S, "r": []}]})),
+     "pre-prepare signature"),
 ])
 def test_malformed_frames_are_refused_with_the_field_named(bad, why):
     with pytest.raises(MessageInvalid, match=why):

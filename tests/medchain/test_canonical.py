@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from medchain.canonical import canonical_bytes, decode
+from medchain.canonical import canonical_bytes, check_encodable, decode, is_plain
 from medchain.errors import EncodingError
 
 scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20) | st.binary(max_size=40) | st.floats(allow_nan=False, allow_infinity=False)
@@ -44,3 +44,22 @@ def test_values_without_canonical_form_are_refused(bad):
 def test_malformed_cbor_is_an_encoding_error():
     with pytest.raises(EncodingError):
         decode(b"\xa2\x61")
+
+
+@given(values)
+def test_plain_values_are_encodable_and_what_decoding_gives(value):
+    assert is_plain(decode(canonical_bytes(value)))
+    if is_plain(value):
+        check_encodable(value)  # the fast walk never lets through what the full one refuses
+
+
+def test_the_fast_walk_leaves_tuples_and_mappings_to_the_full_one():
+    from types import MappingProxyType
+
+    assert not is_plain((1,)) and not is_plain(MappingProxyType({"a": 1}))
+    assert canonical_bytes((1,)) == canonical_bytes([1])
+    assert canonical_bytes(MappingProxyType({"a": 1})) == canonical_bytes({"a": 1})
+    for bad in (math.nan, {1: 2}, [{"a": {1, 2}}]):
+        assert not is_plain(bad)
+        with pytest.raises(EncodingError):
+            canonical_bytes(bad)
