@@ -253,6 +253,7 @@ def run(instances: int, warmup: int) -> dict:
         (root / "cloud" / "keys").mkdir(parents=True)
         RecipientKey.generate().save(root / "cloud/keys/custodian.key")
         SigningKey.generate().save(root / "cloud/keys/model.key")
+        RecipientKey.generate().save(root / "cloud/keys/meta.key")
         (root / "edge" / "keys").mkdir(parents=True)
         device = SigningKey.generate()
         device.save(root / "edge/keys/device.key")

@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import MosquittoProcess, issue_pki  # noqa: E402  (tests/conftest.py)
 from verdict import Verdict, add_smoke  # noqa: E402  (bench/verdict.py)
 
-from edge_agent.outbox import Outbox  # noqa: E402
+from edge_agent.outbox import Outbox, Sealed  # noqa: E402
 from edge_agent.uplink import Uplink, UplinkSettings  # noqa: E402
 from medchain.identity import RecipientKey, SigningKey  # noqa: E402
 from medchain.mqtt import MqttLink  # noqa: E402
@@ -44,7 +44,8 @@ def one_round(endpoint, cloud_endpoint, n: int, size: int, workdir: Path) -> flo
     def answer(topic, payload):
         env = decode_message(payload, expect=Envelope)
         verify(env, device.public)
-        ack = Ack(env.envelope_id, device_from_topic(topic), env.header.sequence, AckStatus.STORED, "")
+        ack = Ack(env.envelope_id, env.header.digest(), device_from_topic(topic), env.header.sequence,
+                  AckStatus.STORED, "")
         receiver.publish(ack_topic(device_id), encode(ack.signed(cloud)))
 
     receiver = MqttLink(cloud_endpoint, subscriptions=[(envelope_subscription(), 1)], on_message=answer,
@@ -52,7 +53,7 @@ def one_round(endpoint, cloud_endpoint, n: int, size: int, workdir: Path) -> flo
     with Outbox(workdir / f"{device_id}.db") as box, receiver:
         assert receiver.wait_connected(10), receiver.last_error
         for _ in range(n):
-            box.enqueue(lambda seq: (lambda e: (e.envelope_id, encode(e)))(seal(
+            box.enqueue(lambda seq: (lambda e: Sealed(e.envelope_id, encode(e), e.header.digest()))(seal(
                 {"dicom": bytes([seq % 256]) * size}, device_id=device_id, sequence=seq, signer=device,
                 recipient=custodian.public, created_ms=seq)))
         settings = UplinkSettings(window=32, resend_after_s=60, heartbeat_s=3600, idle_poll_s=0.01)

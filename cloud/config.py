@@ -1,13 +1,13 @@
 """The cloud coordinator's configuration (TOML), checked as strictly as device profiles.
 
 Relative paths resolve against the state directory. Holds paths to key files, never keys.
-An example with every field is ``cloud.example.toml`` at the top of the project::
+``medchain cloud init`` writes one with every field::
 
     [broker]      host, port, embedded, shared_group, workers, max_message_bytes, [broker.tls]
     [ledger]      genesis, ingest_key, operator_key, training_key, policy
     [store]       url        (a directory, file:///dir, or s3://bucket/prefix)
     [database]    url        (SQLAlchemy: sqlite:///cloud.sqlite, postgresql+psycopg://...)
-    [keys]        custodian, model
+    [keys]        custodian, model, meta
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class CloudConfig:
     custodian_key: Path
     model_key: Path
     state_dir: Path
+    meta_key: Path = Path("keys/meta.key")  # X25519: devices seal envelope metadata for ingest
     # the deployment's certificate authority, the generated broker files, and the name of the
     # coordinator's certificate (its MQTT user in the ACL)
     pki_dir: Path | None = None
@@ -97,6 +98,7 @@ def parse_config(raw: dict[str, Any], *, origin: str = "cloud configuration",
 
     s = section("keys")
     custodian, model = s.path("custodian"), s.path("model")
+    meta_key = s.path("meta", "keys/meta.key")
     s.done()
 
     s = Section(origin, "pki", top.pop("pki", {}), base, ConfigError)
@@ -108,4 +110,4 @@ def parse_config(raw: dict[str, Any], *, origin: str = "cloud configuration",
         raise ConfigError(f"{origin}: unknown section(s): {', '.join(sorted(top))}")
     return CloudConfig(endpoint, embedded, shared, workers, genesis, ingest_key, operator_key,
                        training_key, policy, store_url, database_url, custodian, model, base,
-                       pki_dir, broker_dir, coordinator)
+                       meta_key, pki_dir, broker_dir, coordinator)

@@ -44,6 +44,7 @@ class Coordinator:
         self.predictions: PredictionLog | None = None
         self.ingest_key = SigningKey.load(config.ingest_key)
         self.custodian_public = RecipientKey.load(config.custodian_key).public
+        self.meta_key = RecipientKey.load(config.meta_key)
         self.store = open_store(config.store_url)
         self.catalog = Catalog(config.database_url)
         self.fleet = FleetRegistry(self.catalog.engine)
@@ -85,7 +86,7 @@ class Coordinator:
         self.ingest = IngestService(
             self.endpoint, directory=LedgerDirectory(self.ledger), store=self.store,
             catalog=self.catalog, registrar=LedgerRegistrar(self.ledger, c.policy),
-            ingest_key=self.ingest_key, shared_group=c.shared_group, workers=c.workers,
+            ingest_key=self.ingest_key, meta_key=self.meta_key, shared_group=c.shared_group, workers=c.workers,
             on_stored=self.predictions.add, known=self.fleet.knows,
         )
         self.ingest.start()

@@ -2,7 +2,7 @@
 the fleet registry, then the enrolment file the operator hands to the device.
 
 The file carries public keys only — the cloud's ingest key (acks), custodian key (data-key
-wrapping) and model-signing key — so copying it over a USB stick or a ticket is safe.
+wrapping), metadata key (the envelope metadata ingest reads) and model-signing key — so copying it over a USB stick or a ticket is safe.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def enroll(config: CloudConfig, fleet: FleetRegistry, *, device_id: str, public_
         device_key=public_key.raw,
         ingest_key=SigningKey.load(config.ingest_key).public.raw,
         custodian_key=RecipientKey.load(config.custodian_key).public.raw,
+        meta_key=RecipientKey.load(config.meta_key).public.raw,
         model_key=SigningKey.load(config.model_key).public.raw,
         issued_ms=now_ms,
         validators=tuple(Genesis.load(config.genesis).validator_keys()),

@@ -18,11 +18,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from medchain.identity import SigningKey, VerifyKey
+from medchain.identity import RecipientKey, SigningKey, VerifyKey
 from medchain.errors import MedChainError, ProtocolError, VerificationError
 from medchain.mqtt import MqttEndpoint, MqttLink
 from medchain.protocol import (
@@ -36,7 +36,7 @@ from medchain.protocol import (
     encode,
     envelope_subscription,
 )
-from medchain.sealing import verify
+from medchain.sealing import open_meta, verify
 
 from cloud.catalog import Catalog, CatalogEntry, Receipt
 from cloud.errors import RegistrationRefused
@@ -72,10 +72,11 @@ class DeviceDirectory(Protocol):
 class Registrar(Protocol):
     """Records ``IMAGE_REGISTERED`` and returns once it is committed (idempotent by id)."""
 
-    def check(self, envelope: Envelope) -> None:
-        """Raise :class:`MedChainError` for an envelope the ledger could never register."""
+    def check(self, envelope: Envelope, meta: Mapping[str, Any]) -> None:
+        """Raise :class:`MedChainError` for an envelope the ledger could never register
+        (``meta``: its opened metadata)."""
 
-    def register(self, envelope: Envelope) -> Receipt:
+    def register(self, envelope: Envelope, meta: Mapping[str, Any]) -> Receipt:
         """Raise :class:`MedChainError` if the ledger refuses it."""
 
 
@@ -210,6 +211,7 @@ class IngestService:
         catalog: Catalog,
         registrar: Registrar,
         ingest_key: SigningKey,
+        meta_key: RecipientKey,
         shared_group: str | None = None,
         workers: int = 1,
         client_id: str | None = None,
@@ -220,8 +222,9 @@ class IngestService:
         burst: float = 400.0,
         inbox_bytes: int = 256 * 1024**2,
     ):
-        """``known(device_id)``: whether the fleet registry holds the device (a cheap local
-        check before any ledger query; None: ask the directory for every device)."""
+        """``meta_key`` opens the metadata devices seal for ingest; ``known(device_id)``:
+        whether the fleet registry holds the device (a cheap local check before any ledger
+        query; None: ask the directory for every device)."""
         self.directory = directory
         self._known = known
         self._max_message = endpoint.max_message_bytes
@@ -231,6 +234,7 @@ class IngestService:
         self.catalog = catalog
         self.registrar = registrar
         self._key = ingest_key
+        self._meta_key = meta_key
         self._clock = clock
         self._workers = workers
         self.stats = IngestStats()
@@ -331,19 +335,20 @@ class IngestService:
         crash or a ledger timeout leaves it for the edge's resend to finish (idempotent)."""
         header = envelope.header
         try:
-            self.registrar.check(envelope)
+            meta = open_meta(header, self._meta_key)  # after the signature: the device's own word
+            self.registrar.check(envelope, meta)
         except MedChainError as exc:
             return Verdict(AckStatus.REJECTED, str(exc))
         created = self.store.put(envelope)
         try:
-            receipt = self.registrar.register(envelope)
+            receipt = self.registrar.register(envelope, meta)
         except RegistrationRefused as exc:
             if created:
                 self.store.withdraw(envelope.envelope_id)
             return Verdict(AckStatus.REJECTED, str(exc))
         entry = CatalogEntry(
             envelope.envelope_id, header.device_id, header.sequence, header.merkle_root.hex(),
-            envelope.size, int(self._clock() * 1000), receipt, dict(header.meta),
+            envelope.size, int(self._clock() * 1000), receipt, meta,
         )
         if not self.catalog.record(entry):  # another worker, here or in a sibling service, got there first
             prior = self.catalog.get(envelope.envelope_id)
@@ -390,6 +395,7 @@ class IngestService:
                         envelope.envelope_id, device_id, verdict.reason)
         ack = Ack(
             envelope_id=envelope.envelope_id,
+            header_hash=header.digest(),
             device_id=device_id,
             sequence=header.sequence,
             status=verdict.status,

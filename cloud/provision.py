@@ -63,6 +63,9 @@ def init_deployment(root: str | Path, *, genesis: Path, ingest_key: Path, operat
     if not (keys / "model.key").exists():
         SigningKey.generate().save(keys / "model.key")
         made.append("keys/model.key")
+    if not (keys / "meta.key").exists():
+        RecipientKey.generate().save(keys / "meta.key")
+        made.append("keys/meta.key")
     if not (root / "pki" / "ca.key").exists():
         ca = CertificateAuthority.create(root / "pki", organization)
         hosts = tuple(dict.fromkeys((broker_host, "127.0.0.1", "localhost")))
@@ -117,6 +120,7 @@ url = "{database}"
 [keys]
 custodian = "keys/custodian.key"   # X25519: data keys are wrapped for it
 model = "keys/model.key"           # Ed25519: signs model releases
+meta = "keys/meta.key"             # X25519: devices seal envelope metadata for ingest
 """
 
 

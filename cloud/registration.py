@@ -2,8 +2,8 @@
 
 :class:`LedgerDirectory` answers device lookups from the ledger (the authority on enrolment
 and revocation), cached for a few seconds so a burst of envelopes from one device costs one
-query. :class:`LedgerRegistrar` turns a verified envelope's signed header into an
-``IMAGE_REGISTERED`` transaction and returns once f + 1 validators report it committed;
+query. :class:`LedgerRegistrar` turns a verified envelope's signed header and opened metadata
+into an ``IMAGE_REGISTERED`` transaction and returns once f + 1 validators report it committed;
 the ledger is idempotent by envelope id, so a resend after a crash is answered with the
 original record.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ledger.client import LedgerClient
 from medchain.identity import VerifyKey
@@ -34,9 +35,11 @@ def _name(value, fallback: str = "unknown") -> str:
     return text if text else fallback
 
 
-def image_transaction(envelope: Envelope, policy: str = "default") -> ImageRegistered:
-    """The ``IMAGE_REGISTERED`` for an envelope, from its signed (de-identified) header."""
-    header, meta = envelope.header, envelope.header.meta
+def image_transaction(envelope: Envelope, meta: Mapping[str, Any],
+                      policy: str = "default") -> ImageRegistered:
+    """The ``IMAGE_REGISTERED`` for an envelope, from its signed header and the
+    (de-identified) metadata sealed in it."""
+    header = envelope.header
     consent = meta.get("consent") or {}
     return ImageRegistered(
         envelope_id=header.object_id,
@@ -58,15 +61,15 @@ class LedgerRegistrar:
         self.client = client
         self.policy = policy
 
-    def check(self, envelope: Envelope) -> None:
+    def check(self, envelope: Envelope, meta: Mapping[str, Any]) -> None:
         """Refuse, before anything is stored, what the ledger could never accept."""
         try:
-            parse(image_transaction(envelope, self.policy).to_wire())
+            parse(image_transaction(envelope, meta, self.policy).to_wire())
         except TransactionInvalid as exc:
             raise RegistrationRefused(f"cannot be registered: {exc}") from None
 
-    def register(self, envelope: Envelope) -> Receipt:
-        result = self.client.submit(image_transaction(envelope, self.policy))
+    def register(self, envelope: Envelope, meta: Mapping[str, Any]) -> Receipt:
+        result = self.client.submit(image_transaction(envelope, meta, self.policy))
         if not result.committed:
             raise RegistrationRefused(f"ledger refused the registration: {result.reason}")
         record = result.output.get("record") if result.output.get("duplicate") else None

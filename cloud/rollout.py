@@ -230,6 +230,7 @@ class Rollout:
         self.engine = engine_for(database)
         _meta.create_all(self.engine)
         self._watch = _FleetWatch(fleet)
+        self._last_offer_ms: dict[str, int] = {}
         self._link = MqttLink(endpoint, client_id=f"cloud-rollout-{int(clock() * 1000) % 10**8}",
                               persistent_session=False,
                               subscriptions=[(heartbeat_subscription(), 1),
@@ -304,7 +305,13 @@ class Rollout:
     # -- offers ---------------------------------------------------------------------------
 
     def _offer(self, device: str, group: str, model_hash: bytes, version: str, stage: str) -> None:
-        offer = ModelOffer(device, group, model_hash, version, stage, self._now_ms()).signed(self._key)
+        record = self.release_record(model_hash)
+        if record is None:
+            raise RolloutError(f"model {model_hash.hex()[:12]} was never released here: nothing to offer")
+        issued = max(self._now_ms(), self._last_offer_ms.get(device, -1) + 1)  # rises per device
+        self._last_offer_ms[device] = issued
+        offer = ModelOffer(device, group, model_hash, version, stage, issued,
+                           record["ledger_height"]).signed(self._key)
         self._link.publish(model_offer_topic(device), encode(offer), retain=True).wait_for_publish(30)
 
     def _devices(self, group: str) -> list[str]:

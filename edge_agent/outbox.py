@@ -27,7 +27,7 @@ from pathlib import Path
 
 from edge_agent.errors import OutboxError, OutboxFull
 
-__all__ = ["Outbox", "OutboxLimits", "OutboxEntry", "OutboxFull", "OutboxError"]
+__all__ = ["Outbox", "OutboxLimits", "OutboxEntry", "Sealed", "OutboxFull", "OutboxError"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,16 @@ class OutboxLimits:
     max_count: int = 100_000
     min_disk_free_bytes: int = 64 * 1024**2
     reserve_bytes: int = 4 * 1024**2
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """What a producer hands the outbox: the envelope's id, its encoding, and the hash of
+    its signed header (an ack must name it to count)."""
+
+    envelope_id: str
+    data: bytes
+    header_hash: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +63,8 @@ _SCHEMA = """
 create table if not exists outbox (
     sequence     integer primary key,
     envelope_id  text not null unique,
-    size         integer not null
+    size         integer not null,
+    header_hash  blob
 );
 create table if not exists payload (sequence integer primary key, data blob not null);
 create table if not exists rejected (
@@ -89,6 +100,8 @@ class Outbox:
             self._db.execute("pragma secure_delete=off")
             if fresh:
                 self._db.executescript(_SCHEMA)
+            elif "header_hash" not in {r[1] for r in self._db.execute("pragma table_info(outbox)")}:
+                self._db.execute("alter table outbox add column header_hash blob")  # older outboxes
         except sqlite3.DatabaseError as exc:
             raise OutboxError(f"outbox {self.path}: cannot open: {exc}") from None
         self._count, self._bytes = self._db.execute(
@@ -182,9 +195,9 @@ class Outbox:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def enqueue(self, build: Callable[[int], tuple[str, bytes]], key: str | None = None) -> int | None:
-        """Allocate the next sequence number, ``build(sequence) -> (envelope_id, encoded)``
-        and store the result durably. Returns the sequence, or None when ``key`` was enqueued
+    def enqueue(self, build: Callable[[int], Sealed], key: str | None = None) -> int | None:
+        """Allocate the next sequence number, ``build(sequence) -> Sealed`` and store the
+        result durably. Returns the sequence, or None when ``key`` was enqueued
         before (then nothing is stored).
 
         ``build`` (the sealing, milliseconds of CPU) runs outside the lock, so several
@@ -207,14 +220,14 @@ class Outbox:
             if key is not None:
                 self._building.add(key)
         try:
-            envelope_id, data = build(sequence)
+            sealed = build(sequence)
             with self._lock:
-                reason = self.full_reason(len(data))
+                reason = self.full_reason(len(sealed.data))
                 if reason:
                     raise OutboxFull(reason)
-                self._store(sequence, envelope_id, data, key)
+                self._store(sequence, sealed, key)
                 self._count += 1
-                self._bytes += len(data)
+                self._bytes += len(sealed.data)
                 return sequence
         except BaseException:
             with self._lock:
@@ -227,17 +240,17 @@ class Outbox:
                     self._building.discard(key)
                     self._built.notify_all()
 
-    def _store(self, sequence: int, envelope_id: str, data: bytes, key: str | None) -> None:
+    def _store(self, sequence: int, sealed: Sealed, key: str | None) -> None:
         """One transaction (one fsync of the WAL); the caller holds the lock."""
         try:
             self._db.execute("begin immediate")
             self._db.execute(
-                "insert into outbox (sequence, envelope_id, size) values (?, ?, ?)",
-                (sequence, envelope_id, len(data)),
+                "insert into outbox (sequence, envelope_id, size, header_hash) values (?, ?, ?, ?)",
+                (sequence, sealed.envelope_id, len(sealed.data), sealed.header_hash),
             )
-            self._db.execute("insert into payload values (?, ?)", (sequence, data))
+            self._db.execute("insert into payload values (?, ?)", (sequence, sealed.data))
             if key is not None:
-                self._db.execute("insert into seen values (?, ?)", (key, envelope_id))
+                self._db.execute("insert into seen values (?, ?)", (key, sealed.envelope_id))
             self._db.execute(
                 "update counters set value = max(value, ?) where name = 'next_sequence'",
                 (sequence + 1,),
@@ -307,6 +320,13 @@ class Outbox:
                     "select data from payload where sequence = ?", (seq,)).fetchone()[0])
                 for seq, eid, size in wanted
             ]
+
+    def header_hash(self, envelope_id: str) -> bytes | None:
+        """The signed header's hash of an envelope waiting here; None when none is."""
+        with self._lock:
+            row = self._db.execute("select header_hash from outbox where envelope_id = ?",
+                                   (envelope_id,)).fetchone()
+            return row[0] if row else None
 
     def envelope_ids(self) -> list[str]:
         with self._lock:

@@ -8,10 +8,11 @@ which it puts in the durable outbox under the next sequence number. The node del
 only after this returns, and the outbox remembers the pseudonymous SOP Instance UID, so a
 redelivery after a crash never becomes a second envelope.
 
-The signed header carries only what the cloud must read without the key (pseudonymous ids,
-modality, consent flags, and the serving model's prediction when one ran, so the cloud can
-commit it to the ledger); the diagnosis label, calibration and descriptors stay inside the
-encryption. A prediction that fails is noted and never holds an image back.
+What ingest must read without the custodian's key (pseudonymous ids, modality, consent
+flags, and the serving model's prediction when one ran, so the cloud can commit it to the
+ledger) is sealed in the header for the ingest's metadata key: nothing clinical is in clear
+text on the broker. The diagnosis label, calibration and descriptors stay in the parts,
+readable by the custodian only. A prediction that fails is noted and never holds an image back.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from medchain.protocol import encode
 from medchain.sealing import DEFAULT_CHUNK_SIZE, new_object_key, package
 from models.modality import ModalityConfig, modality_values
 
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, Sealed
 from edge_agent.preparation import Preparation, Preparer
 from edge_agent.records import RecordStore
 from edge_agent.sink import DeidentifiedInstance
@@ -62,6 +63,7 @@ class Packager:
         device_id: str,
         device_key: SigningKey,
         custodian: RecipientPublicKey,
+        meta_key: RecipientPublicKey,
         preprocess: Mapping[str, ModalityConfig] | None = None,
         records: RecordStore | None = None,
         clock: Callable[[], float] = time.time,
@@ -78,6 +80,7 @@ class Packager:
         self.device_id = device_id
         self._key = device_key
         self._custodian = custodian
+        self._meta_key = meta_key
         self.preparer = Preparer.of(preprocess)
         self._records = records
         self._clock = clock
@@ -93,13 +96,13 @@ class Packager:
         return self.outbox.full_reason(queued_bytes)
 
     def accept(self, instance: DeidentifiedInstance) -> None:
-        parts, header_meta = self.build(instance)
+        parts, sealed_meta = self.build(instance)
 
-        def seal_as(sequence: int) -> tuple[str, bytes]:
+        def seal_as(sequence: int) -> Sealed:
             env = package(parts, new_object_key(self._custodian), device_id=self.device_id,
                           sequence=sequence, signer=self._key, created_ms=int(self._clock() * 1000),
-                          meta=header_meta, media_types=MEDIA_TYPES, chunk_size=self._chunk_size)
-            return env.envelope_id, encode(env)
+                          meta=sealed_meta, meta_recipient=self._meta_key, media_types=MEDIA_TYPES, chunk_size=self._chunk_size)
+            return Sealed(env.envelope_id, encode(env), env.header.digest())
 
         if self.outbox.enqueue(seal_as, key=instance.sop_instance_uid) is None:
             self.stats.redelivered += 1
@@ -131,7 +134,8 @@ class Packager:
         return prediction
 
     def build(self, instance: DeidentifiedInstance) -> tuple[dict[str, bytes], dict]:
-        """The parts to seal and the header metadata (pure apart from the records lookup)."""
+        """The parts to seal and the metadata ingest reads (sealed for its key, never in clear
+        text on the broker); pure apart from the records lookup."""
         ds = None
         prep = instance.preparation
         if prep is None:  # not prepared beside de-identification: parse the file and do it here
@@ -156,8 +160,7 @@ class Packager:
         if prediction is not None:
             meta["prediction"] = prediction
         parts["meta"] = json.dumps(meta, sort_keys=True).encode()
-        header_meta = {
-            "kind": "image",
+        sealed_meta = {
             "modality": instance.modality,
             "patient_token": instance.patient_token,
             "study_uid": instance.study_uid,
@@ -168,5 +171,5 @@ class Packager:
             "has_tensor": "tensor" in parts,
         }
         if prediction is not None:
-            header_meta["prediction"] = prediction
-        return parts, header_meta
+            sealed_meta["prediction"] = prediction
+        return parts, sealed_meta

@@ -20,6 +20,7 @@ new pointer, never half of one) and reports a signed :class:`ModelStatus` either
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ from medchain.protocol import (
     ModelRelease,
     ModelState,
     ModelStatus,
+    OfferStage,
     decode_message,
     encode,
     model_offer_topic,
@@ -91,6 +93,35 @@ def check_offer(offer: ModelOffer, device_id: str, trust: ReleaseTrust) -> None:
         offer.verify(trust.model_key)
     except SignatureInvalid:
         raise ReleaseRefused("offer is not signed by the model-signing key") from None
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """What a device remembers of offers, so an old one cannot be played back to it: the
+    newest offer it accepted, and the release sequence (MODEL_RELEASED height) it runs."""
+
+    last_offer_ms: int = -1
+    release_sequence: int = -1
+
+
+def check_fresh(offer: ModelOffer, seen: Freshness) -> None:
+    """Refuse a replayed offer, and a downgrade that is not a signed rollback. Pure. The last
+    offer accepted may come again (it is retained on the broker): that changes nothing."""
+    if offer.issued_ms < seen.last_offer_ms:
+        raise ReleaseRefused("offer is older than the last one accepted (a replayed offer)")
+    if offer.release_sequence < seen.release_sequence and offer.stage != OfferStage.ROLLBACK:
+        raise ReleaseRefused("offer is for a release older than the one running and is not a "
+                             "signed rollback")
+
+
+def release_sequence(release: ModelRelease) -> int | None:
+    """The ledger height of a release's MODEL_RELEASED (None without a receipt)."""
+    if release.receipt is None:
+        return None
+    try:
+        return TxReceipt.from_wire(release.receipt).header.height
+    except MedChainError:
+        return None
 
 
 def check_release(release: ModelRelease, model_hash: bytes, trust: ReleaseTrust) -> ModelCard:
@@ -179,10 +210,25 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_status: ModelStatus | None = None
+        self.offers_refused = 0  # forged, for another device, replayed, or a downgrade
         self._link = None if endpoint is None else MqttLink(
             endpoint, client_id=f"{device_id}-models", persistent_session=False,
             subscriptions=[(model_offer_topic(device_id), 1)], on_message=self._on_message)
+        self.fresh = self._read_freshness()
         self._restore()
+
+    def _read_freshness(self) -> Freshness:
+        try:
+            return Freshness(**json.loads((self.dir / "freshness.json").read_text()))
+        except FileNotFoundError:
+            return Freshness()
+        except (ValueError, TypeError):
+            log.error("%s: unreadable; accepting offers as a new device would", self.dir / "freshness.json")
+            return Freshness()
+
+    def _remember(self, fresh: Freshness) -> None:
+        self.fresh = fresh
+        durable_write(self.dir / "freshness.json", json.dumps(dataclasses.asdict(fresh)).encode())
 
     # -- what the rest of the agent reads -------------------------------------------------
 
@@ -342,9 +388,12 @@ class ModelManager:
             try:
                 offer = decode_message(payload, ModelOffer)
                 check_offer(offer, self.device_id, self.trust)
+                check_fresh(offer, self.fresh)
             except (ProtocolError, ReleaseRefused) as exc:
+                self.offers_refused += 1
                 log.warning("model offer ignored: %s", exc)
                 return
+            self._remember(dataclasses.replace(self.fresh, last_offer_ms=offer.issued_ms))
             self._offered(offer)
             return
         waiting = self._waiting
@@ -358,7 +407,7 @@ class ModelManager:
             self._status(waiting[0].model_hash, waiting[0].version, ModelState.REFUSED,
                          f"release does not decode: {exc}")
             return
-        self.install(release, waiting[0].model_hash)
+        self._install_offered(release, waiting[0])
 
     def _offered(self, offer: ModelOffer) -> None:
         cur = self._current
@@ -367,12 +416,23 @@ class ModelManager:
             return
         cached = self._cached(offer.model_hash)
         if cached is not None:  # e.g. a rollback to a model this device ran before
-            self.install(cached, offer.model_hash)
+            self._install_offered(cached, offer)
             return
         if self._waiting is not None:
             self._link.unsubscribe(release_topic(self._waiting[0].model_hash))
         self._waiting = (offer, time.monotonic() + self._fetch_timeout_s)
         self._link.subscribe(release_topic(offer.model_hash))
+
+    def _install_offered(self, release: ModelRelease, offer: ModelOffer) -> ModelStatus:
+        """Install what ``offer`` names, if its release is the one the offer says (the same
+        MODEL_RELEASED height), and remember that sequence once it serves."""
+        if release_sequence(release) != offer.release_sequence:
+            return self._status(offer.model_hash, offer.version, ModelState.REFUSED,
+                                "the release's ledger record is not the one the offer names")
+        status = self.install(release, offer.model_hash)
+        if status.state == ModelState.INSTALLED:
+            self._remember(dataclasses.replace(self.fresh, release_sequence=offer.release_sequence))
+        return status
 
     def _check_timeout(self) -> None:
         waiting = self._waiting

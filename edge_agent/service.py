@@ -109,6 +109,7 @@ class EdgeAgent:
                              model_version=self.models.model_version, clock=clock)
         self.packager = Packager(self.outbox, device_id=profile.device.id, device_key=key,
                                  custodian=RecipientPublicKey(enrollment.custodian_key),
+                                 meta_key=RecipientPublicKey(enrollment.meta_key),
                                  preprocess=modality_configs(profile), records=self.records,
                                  clock=clock, on_enqueued=self.uplink.nudge,
                                  predict=self.models.predict, serves=self.models.serves)
@@ -159,7 +160,9 @@ class EdgeAgent:
             "packaged": self.packager.stats.packaged,
             "predicted": self.packager.stats.predicted,
             "model": self.models.model_version() or None,
+            "model_offers_refused": self.models.offers_refused,
             "outbox_depth": self.outbox.depth,
             "uplink": {"published": self.uplink.stats.published, "released": self.uplink.stats.released,
-                       "rejected": self.uplink.stats.rejected},
+                       "rejected": self.uplink.stats.rejected, "bad_acks": self.uplink.stats.bad_acks,
+                       "unmatched_acks": self.uplink.stats.unmatched_acks},
         }

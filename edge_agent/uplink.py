@@ -54,6 +54,7 @@ class UplinkStats:
     released: int = 0
     rejected: int = 0
     bad_acks: int = 0
+    unmatched_acks: int = 0  # signed by the cloud, but for no envelope held here with that header
     heartbeats: int = 0
     last_error: str = ""
     reasons: dict[str, int] = field(default_factory=dict)
@@ -182,6 +183,13 @@ class Uplink:
             except MedChainError as exc:
                 self.stats.bad_acks += 1
                 log.warning("uplink: ignored an ack that does not check out: %s", exc)
+                continue
+            if self.outbox.header_hash(ack.envelope_id) != ack.header_hash:
+                # not for an envelope we hold with exactly that header (a stale ack, or one
+                # for a forgery under one of our ids): nothing to act on
+                self.stats.unmatched_acks += 1
+                log.warning("uplink: ignored an ack for envelope %s that matches nothing held here",
+                            ack.envelope_id)
                 continue
             self._inflight.pop(ack.sequence, None)
             self._published.discard(ack.sequence)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from medchain.canonical import canonical_bytes, decode
 from medchain.errors import EncodingError, ProtocolError
-from medchain.fields import BYTES, MAP, TEXT, Bytes, Choice, Hex, Invalid, ListOf, Record, wire
+from medchain.fields import BYTES, TEXT, Bytes, Choice, Hex, Invalid, ListOf, Record, wire
 from medchain.releases import (
     ModelOffer,
     ModelRelease,
@@ -160,8 +159,10 @@ def _layout(header: EnvelopeHeader) -> None:
 @record("envelope header", check=_layout)
 @dataclass(frozen=True, slots=True)
 class EnvelopeHeader(Wire):
-    """Everything the device signs. ``meta`` is small, de-identified and canonical-encodable
-    (pseudonymous ids, modality, consent flags): what the cloud may read without the key."""
+    """Everything the device signs. Nothing clinical is in clear text: ``sealed_meta`` holds
+    the de-identified metadata (pseudonymous ids, modality, consent, prediction) HPKE-sealed
+    for the ingest service's metadata key (:func:`medchain.sealing.open_meta`), so the broker
+    and anyone on it see only routing: ids, sizes, digests."""
 
     object_id: bytes = wire("object_id", Bytes(OBJECT_ID_SIZE))
     device_id: str = wire("device_id", TEXT)
@@ -172,11 +173,16 @@ class EnvelopeHeader(Wire):
     merkle_root: bytes = wire("merkle_root", DIGEST)
     recipient: str = wire("recipient", TEXT)
     wrapped_key: bytes = wire("wrapped_key", BYTES)
-    meta: Mapping[str, Any] = wire("meta", MAP, default_factory=dict)
+    sealed_meta: bytes = wire("sealed_meta", BYTES, default=b"")
 
     @property
     def envelope_id(self) -> str:
         return self.object_id.hex()
+
+    def digest(self) -> bytes:
+        """SHA-256 of the header as signed: what an ack names, so it answers this header
+        and no other under the same id."""
+        return hashlib.sha256(canonical_bytes(self.to_wire())).digest()
 
     def check_layout(self) -> None:
         """The part table must tile the chunk table exactly, in order, with no gap."""
@@ -288,9 +294,12 @@ class AckStatus:
 @dataclass(frozen=True, slots=True)
 class Ack(Signed):
     """The cloud's answer to one envelope, signed by the ingest service key, so nobody else
-    on the broker can make a device drop data it still holds."""
+    on the broker can make a device drop data it still holds; ``header_hash`` binds it to the
+    header the device signed (:meth:`EnvelopeHeader.digest`): a device acts only on an ack
+    for an envelope it holds with exactly that header."""
 
     envelope_id: str = wire("envelope_id", TEXT)
+    header_hash: bytes = wire("header_hash", DIGEST)
     device_id: str = wire("device_id", TEXT)
     sequence: int = wire("sequence", NONNEG)
     status: str = wire("status", Choice(*AckStatus.ALL))
@@ -343,6 +352,7 @@ class Enrollment(Wire):
     device_key: bytes = wire("device_key", KEY_HEX)  # the device's own Ed25519 key, as enrolled
     ingest_key: bytes = wire("ingest_key", KEY_HEX)  # Ed25519: signs acks (only they release)
     custodian_key: bytes = wire("custodian_key", KEY_HEX)  # X25519: data keys are wrapped for it
+    meta_key: bytes = wire("meta_key", KEY_HEX)  # X25519: envelope metadata is sealed for ingest
     model_key: bytes = wire("model_key", KEY_HEX)  # Ed25519: the trainer's model-signing key
     issued_ms: int = wire("issued_ms", NONNEG)
     # the ledger validators' Ed25519 keys (genesis order): a device checks a model's

@@ -79,7 +79,12 @@ class OfferStage:
 @message("model offer")
 @dataclass(frozen=True, slots=True)
 class ModelOffer(Signed):
-    """The cloud tells one device which release to run (retained on its offer topic)."""
+    """The cloud tells one device which release to run (retained on its offer topic).
+
+    Freshness: ``issued_ms`` rises with every offer to a device, and ``release_sequence`` is
+    the ledger height of the release's MODEL_RELEASED, so releases are ordered: a device
+    refuses an offer not newer than the last it accepted (a replay) and one for a release
+    older than the one it runs unless its ``stage`` is a (signed) rollback."""
 
     device_id: str = wire("device_id", TEXT)
     group: str = wire("group", TEXT)
@@ -87,6 +92,7 @@ class ModelOffer(Signed):
     version: str = wire("version", TEXT)
     stage: str = wire("stage", Choice(*OfferStage.ALL))
     issued_ms: int = wire("issued_ms", NONNEG)
+    release_sequence: int = wire("release_sequence", NONNEG)
     signature: bytes = wire("signature", BYTES, default=b"", signed=False)
 
     TYPE: ClassVar[str] = "model_offer"

@@ -10,7 +10,11 @@ Recipe (all primitives from ``cryptography``; nothing here is a primitive of our
   those digests, so the cloud can check integrity without the key;
 * the data key is wrapped for the recipient's X25519 key with HPKE (RFC 9180 base mode,
   DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM), ``info`` binding the object id;
-* the device signs the header (chunk table, root, wrapped key, ids) with Ed25519.
+* the de-identified metadata (canonical CBOR) is HPKE-sealed the same way for the ingest
+  service's metadata key, ``info`` binding object and device id: ingest reads it to register
+  the image; the broker never sees it;
+* the device signs the header (chunk table, root, wrapped key, sealed metadata, ids) with
+  Ed25519.
 
 Cores are pure: randomness comes in through ``rng`` and time through ``created_ms``.
 """
@@ -28,10 +32,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from medchain.canonical import canonical_bytes
+from medchain.canonical import canonical_bytes, decode, is_plain
 from medchain.identity import RecipientKey, RecipientPublicKey, SigningKey, VerifyKey
 from medchain.merkle import merkle_root
-from medchain.errors import DecryptionError, VerificationError
+from medchain.errors import DecryptionError, EncodingError, VerificationError
 from medchain.protocol import (
     ENVELOPE_SIGNING_DOMAIN,
     NONCE_SIZE,
@@ -52,6 +56,8 @@ __all__ = [
     "open_envelope",
     "wrap_key",
     "unwrap_key",
+    "seal_meta",
+    "open_meta",
     "chunk_aad",
     "encrypt_chunk",
     "decrypt_chunk",
@@ -105,6 +111,38 @@ def unwrap_key(wrapped: bytes, object_id: bytes, recipient: RecipientKey) -> byt
     return key
 
 
+def _meta_info(object_id: bytes, device_id: str) -> bytes:
+    return canonical_bytes(["medchain/v1/envelope-meta", object_id, device_id])
+
+
+def seal_meta(meta: Mapping[str, Any], object_id: bytes, device_id: str,
+              recipient: RecipientPublicKey) -> bytes:
+    """HPKE-seal ``meta`` (canonical CBOR) for ``recipient``; ``enc || ciphertext``."""
+    return _SUITE.encrypt(canonical_bytes(dict(meta)), recipient.to_crypto(),
+                          info=_meta_info(object_id, device_id))
+
+
+def open_meta(header: EnvelopeHeader, recipient: RecipientKey) -> dict[str, Any]:
+    """The metadata sealed in ``header`` (``{}`` when there is none). Raises
+    :class:`DecryptionError` when it is not sealed for ``recipient`` under this object and
+    device, or does not decode to a text-keyed map of plain values."""
+    if not header.sealed_meta:
+        return {}
+    where = f"metadata of envelope {header.envelope_id}"
+    try:
+        plain = _SUITE.decrypt(header.sealed_meta, recipient.to_crypto(),
+                               info=_meta_info(header.object_id, header.device_id))
+    except (InvalidTag, ValueError):
+        raise DecryptionError(f"{where} failed to open") from None
+    try:
+        meta = decode(plain)
+    except EncodingError as exc:
+        raise DecryptionError(f"{where}: {exc}") from None
+    if type(meta) is not dict or not is_plain(meta):
+        raise DecryptionError(f"{where} is not a map of plain values")
+    return meta
+
+
 def _chunk_count(length: int, chunk_size: int) -> int:
     return max(1, -(-length // chunk_size))
 
@@ -141,13 +179,17 @@ def package(
     signer: SigningKey,
     created_ms: int,
     meta: Mapping[str, Any] | None = None,
+    meta_recipient: RecipientPublicKey | None = None,
     media_types: Mapping[str, str] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     rng: Rng = os.urandom,
 ) -> Envelope:
-    """Chunk, encrypt, hash, Merkle-root and sign ``parts`` under a prepared key."""
+    """Chunk, encrypt, hash, Merkle-root and sign ``parts`` under a prepared key; ``meta``,
+    when given, is sealed for ``meta_recipient`` (:func:`seal_meta`)."""
     if not parts:
         raise ValueError("package: nothing to seal (no parts)")
+    if meta and meta_recipient is None:
+        raise ValueError("package: metadata needs a recipient to be sealed for")
     if chunk_size < 1:
         raise ValueError("package: chunk_size must be positive")
     media_types = media_types or {}
@@ -182,7 +224,7 @@ def package(
         merkle_root=merkle_root([r.digest for r in refs]),
         recipient=key.recipient,
         wrapped_key=key.wrapped_key,
-        meta=dict(meta or {}),
+        sealed_meta=seal_meta(meta, object_id, device_id, meta_recipient) if meta else b"",
     )
     signature = signer.sign(ENVELOPE_SIGNING_DOMAIN, header.to_wire())
     return Envelope(header, signature, tuple(bodies))
@@ -198,7 +240,7 @@ def seal(
     """Seal ``parts`` for ``recipient``: :func:`new_object_key` then :func:`package`.
 
     Keyword arguments are those of :func:`package` (device_id, sequence, signer, created_ms,
-    meta, media_types, chunk_size).
+    meta, meta_recipient, media_types, chunk_size).
     """
     return package(parts, new_object_key(recipient, rng), rng=rng, **kwargs)
 

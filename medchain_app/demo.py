@@ -57,6 +57,7 @@ def _cloud_toml(workdir: Path, cluster, port: int) -> Path:
     (cloud / "keys").mkdir(parents=True)
     RecipientKey.generate().save(cloud / "keys" / "custodian.key")
     SigningKey.generate().save(cloud / "keys" / "model.key")
+    RecipientKey.generate().save(cloud / "keys" / "meta.key")
     path = cloud / "cloud.toml"
     path.write_text(
         f'[broker]\nhost = "127.0.0.1"\nport = {port}\nembedded = true\n\n'

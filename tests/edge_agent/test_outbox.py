@@ -5,12 +5,12 @@ import uuid
 
 import pytest
 
-from edge_agent.outbox import Outbox, OutboxFull, OutboxLimits
+from edge_agent.outbox import Outbox, OutboxFull, OutboxLimits, Sealed
 
 
 def put(box: Outbox, size: int = 100) -> tuple[int, str]:
     eid = uuid.uuid4().hex
-    seq = box.enqueue(lambda s: (eid, os.urandom(size)))
+    seq = box.enqueue(lambda s: Sealed(eid, os.urandom(size), bytes(32)))
     return seq, eid
 
 
@@ -116,11 +116,11 @@ def test_disk_filled_by_others_loses_nothing_and_recovers(small_disk):
 def test_a_key_is_enqueued_once_even_after_release(tmp_path):
     with Outbox(tmp_path / "o.db") as box:
         eid = uuid.uuid4().hex
-        assert box.enqueue(lambda s: (eid, b"x"), key="sop-1") == 1
-        assert box.enqueue(lambda s: (uuid.uuid4().hex, b"y"), key="sop-1") is None
+        assert box.enqueue(lambda s: Sealed(eid, b"x", bytes(32)), key="sop-1") == 1
+        assert box.enqueue(lambda s: Sealed(uuid.uuid4().hex, b"y", bytes(32)), key="sop-1") is None
         box.release(eid)
     with Outbox(tmp_path / "o.db") as box:  # and across a restart
-        assert box.enqueue(lambda s: (uuid.uuid4().hex, b"z"), key="sop-1") is None
+        assert box.enqueue(lambda s: Sealed(uuid.uuid4().hex, b"z", bytes(32)), key="sop-1") is None
         assert box.depth == 0
 
 
@@ -136,7 +136,7 @@ def test_concurrent_producers_seal_in_parallel_and_each_key_lands_once(tmp_path)
         def build(seq):
             if i % 7 == 3:
                 raise RuntimeError("packaging failed")
-            return f"{i % 20:032x}", bytes([i % 256]) * 1000
+            return Sealed(f"{i % 20:032x}", bytes([i % 256]) * 1000, bytes(32))
 
         try:
             results.append(box.enqueue(build, key=f"sop-{i % 20}"))

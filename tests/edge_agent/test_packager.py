@@ -15,12 +15,12 @@ from edge_agent.config import BurnedInPolicy
 from edge_agent.deid import DeidOptions
 from medchain.identity import RecipientKey, SigningKey
 from medchain.protocol import Envelope, decode_message
-from medchain.sealing import open_envelope
+from medchain.sealing import open_envelope, open_meta
 from models.modality import config_for
 from scanner_sim.studies import generate_studies, ground_truth, part10_bytes
 
 SECRET = b"s" * 32
-DEVICE, CUSTODIAN = SigningKey.generate(), RecipientKey.generate()
+DEVICE, CUSTODIAN, META = SigningKey.generate(), RecipientKey.generate(), RecipientKey.generate()
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def records(tmp_path):
 def packager(tmp_path, records=None, **kw):
     box = Outbox(tmp_path / "outbox.sqlite")
     return Packager(box, device_id="edge-1", device_key=DEVICE, custodian=CUSTODIAN.public,
-                    preprocess={"CT": config_for("CT", size=64)}, records=records, **kw), box
+                    meta_key=META.public, preprocess={"CT": config_for("CT", size=64)}, records=records, **kw), box
 
 
 def opened(box):
@@ -65,9 +65,12 @@ def test_ct_instance_becomes_one_sealed_envelope(tmp_path, processor, records):
     assert meta["modality_config"]["size"] == 64 and len(meta["descriptors"]["wavelet"]) == 7
     assert meta["preprocess"]["transforms"][1] == {"name": "Resize", "height": 64, "width": 64,
                                                    "interpolation": "bilinear"}
-    header = env.header.meta
+    header = open_meta(env.header, META)  # what ingest reads
     assert header["patient_token"] == instance.patient_token and header["consent"] == dict(study.consent)
-    assert "label" not in header  # the diagnosis stays inside the encryption
+    assert "label" not in header  # the diagnosis stays with the custodian
+    (entry,) = box.pending(10)
+    for clinical in (instance.patient_token, instance.sop_instance_uid, instance.study_uid, "consent"):
+        assert clinical.encode() not in entry.data  # nothing of it in clear text on the broker
     for value in (study.patient.patient_id, study.patient.name, study.accession):
         assert value.encode() not in parts["meta"] and value.encode() not in parts["dicom"]
 
@@ -105,18 +108,19 @@ def test_instance_without_pixels_travels_without_a_tensor(tmp_path, processor):
     pk, box = packager(tmp_path)
     pk.accept(instance)
     env, parts = opened(box)
-    assert set(parts) == {"dicom", "meta"} and env.header.meta["has_tensor"] is False
+    assert set(parts) == {"dicom", "meta"} and open_meta(env.header, META)["has_tensor"] is False
 
 
 def test_backpressure_reports_a_full_outbox(tmp_path):
     from edge_agent.outbox import OutboxLimits
 
     box = Outbox(tmp_path / "o.sqlite", OutboxLimits(max_count=0))
-    pk = Packager(box, device_id="edge-1", device_key=DEVICE, custodian=CUSTODIAN.public)
+    pk = Packager(box, device_id="edge-1", device_key=DEVICE, custodian=CUSTODIAN.public,
+                  meta_key=META.public)
     assert "limit 0" in pk.backpressure()
 
 
-def test_prediction_travels_in_the_signed_header_and_a_failing_model_holds_nothing_back(
+def test_prediction_travels_sealed_in_the_signed_header_and_a_failing_model_holds_nothing_back(
         tmp_path, processor):
     study = generate_studies("CT", 1, seed=4, images_per_study=1)[0]
     instance = processor.process(part10_bytes(study.datasets[0]), "spool-1")
@@ -131,8 +135,8 @@ def test_prediction_travels_in_the_signed_header_and_a_failing_model_holds_nothi
     pk.accept(instance)
     env, parts = opened(box)
     assert seen == [("CT", (512, 512), seen[0][2])] and seen[0][2] < -500  # HU, not stored values
-    assert env.header.meta["prediction"]["class_name"] == "healthy"
-    assert json.loads(parts["meta"])["prediction"] == env.header.meta["prediction"]
+    assert open_meta(env.header, META)["prediction"]["class_name"] == "healthy"
+    assert json.loads(parts["meta"])["prediction"] == open_meta(env.header, META)["prediction"]
     assert pk.stats.predicted == 1
 
     def broken(modality, frame):
@@ -141,7 +145,7 @@ def test_prediction_travels_in_the_signed_header_and_a_failing_model_holds_nothi
     pk2, box2 = packager(tmp_path / "b", predict=broken)
     pk2.accept(instance)
     env, parts = opened(box2)  # the image still goes out, without a prediction
-    assert "prediction" not in env.header.meta
+    assert "prediction" not in open_meta(env.header, META)
     assert json.loads(parts["meta"])["prediction_error"] == "RuntimeError"
     assert pk2.stats.prediction_failed == 1
 
@@ -173,7 +177,7 @@ def test_pixels_that_cannot_be_prepared_still_travel_losslessly(tmp_path, proces
     env, parts = opened(box)
     assert set(parts) == {"dicom", "meta"} and parts["dicom"] == instance.dicom
     assert json.loads(parts["meta"])["preprocess_error"] == preparation.error
-    assert env.header.meta["has_tensor"] is False and pk.stats.without_tensor == 1
+    assert open_meta(env.header, META)["has_tensor"] is False and pk.stats.without_tensor == 1
 
 
 def test_the_frame_for_a_model_is_decoded_only_when_one_serves_the_modality(tmp_path, processor):
@@ -183,4 +187,4 @@ def test_the_frame_for_a_model_is_decoded_only_when_one_serves_the_modality(tmp_
     pk, box = packager(tmp_path, predict=lambda m, f: asked.append(m), serves=lambda m: m == "MR")
     pk.accept(instance)
     env, _ = opened(box)
-    assert asked == [] and "prediction" not in env.header.meta
+    assert asked == [] and "prediction" not in open_meta(env.header, META)

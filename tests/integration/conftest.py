@@ -64,6 +64,7 @@ class Site:
         (cloud_dir / "keys").mkdir(parents=True)
         RecipientKey.generate().save(cloud_dir / "keys" / "custodian.key")
         SigningKey.generate().save(cloud_dir / "keys" / "model.key")
+        RecipientKey.generate().save(cloud_dir / "keys" / "meta.key")
         broker = {"host": endpoint.host, "port": endpoint.port}
         if endpoint.tls_ca:
             broker["tls"] = {k: v for k, v in (("ca", endpoint.tls_ca), ("cert", endpoint.tls_cert),

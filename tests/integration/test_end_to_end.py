@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.processor import Processor
 from medchain.merkle import verify_inclusion
-from medchain.sealing import open_envelope
+from medchain.sealing import open_envelope, open_meta
 from scanner_sim.studies import part10_bytes
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_studies_arrive_once_decrypt_to_the_edge_output_and_are_on_the_ledger(ma
         for envelope_id in ids:
             env = store.get(envelope_id)
             parts = open_envelope(env, site.custodian, device)
-            sop = env.header.meta["sop_instance_uid"]
+            sop = open_meta(env.header, site.coordinator.meta_key)["sop_instance_uid"]
             assert parts["dicom"] == expected[sop]
             tensor = np.load(io.BytesIO(parts["tensor"]))
             assert tensor.shape == (1, 1, 128, 128)

@@ -9,7 +9,7 @@ import pytest
 
 from medchain.mqtt import MqttLink
 from medchain.protocol import Ack, AckStatus, Envelope, ack_topic, decode_message, encode, envelope_topic
-from medchain.sealing import seal
+from medchain.sealing import open_meta, seal
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_unknown_device_is_ignored_and_nothing_is_stored(make_site, wait_for):
 
     c = site.coordinator
     write_enrollment(Enrollment(site.device_id, site.device_key.public.raw, c.ingest_key.public.raw,
-                                c.custodian_public.raw, c.ingest_key.public.raw, 0), site.profile.cloud.enrollment)
+                                c.custodian_public.raw, c.meta_key.public.raw, c.ingest_key.public.raw, 0), site.profile.cloud.enrollment)
     with site.coordinator:
         site.start_edge()
         _, result = site.send("MR", studies=1, seed=21, per_study=2)
@@ -144,7 +144,8 @@ def send_to(port: int, modality: str, studies: int, seed: int, per_study: int = 
 def assert_exactly_once(site, expected: int) -> None:
     """The store holds ``expected`` envelopes, one per instance, each catalogued once."""
     envs = stored_envelopes(site)
-    per_instance = Counter(e.header.meta["sop_instance_uid"] for e in envs)
+    key = site.coordinator.meta_key
+    per_instance = Counter(open_meta(e.header, key)["sop_instance_uid"] for e in envs)
     assert len(envs) == expected and set(per_instance.values()) <= {1}, per_instance
     assert site.coordinator.catalog.count() == expected
 

@@ -146,9 +146,19 @@ def _second_device(site, site_on):
 def test_canary_rollout_predictions_on_the_ledger_halt_and_rollback(make_site, site_on, model_runs,
                                                                      ledger_cluster, wait_for,
                                                                      tmp_path):
+    """Also the downgrade attack (issue 17, item 3): an older signed offer, recorded off the
+    broker and played back once a newer model runs, rolled a device back to the older model
+    (it sat in the verified cache) before offers carried a release sequence; now it is refused
+    and counted."""
+    from medchain.mqtt import MqttLink
+    from medchain.protocol import ModelOffer, decode_message, model_offer_topic
+
     site = make_site()
     site.enroll()
-    with site.coordinator:
+    offers = []  # what anyone who can read the device's offer topic records
+    recorder = MqttLink(site.endpoint, subscriptions=[(model_offer_topic(site.device_id), 1)],
+                        persistent_session=False, on_message=lambda t, p: p and offers.append(p))
+    with site.coordinator, recorder:
         site.start_edge()
         other = _second_device(site, site_on)
         agents = {site.device_id: site.agent, other.device_id: other.agent}
@@ -209,6 +219,14 @@ def test_canary_rollout_predictions_on_the_ledger_halt_and_rollback(make_site, s
             assert shell.run(second.model_hash, "x86-cpu", canary_share=0.5,
                              timeout_s=90).result == "complete"
             assert all(a.models.current.model_hash == second.model_hash for a in agents.values())
+
+            # the downgrade attack: the first model's signed offer, played back
+            old = next(p for p in offers if decode_message(p, ModelOffer).model_hash == first.model_hash)
+            refused = site.agent.models.offers_refused
+            recorder.publish(model_offer_topic(site.device_id), old).wait_for_publish(10)
+            assert wait_for(lambda: site.agent.models.offers_refused == refused + 1, 20)
+            assert site.agent.models.current.model_hash == second.model_hash
+
             back = shell.rollback("x86-cpu", timeout_s=90)
             assert back.result == "complete" and back.model_hash == first.model_hash.hex()
             assert all(a.models.current.model_hash == first.model_hash for a in agents.values())
@@ -243,9 +261,9 @@ def test_offers_over_the_broker_forged_ones_are_ignored_missing_releases_refused
     publisher = MqttLink(broker_endpoint, persistent_session=False)
     with watcher, mgr, publisher:
         assert wait_for(lambda: watcher.connected and publisher.connected, 20)
-        forged = ModelOffer(device, "g", b"\x07" * 32, "v9", "canary", 1).signed(SigningKey.generate())
+        forged = ModelOffer(device, "g", b"\x07" * 32, "v9", "canary", 1, 0).signed(SigningKey.generate())
         publisher.publish(model_offer_topic(device), encode(forged), retain=True)
-        offer = ModelOffer(device, "g", b"\x08" * 32, "v8", "canary", 2).signed(model_key)
+        offer = ModelOffer(device, "g", b"\x08" * 32, "v8", "canary", 2, 0).signed(model_key)
         publisher.publish(model_offer_topic(device), encode(offer), retain=True)
         assert wait_for(lambda: statuses, 20)
         (status,) = statuses

@@ -17,6 +17,7 @@ import pytest
 
 from medchain.mqtt import MqttEndpoint, MqttLink
 from medchain.protocol import Ack, AckStatus, ack_topic, decode_message, encode, envelope_topic
+from medchain.identity import RecipientKey
 from medchain.sealing import seal
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.postgres]
@@ -29,9 +30,12 @@ def ingest_group(mosquitto, postgres_schema_url, site_on, tmp_path):
     endpoint = MqttEndpoint(host=mosquitto.host, port=mosquitto.port, max_message_bytes=8 * 1024 * 1024,
                             reconnect_min_s=0.2, reconnect_max_s=1.0)
     group = f"medchain-test-{uuid.uuid4().hex[:8]}"
+    meta_key = tmp_path / "shared-meta.key"  # one ingest service scaled out: one metadata key
+    RecipientKey.generate().save(meta_key)
     cloud = {"broker": {"shared_group": group, "workers": 2},
              "database": {"url": postgres_schema_url},
-             "store": {"url": str(tmp_path / "shared-objects")}}
+             "store": {"url": str(tmp_path / "shared-objects")},
+             "keys": {"meta": str(meta_key)}}
 
     def make(n: int):
         sites = [site_on(endpoint, cloud=cloud) for _ in range(n)]
@@ -102,7 +106,8 @@ def test_the_same_envelope_reaching_two_workers_at_once_is_stored_once_and_acked
         for sequence in range(3):
             env = seal({"dicom": bytes([sequence]) * 50_000}, device_id=a.device_id, sequence=sequence,
                        signer=a.device_key, recipient=a.coordinator.custodian_public,
-                       created_ms=sequence, meta={"modality": "CT"})
+                       created_ms=sequence, meta={"modality": "CT"},
+                       meta_recipient=a.coordinator.meta_key.public)
             data = encode(env)
             for _ in range(2):  # sent, and sent again at once, as a resend after a timeout
                 edge.publish(envelope_topic(a.device_id), data)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from cloud.reassembly import Reassembler
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, Sealed
 from edge_agent.uplink import Uplink, UplinkSettings
 from medchain.identity import RecipientKey, SigningKey
 from medchain.mqtt import MqttLink
@@ -60,7 +60,7 @@ class CloudPeer:
             verify(msg, self.device_key)
             self.deliveries += 1
             self.received[msg.envelope_id] = msg
-        ack = Ack(msg.envelope_id, device, msg.header.sequence, self.status,
+        ack = Ack(msg.envelope_id, msg.header.digest(), device, msg.header.sequence, self.status,
                   "refused by test" if self.status == AckStatus.REJECTED else "").signed(self.key)
         self.link.publish(ack_topic(device), encode(ack))
 
@@ -80,7 +80,7 @@ def enqueue(outbox, device_key, device_id, n, size=20_000):
             env = seal({"dicom": bytes([seq % 256]) * size}, device_id=device_id, sequence=seq,
                        signer=device_key, recipient=CUSTODIAN.public, created_ms=seq)
             ids.append(env.envelope_id)
-            return env.envelope_id, encode(env)
+            return Sealed(env.envelope_id, encode(env), env.header.digest())
         outbox.enqueue(build)
     return ids
 

@@ -203,16 +203,17 @@ FRAMES = {type(m).KIND if type(m) is not PrePrepare or m.requests else "preprepa
 DEVICE = SigningKey.from_seed(b"\x01" * 32)
 ENVELOPE = seal({"dicom": b"D" * 150, "meta": b"{}"}, device_id="edge-1", sequence=3,
                 signer=DEVICE, recipient=RecipientKey.generate().public, created_ms=0,
-                chunk_size=100, meta={"modality": "CT", "n": [1, 2.5]})
+                chunk_size=100, meta={"modality": "CT", "n": [1, 2.5]},
+                meta_recipient=RecipientKey.generate().public)
 ONNX = b"onnx"
 PROTOCOL = {
     "envelope": ENVELOPE,
     "fragment": decode_message(fragment(b"\x07" * 16, encode(ENVELOPE), 300)[1]),
-    "ack": Ack(ENVELOPE.envelope_id, "edge-1", 3, "stored", ledger_height=4).signed(DEVICE),
+    "ack": Ack(ENVELOPE.envelope_id, ENVELOPE.header.digest(), "edge-1", 3, "stored", ledger_height=4).signed(DEVICE),
     "heartbeat": Heartbeat("edge-1", 1, 2, 3, 4).signed(DEVICE),
     "model_release": ModelRelease("m", "1", hashlib.sha256(ONNX).digest(), H, "k", 5, ONNX,
                                   b"{}", {"record": {"height": 1}}).signed(DEVICE),
-    "model_offer": ModelOffer("edge-1", "g", H, "1", "canary", 6).signed(DEVICE),
+    "model_offer": ModelOffer("edge-1", "g", H, "1", "canary", 6, 2).signed(DEVICE),
     "model_status": ModelStatus("edge-1", H, "1", "refused", "why", "", 7).signed(DEVICE),
 }
 
@@ -330,7 +331,7 @@ def test_random_byte_flips_in_real_messages(data):
     assert_message_is_ours_or_refused(bytes(raw), exact=False)
 
 
-ENROLLMENT = Enrollment("edge-1", H, H, H, H, 5, (H, S[:32]))
+ENROLLMENT = Enrollment("edge-1", H, H, H, H, H, 5, (H, S[:32]))
 
 
 @given(st.text(max_size=200) | st.builds(

@@ -1,11 +1,15 @@
 """Golden messages: the exact bytes of every protocol v1 message, recorded once.
 
 Any change to the wire format fails here. Signatures are real, from fixed seeds, and the
-envelope is packaged with a fixed key and counter nonces. The hex lives in
-``golden_protocol.json``; it was written from the hand-written codec and must not be
-regenerated to make a change pass.
+envelope is packaged with a fixed key and counter nonces (its sealed metadata is fixed bytes:
+HPKE is randomized). The hex lives in ``golden_protocol.json``; it was written from the
+hand-written codec and must not be regenerated to make a change pass. It was re-recorded
+once, for the deliberate changes of issue 17 (acks name the signed header's hash, offers a
+release sequence, envelope metadata is sealed, enrolment names the metadata key), and only
+for the messages those changed.
 """
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -15,6 +19,7 @@ import pytest
 
 from medchain.identity import SigningKey
 from medchain.protocol import (
+    ENVELOPE_SIGNING_DOMAIN,
     MESSAGE_TYPES,
     Ack,
     AckStatus,
@@ -42,12 +47,15 @@ def counter_rng():
     return lambda n: hashlib.sha256(next(count).to_bytes(8, "big")).digest()[:n]
 
 
-def envelope(meta):
+def envelope(sealed_meta: bytes):
     key = ObjectKey(b"\x10" * 16, b"\x20" * 32, b"\x30" * 48, "custodian-1")
-    return package({"dicom": b"D" * 250, "meta": b"{}"}, key, device_id="edge-1", sequence=9,
-                   signer=DEVICE, created_ms=1_700_000_000_000, meta=meta,
-                   media_types={"dicom": "application/dicom"}, chunk_size=100,
-                   rng=counter_rng())
+    env = package({"dicom": b"D" * 250, "meta": b"{}"}, key, device_id="edge-1", sequence=9,
+                  signer=DEVICE, created_ms=1_700_000_000_000,
+                  media_types={"dicom": "application/dicom"}, chunk_size=100,
+                  rng=counter_rng())
+    header = dataclasses.replace(env.header, sealed_meta=sealed_meta)
+    return dataclasses.replace(env, header=header,
+                               signature=DEVICE.sign(ENVELOPE_SIGNING_DOMAIN, header.to_wire()))
 
 
 ONNX, CARD = b"onnx-bytes" * 10, b'{"name": "m"}'
@@ -57,12 +65,11 @@ RELEASE = ModelRelease("triage", "1.2.0", hashlib.sha256(ONNX).digest(),
 MODEL_HASH = RELEASE.model_hash
 
 SAMPLES = {
-    "envelope": envelope({"patient": "tok-1", "modality": "CT", "consent": ["diagnosis"],
-                          "n": 3, "f": 0.25, "none": None, "raw": b"\x00"}),
-    "envelope_no_meta": envelope(None),
-    "ack_stored": Ack("10" * 16, "edge-1", 9, AckStatus.STORED, ledger_height=12, tx_index=3,
-                      sent_ms=1_700_000_000_100).signed(INGEST),
-    "ack_rejected": Ack("10" * 16, "edge-1", 9, AckStatus.REJECTED, "bad signature")
+    "envelope": envelope(b"\x51" * 80),
+    "envelope_no_meta": envelope(b""),
+    "ack_stored": Ack("10" * 16, b"\x11" * 32, "edge-1", 9, AckStatus.STORED, ledger_height=12,
+                      tx_index=3, sent_ms=1_700_000_000_100).signed(INGEST),
+    "ack_rejected": Ack("10" * 16, b"\x11" * 32, "edge-1", 9, AckStatus.REJECTED, "bad signature")
     .signed(INGEST),
     "heartbeat": Heartbeat("edge-1", 1_700_000_000_200, 4, 10_000, 2**40, "1.2.0", "degraded")
     .signed(DEVICE),
@@ -73,13 +80,13 @@ SAMPLES = {
         RELEASE.released_ms, ONNX, CARD, {"record": {"height": 4}, "request": b"\x01\x02",
                                           "cert": None}, RELEASE.signature),
     "model_offer": ModelOffer("edge-1", "ward-3", MODEL_HASH, "1.2.0", OfferStage.CANARY,
-                              1_700_000_000_300).signed(INGEST),
+                              1_700_000_000_300, 4).signed(INGEST),
     "model_status": ModelStatus("edge-1", MODEL_HASH, "1.2.0", ModelState.REFUSED,
                                 "smoke test failed", "1.1.0", 1_700_000_000_400).signed(DEVICE),
 }
 FRAGMENTS = fragment(b"\x77" * 16, encode(SAMPLES["envelope"]), 400)
 ENROLLMENT = Enrollment("edge-1", DEVICE.public.raw, INGEST.public.raw, b"\x04" * 32,
-                        TRAINER.public.raw, 1_700_000_000_000,
+                        b"\x07" * 32, TRAINER.public.raw, 1_700_000_000_000,
                         (b"\x05" * 32, b"\x06" * 32))
 
 

@@ -4,11 +4,14 @@ import dataclasses
 import os
 import random
 
+import cbor2
 import pytest
+from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
+from medchain.canonical import canonical_bytes
 from medchain.identity import RecipientKey, SigningKey
 from medchain.merkle import MerkleTree, verify_inclusion
 from medchain.errors import DecryptionError, MedChainError, VerificationError
@@ -17,6 +20,7 @@ from medchain.sealing import (
     decrypt_chunk,
     encrypt_chunk,
     open_envelope,
+    open_meta,
     package,
     new_object_key,
     seal,
@@ -26,6 +30,8 @@ from medchain.sealing import (
 
 DEVICE = SigningKey.from_seed(b"\x01" * 32)
 CUSTODIAN = RecipientKey.generate()
+META = RecipientKey.generate()
+META_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
 
 def make(parts, chunk_size=64, **kw):
@@ -38,6 +44,7 @@ def make(parts, chunk_size=64, **kw):
         created_ms=1_700_000_000_000,
         chunk_size=chunk_size,
         meta=kw.pop("meta", {"modality": "CT"}),
+        meta_recipient=META.public,
         **kw,
     )
 
@@ -181,6 +188,57 @@ def test_wrapped_key_is_bound_to_its_object(env):
         unwrap_key(env.header.wrapped_key, b"\x00" * 16, CUSTODIAN)
 
 
+# -- sealed metadata -------------------------------------------------------------------------
+
+meta_st = st.dictionaries(st.text(max_size=8), st.none() | st.booleans() | st.integers()
+                          | st.text(max_size=20) | st.lists(st.integers(), max_size=3), max_size=6)
+
+
+@given(meta_st)
+def test_metadata_is_sealed_and_opens_to_what_was_put_in(meta):
+    env = make({"dicom": b"d"}, meta=meta)
+    assert open_meta(env.header, META) == meta
+    if meta:
+        assert env.header.sealed_meta and canonical_bytes(meta) not in encode(env)
+
+
+def test_metadata_is_not_in_clear_text_anywhere_in_the_envelope():
+    env = make({"dicom": b"d"}, meta={"patient_token": "tok-7f3a9c", "consent": {"research": True}})
+    wire = encode(env)
+    assert b"tok-7f3a9c" not in wire and b"research" not in wire and b"consent" not in wire
+
+
+def test_metadata_opens_only_with_the_ingest_key(env):
+    with pytest.raises(DecryptionError, match="failed to open"):
+        open_meta(env.header, CUSTODIAN)  # the custodian's key is not the metadata key
+
+
+def test_metadata_is_bound_to_its_object_and_device(env):
+    """Sealed metadata copied into another envelope (another object, another device) does not
+    open: a device cannot pass another's consent off as its own."""
+    other = make({"x": b"x"}, sequence=9)
+    moved = replace_header(other, sealed_meta=env.header.sealed_meta)
+    with pytest.raises(DecryptionError):
+        open_meta(moved.header, META)
+    with pytest.raises(DecryptionError):
+        open_meta(replace_header(env, device_id="edge-2").header, META)
+
+
+def test_metadata_that_is_not_a_map_is_refused(env):
+    for plain in ([1, 2], {1: "x"}, {"t": float("nan")}):
+        sealed = META_SUITE.encrypt(cbor2.dumps(plain), META.public.to_crypto(),
+                                    info=canonical_bytes(["medchain/v1/envelope-meta",
+                                                          env.header.object_id, "edge-1"]))
+        with pytest.raises(DecryptionError, match="not a map of plain values"):
+            open_meta(replace_header(env, sealed_meta=sealed).header, META)
+
+
+def test_metadata_needs_a_recipient():
+    with pytest.raises(ValueError, match="recipient"):
+        seal({"d": b"d"}, device_id="d", sequence=1, signer=DEVICE, recipient=CUSTODIAN.public,
+             created_ms=0, meta={"a": 1})
+
+
 def test_modified_signature_is_refused(env):
     sig = bytearray(env.signature)
     sig[10] ^= 1
@@ -199,7 +257,7 @@ def test_signature_from_another_device_is_refused(env):
         {"sequence": 8},
         {"device_id": "edge-2"},
         {"created_ms": 1},
-        {"meta": {"modality": "MR"}},
+        {"sealed_meta": b"other"},
         {"recipient": "0" * 32},
         {"merkle_root": b"\x00" * 32},
         {"object_id": b"\x00" * 16},
