@@ -1,8 +1,10 @@
 """End-to-end throughput: C-STORE of 512x512 CT to ledger-committed ack, with the time split
-per stage, on the embedded defaults of one machine: 4 validator processes, the embedded
-broker (``medchain cloud broker``), the coordinator in this process, the edge agent in a
-process of its own (as on an edge device), and the simulated scanner in another, sending
-over 2 associations. Nothing to install: no Mosquitto, no PostgreSQL.
+per stage, on the embedded defaults of one machine set up as a deployment is
+(``cloud init``, the device's startup kit): 4 validator processes, the embedded broker
+(``medchain cloud broker --config``: mutual TLS, the generated ACL), the coordinator in this
+process, the edge agent in a process of its own (as on an edge device) with its client
+certificate, and the simulated scanner in another, sending over 2 associations. Nothing to
+install: no Mosquitto, no PostgreSQL.
 
     python bench/pipeline.py [--instances 200] [--warmup 16] [--smoke]
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import os
 import sys
@@ -164,21 +167,19 @@ def ct_items(n: int, seed: int):
     return items_from_datasets([ds for st in studies for ds in st.datasets][:n])
 
 
-def _edge_process(profile_path_: str, state: str, broker_port: int, conn) -> None:
+def _edge_process(profile_path_: str, state: str, conn) -> None:
     """The edge agent in a process of its own (as on a real edge device): reports its port,
     then its stage times when told to stop."""
     import dataclasses as dc
 
     from edge_agent.config import load_profile
-    from edge_agent.service import EdgeAgent
+    from edge_agent.service import EdgeAgent, endpoint_of
     from medchain.identity import load_secret
-    from medchain.mqtt import MqttEndpoint
 
     clock = Clock()
     instrument(clock)
-    profile = load_profile(profile_path_, base_dir=state)
-    profile = dc.replace(profile, device=dc.replace(profile.device, id="bench-edge"))
-    endpoint = MqttEndpoint(port=broker_port, max_message_bytes=8 * 1024 * 1024)
+    profile = load_profile(profile_path_, base_dir=state)  # the kit's: its id, broker, TLS files
+    endpoint = dc.replace(endpoint_of(profile), max_message_bytes=8 * 1024 * 1024)
     with EdgeAgent(profile, load_secret(Path(state) / "keys/site.secret"), endpoint=endpoint,
                    port=0, host="127.0.0.1") as agent:
         conn.send(agent.node.port)
@@ -236,46 +237,41 @@ def _scanner_process(port: int, instances: int, seed: int, conn) -> None:
 def run(instances: int, warmup: int) -> dict:
     import multiprocessing as mp
 
-    from cloud.broker import BrokerProcess
-    from cloud.config import parse_config
+    import dataclasses as dc
+
+    from cloud.broker import BrokerProcess, free_port
+    from cloud.config import load_config
     from cloud.coordinator import Coordinator
-    from cloud.enrolment import enroll, write_enrollment
-    from edge_agent.config import load_profile, profile_path
+    from cloud.fleet import FleetRegistry
+    from cloud.provision import init_deployment, issue_kit
     from ledger.cluster import LocalCluster
-    from medchain.identity import RecipientKey, SigningKey
+    from medchain.identity import SigningKey
     from medchain.identity import new_secret
 
     ctx = mp.get_context("spawn")  # never fork a process that runs threads: held locks deadlock
     clock = Clock()
     instrument(clock)  # the cloud side runs in this process
-    with tempfile.TemporaryDirectory(prefix="medchain-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="medchain-bench-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
-        (root / "cloud" / "keys").mkdir(parents=True)
-        RecipientKey.generate().save(root / "cloud/keys/custodian.key")
-        SigningKey.generate().save(root / "cloud/keys/model.key")
-        RecipientKey.generate().save(root / "cloud/keys/meta.key")
         (root / "edge" / "keys").mkdir(parents=True)
         device = SigningKey.generate()
         device.save(root / "edge/keys/device.key")
         new_secret(root / "edge/keys/site.secret")
         print("starting 4 validators, the embedded broker, the coordinator (this process), "
               "the edge agent and the scanner (a process each) ...", flush=True)
-        with LocalCluster(n=4, workdir=root / "ledger") as cluster, BrokerProcess() as broker:
-            config = parse_config({
-                "broker": {"host": broker.host, "port": broker.port, "workers": 4},
-                "ledger": {"genesis": str(cluster.genesis_path), "ingest_key": str(cluster.key_path("ingest")),
-                           "operator_key": str(cluster.key_path("operator"))},
-                "store": {"url": "objects"}, "database": {"url": f"sqlite:///{root / 'cloud/cloud.sqlite'}"},
-                "keys": {"custodian": "keys/custodian.key", "model": "keys/model.key"},
-            }, state_dir=root / "cloud")
-            profile = load_profile(profile_path("x86-cpu"), base_dir=root / "edge")
-            with Coordinator(config, endpoint=broker.endpoint) as cloud:
-                write_enrollment(enroll(config, cloud.fleet, device_id="bench-edge", public_key=device.public,
-                                        site="bench", group="x86-cpu", profile="x86-cpu"),
-                                 profile.cloud.enrollment)
+        with LocalCluster(n=4, workdir=root / "ledger") as cluster:
+            path, _ = init_deployment(root / "cloud", genesis=cluster.genesis_path,
+                                      ingest_key=cluster.key_path("ingest"), operator_key=cluster.key_path("operator"),
+                                      training_key=None, broker_port=free_port())
+            config = load_config(path, state_dir=root / "cloud")
+            config = dc.replace(config, workers=4, endpoint=dc.replace(config.endpoint, max_message_bytes=8 * 1024 * 1024))
+            kit = issue_kit(config, FleetRegistry(config.database_url), device_id="bench-edge",
+                            public_key=device.public, site="bench", group="x86-cpu", profile="x86-cpu",
+                            out=root / "edge")
+            broker = stack.enter_context(BrokerProcess(config=path, endpoint=config.endpoint))
+            with Coordinator(config) as cloud:
                 edge_conn, edge_end = ctx.Pipe()
-                edge = ctx.Process(target=_edge_process, args=(str(profile_path("x86-cpu")),
-                                                                str(root / "edge"), broker.port, edge_end))
+                edge = ctx.Process(target=_edge_process, args=(str(kit.profile), str(root / "edge"), edge_end))
                 edge.start()
                 port = edge_conn.recv()
 

@@ -61,6 +61,35 @@ def _cheap_payload_repr(broker) -> None:
                                          "are formatted for its debug log as they come")
 
 
+class _SnapshotDict(dict):
+    """A dict whose iteration walks a copy: amqtt (0.12) awaits inside ``for topic in
+    self._subscriptions`` when a client connects, and another client subscribing meanwhile
+    ended the connecting one with "dictionary changed size during iteration"."""
+
+    def __iter__(self):
+        return iter(list(super().__iter__()))
+
+    def items(self):
+        return list(super().items())
+
+
+def _fix_amqtt(broker) -> None:
+    """Two amqtt (0.12) faults, mended on the instance (the fixes belong in amqtt):
+    iteration over subscriptions that others change (:class:`_SnapshotDict`), and a client
+    that reconnects to its persistent session being authenticated with the TLS object of
+    its *previous* connection (amqtt carries the stored session over and keeps its stale
+    ``ssl_object``): the certificate checked must be the one this connection presented."""
+    broker._subscriptions = _SnapshotDict(broker._subscriptions)
+    initialize = broker._initialize_client_session
+
+    async def initialize_with_this_connection(reader, writer, *args, **kwargs):
+        handler, session = await initialize(reader, writer, *args, **kwargs)
+        session.ssl_object = writer.get_ssl_info()
+        return handler, session
+
+    broker._initialize_client_session = initialize_with_this_connection
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -117,7 +146,9 @@ class EmbeddedBroker:
     def start(self) -> None:
         self._check_bindable()
         for name in ("amqtt", "transitions"):  # their INFO lines would drown ours
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logger = logging.getLogger(name)
+            if logger.getEffectiveLevel() < logging.WARNING:
+                logger.setLevel(logging.WARNING)
         self._thread = threading.Thread(target=self._serve, name="embedded-broker", daemon=True)
         self._thread.start()
         if not self._ready.wait(self._start_timeout) or self._error:
@@ -155,6 +186,7 @@ class EmbeddedBroker:
             self._stop = asyncio.Event()
             broker = Broker(config)
             _cheap_payload_repr(broker)
+            _fix_amqtt(broker)
             await broker.start()
             self._ready.set()
             await self._stop.wait()
@@ -183,17 +215,22 @@ class EmbeddedBroker:
 
 class BrokerProcess:
     """The embedded broker as a child process (``medchain cloud broker``), started and
-    stopped as a context manager; ``endpoint`` as for :class:`EmbeddedBroker`."""
+    stopped as a context manager; ``endpoint`` as for :class:`EmbeddedBroker`. With
+    ``config`` (a ``cloud.toml`` from ``cloud init``) it serves that deployment's mutual TLS
+    and ACL on the configured address; without, anonymous clients on loopback (a plain
+    baseline for benchmarks and the broker's own tests)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 20.0):
-        self.host = host
-        self.port = port or free_port(host)
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 20.0,
+                 config: Path | None = None, endpoint: MqttEndpoint | None = None):
+        self.config, self._endpoint = config, endpoint
+        self.host = endpoint.host if endpoint else host
+        self.port = endpoint.port if endpoint else port or free_port(host)
         self._start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> MqttEndpoint:
-        return MqttEndpoint(host=self.host, port=self.port, max_message_bytes=8 * 1024 * 1024)
+        return self._endpoint or MqttEndpoint(host=self.host, port=self.port, max_message_bytes=8 * 1024 * 1024)
 
     def __enter__(self) -> BrokerProcess:
         self.start()
@@ -204,7 +241,8 @@ class BrokerProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cloud", "cloud", "broker", "--host", self.host, "--port", str(self.port)],
+            [sys.executable, "-m", "cloud", "cloud", "broker",
+             *(["--config", str(self.config)] if self.config else ["--host", self.host, "--port", str(self.port)])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + self._start_timeout
         while time.monotonic() < deadline:

@@ -55,11 +55,23 @@ def _broker(args: argparse.Namespace) -> int:
 
     from cloud.broker import EmbeddedBroker
 
+    host, port, security = args.host, args.port, None
+    if args.config is not None:
+        from cloud.config import ConfigError
+        from cloud.fleet import FleetRegistry
+        from cloud.provision import broker_security, rewrite_acl
+
+        config = _config(args)
+        if not (config.pki_dir / "ca.crt").exists():
+            raise ConfigError(f"{config.pki_dir}: no certificate authority; run `medchain cloud init` first")
+        rewrite_acl(config, FleetRegistry(config.database_url))
+        host, port, security = config.endpoint.host, config.endpoint.port, broker_security(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedBroker(args.host, args.port) as broker:
-        print(f"embedded MQTT broker ready on {broker.host}:{broker.port}", flush=True)
+    with EmbeddedBroker(host, port, security=security) as broker:
+        mode = "mutual TLS, the deployment's ACL" if security else "anonymous clients, loopback only"
+        print(f"embedded MQTT broker ready on {broker.host}:{broker.port} ({mode})", flush=True)
         while not stop.wait(0.5):
             pass
     return 0
@@ -251,7 +263,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
     p = actions.add_parser("broker", help="run the embedded MQTT broker (amqtt) until SIGTERM, "
-                                          "for one machine without Mosquitto")
+                                          "for one machine without Mosquitto; with --config, the "
+                                          "deployment's mutual TLS and ACL on its address")
+    p.add_argument("--config", type=Path, default=None, help="the coordinator's cloud.toml (from cloud init)")
+    p.add_argument("--state-dir", type=Path, default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port(any_free=True), default=1883, help="default 1883; 0: any free port")
     p.set_defaults(func=_broker)

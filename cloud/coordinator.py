@@ -8,6 +8,7 @@ through. A context manager: started in dependency order, stopped in reverse.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 from ledger.client import LedgerClient
 from medchain.identity import RecipientKey, SigningKey
+from medchain.errors import ConfigError
 from medchain.mqtt import MqttEndpoint
 
 from cloud.broker import EmbeddedBroker
@@ -53,8 +55,8 @@ class Coordinator:
     def endpoint(self) -> MqttEndpoint:
         if self._endpoint is not None:
             return self._endpoint
-        if self.broker is not None:
-            return self.broker.endpoint
+        if self.broker is not None:  # the configured identity (client certificate), the port it got
+            return dataclasses.replace(self.config.endpoint, host=self.broker.host, port=self.broker.port)
         return self.config.endpoint
 
     def __enter__(self) -> Coordinator:
@@ -71,13 +73,14 @@ class Coordinator:
     def start(self) -> None:
         c = self.config
         if c.embedded_broker and self._endpoint is None:
-            security = None
-            if c.pki_dir is not None and (c.pki_dir / "ca.crt").exists():
-                from cloud.provision import broker_security, rewrite_acl  # noqa: PLC0415
+            # the embedded broker too takes only the deployment's certificates: no anonymous clients
+            if c.pki_dir is None or not (c.pki_dir / "ca.crt").exists():
+                raise ConfigError(f"[broker] embedded = true needs the deployment's certificate authority "
+                                  f"({c.pki_dir or 'pki'}/ca.crt): run `medchain cloud init --embedded`")
+            from cloud.provision import broker_security, rewrite_acl  # noqa: PLC0415
 
-                rewrite_acl(c, self.fleet)  # the ACL from the registry as it is now
-                security = broker_security(c)
-            self.broker = EmbeddedBroker(c.endpoint.host, c.endpoint.port or None, security=security)
+            rewrite_acl(c, self.fleet)  # the ACL from the registry as it is now
+            self.broker = EmbeddedBroker(c.endpoint.host, c.endpoint.port or None, security=broker_security(c))
             self.broker.start()
         self.ledger = LedgerClient(c.genesis, self.ingest_key, "ingest")
         self.ledger.start()

@@ -76,7 +76,8 @@ def init_deployment(root: str | Path, *, genesis: Path, ingest_key: Path, operat
     if not config.exists():
         durable_write(config, _CLOUD_TOML.format(
             host=broker_host, port=broker_port, embedded="true" if embedded else "false", genesis=genesis,
-            ingest_key=ingest_key, operator_key=operator_key or "", training_key=training_key or "",
+            ingest_key=ingest_key, operator_key="" if operator_key else "# ", operator_path=operator_key or "",
+            training_key="" if training_key else "# ", training_path=training_key or "",
             database=database_url or f"sqlite:///{(root / 'cloud.sqlite').resolve()}",
             coordinator=coordinator).encode())
         made.append("cloud.toml")
@@ -107,8 +108,8 @@ coordinator = "{coordinator}"
 [ledger]
 genesis = "{genesis}"
 ingest_key = "{ingest_key}"       # principal 'ingest': registers images and signs acks
-operator_key = "{operator_key}"   # principal 'operator': enrols and revokes devices
-training_key = "{training_key}"   # principal 'training': reads consented images, releases models
+{operator_key}operator_key = "{operator_path}"   # principal 'operator': enrols and revokes devices
+{training_key}training_key = "{training_path}"   # principal 'training': reads consented images, releases models
 policy = "default"
 
 [store]

@@ -51,30 +51,22 @@ def _fresh(workdir: Path) -> None:
 
 
 def _cloud_toml(workdir: Path, cluster, port: int) -> Path:
-    from medchain.identity import RecipientKey, SigningKey
+    """The deployment as ``medchain cloud init --embedded`` makes it: keys, CA, broker and
+    coordinator certificates, ACL, and a cloud.toml whose embedded broker is mutual TLS."""
+    from cloud.provision import init_deployment
 
-    cloud = workdir / "cloud"
-    (cloud / "keys").mkdir(parents=True)
-    RecipientKey.generate().save(cloud / "keys" / "custodian.key")
-    SigningKey.generate().save(cloud / "keys" / "model.key")
-    RecipientKey.generate().save(cloud / "keys" / "meta.key")
-    path = cloud / "cloud.toml"
-    path.write_text(
-        f'[broker]\nhost = "127.0.0.1"\nport = {port}\nembedded = true\n\n'
-        f'[ledger]\ngenesis = "{cluster.genesis_path}"\ningest_key = "{cluster.key_path("ingest")}"\n'
-        f'operator_key = "{cluster.key_path("operator")}"\n'
-        f'training_key = "{cluster.key_path("training")}"\n\n'
-        f'[store]\nurl = "objects"\n\n[database]\nurl = "sqlite:///{cloud / "cloud.sqlite"}"\n\n'
-        f'[keys]\ncustodian = "keys/custodian.key"\nmodel = "keys/model.key"\n')
+    path, _ = init_deployment(workdir / "cloud", genesis=cluster.genesis_path, ingest_key=cluster.key_path("ingest"),
+                              operator_key=cluster.key_path("operator"), training_key=cluster.key_path("training"),
+                              organization="MedChain demo", broker_port=port, embedded=True)
     return path
 
 
 class _Edge:
     """One enrolled edge device: keys, profile, enrolment file, running agent."""
 
-    def __init__(self, root: Path, device_id: str, config, fleet, endpoint):
-        from cloud.enrolment import enroll, write_enrollment
-        from edge_agent.config import load_profile, profile_path
+    def __init__(self, root: Path, device_id: str, config, fleet):
+        from cloud.provision import issue_kit
+        from edge_agent.config import load_profile
         from edge_agent.service import EdgeAgent
         from medchain.identity import SigningKey
         from medchain.identity import load_secret, new_secret
@@ -84,15 +76,13 @@ class _Edge:
         key.save(root / "keys" / "device.key")
         new_secret(root / "keys" / "site.secret")
         self.secret = load_secret(root / "keys" / "site.secret")
-        raw = load_profile(profile_path("x86-cpu"), base_dir=root)
+        kit = issue_kit(config, fleet, device_id=device_id, public_key=key.public, site="site-a", group=GROUP,
+                        profile="x86-cpu", out=root)  # enrolment, CA, client certificate, profile
+        raw = load_profile(kit.profile, base_dir=root)
         self.profile = dataclasses.replace(
-            raw, device=dataclasses.replace(raw.device, id=device_id, group=GROUP),
-            uplink=dataclasses.replace(raw.uplink, resend_after_s=5.0, heartbeat_s=1.0))
-        enrollment = enroll(config, fleet, device_id=device_id, public_key=key.public,
-                            site=self.profile.device.site, group=GROUP, profile="x86-cpu")
-        write_enrollment(enrollment, self.profile.cloud.enrollment)
+            raw, uplink=dataclasses.replace(raw.uplink, resend_after_s=5.0, heartbeat_s=1.0))
         self.device_id = device_id
-        self.agent = EdgeAgent(self.profile, self.secret, endpoint=endpoint, port=0, host="127.0.0.1")
+        self.agent = EdgeAgent(self.profile, self.secret, port=0, host="127.0.0.1")
 
     def import_records(self, studies, path: Path) -> int:
         from edge_agent.pseudonyms import Pseudonymizer
@@ -163,14 +153,15 @@ def run(workdir: Path, *, studies: int = 150, new_studies: int = 6, epochs: int 
         config_path = _cloud_toml(workdir, cluster, free_ports(1)[0])
         config = load_config(config_path, state_dir=config_path.parent)
         coordinator = stack.enter_context(Coordinator(config))
-        out(f"cloud     coordinator up: embedded broker {coordinator.endpoint.describe()}, object store "
-            f"{config.store_url}, catalog + fleet registry in SQLite")
-        edges = [_Edge(workdir / f"edge-{i}", f"demo-edge-{i}", config, coordinator.fleet,
-                       coordinator.endpoint) for i in (1, 2)]
+        out(f"cloud     coordinator up: embedded broker {coordinator.endpoint.describe()} (mutual TLS, "
+            f"the deployment's CA, ACL from the fleet registry), object store {config.store_url}, catalog + "
+            f"fleet registry in SQLite")
+        edges = [_Edge(workdir / f"edge-{i}", f"demo-edge-{i}", config, coordinator.fleet) for i in (1, 2)]
         for e in edges:
             e.agent.start()
             stack.callback(e.agent.stop)
-        out(f"edge      {len(edges)} devices enrolled on the ledger (group {GROUP}) and serving DICOM on "
+        out(f"edge      {len(edges)} devices enrolled on the ledger (group {GROUP}), each from its startup kit "
+            f"(client certificate named for it), serving DICOM on "
             + ", ".join(f"{e.device_id} :{e.agent.node.port}" for e in edges))
 
         # -- acquisition: scanners -> edge -> cloud -> ledger --------------------------------

@@ -545,17 +545,6 @@ def broker_endpoint(request):
     return request.getfixturevalue(f"{request.param}_endpoint")
 
 
-@pytest.fixture(params=["embedded-sqlite", "mosquitto-postgres"])
-def deployment(request):
-    """``(endpoint, database_url)``: the tests whose cloud keeps a catalog and fleet registry
-    run twice, as on one machine (embedded broker, SQLite: ``None``, the default) and as in
-    a hospital's data centre (Mosquitto, PostgreSQL in a schema of the test's own). Pairing
-    them keeps each such test at two runs, not four."""
-    broker, database = request.param.split("-")
-    endpoint = request.getfixturevalue(f"{broker}_endpoint")
-    return endpoint, request.getfixturevalue("postgres_schema_url") if database == "postgres" else None
-
-
 @pytest.fixture(scope="session")
 def mosquitto_sub() -> str:
     """The path of the ``mosquitto_sub`` command-line client, to look at a broker the way

@@ -27,6 +27,7 @@ def acl_broker(request, tmp_path, need_tools):
     ca = CertificateAuthority.create(tmp_path / "ca", "Hospital A")
     server = ca.issue("broker", tmp_path / "broker", server=True, client=False, hosts=("127.0.0.1",))
     ids = {cn: ca.issue(cn, tmp_path / cn) for cn in ("edge-a", "edge-b", COORDINATOR, "stranger")}
+    ids["rogue"] = CertificateAuthority.create(tmp_path / "rogue", "Not the hospital").issue("edge-a", tmp_path / "rogue")
     port = free_port()
     files = write_broker_files(tmp_path / "mosquitto", host="127.0.0.1", port=port, ca=ca.cert_path,
                                cert=server.cert, key=server.key, crl=ca.crl_path,
@@ -61,9 +62,9 @@ class Broker:
             return base
         return base + ["--cert", str(self.ids[who].cert), "--key", str(self.ids[who].key)]
 
-    def pub(self, who: str | None, topic: str, message: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["mosquitto_pub", *self._auth(who), "-q", "1", "-t", topic, "-m", message],
-                              capture_output=True, text=True, timeout=20)
+    def pub(self, who: str | None, topic: str, message: str, retain: bool = False) -> subprocess.CompletedProcess:
+        return subprocess.run(["mosquitto_pub", *self._auth(who), "-q", "1", "-t", topic, "-m", message]
+                              + (["-r"] if retain else []), capture_output=True, text=True, timeout=20)
 
     def sub(self, who: str, topic: str) -> subprocess.Popen:
         """A subscriber that prints the first message (or nothing within 3 s)."""
@@ -93,6 +94,10 @@ def test_a_device_uses_its_own_topics_and_nothing_else(acl_broker):
     offers = b.sub("edge-a", model_offer_topic("edge-a"))
     b.pub("edge-b", model_offer_topic("edge-a"), "downgrade")  # a device cannot write offers
     assert _got(offers) == ""
+    assert b.pub(COORDINATOR, model_offer_topic("edge-a"), "genuine", retain=True).returncode == 0
+    for who in ("edge-b", "edge-a"):  # nor replace the retained one: not even its own device
+        b.pub(who, model_offer_topic("edge-a"), "replaced", retain=True)
+    assert _got(b.sub("edge-a", model_offer_topic("edge-a"))) == "genuine"
 
 
 def test_anonymous_and_unregistered_clients_get_nothing(acl_broker):
@@ -102,6 +107,7 @@ def test_anonymous_and_unregistered_clients_get_nothing(acl_broker):
     watcher = b.sub(COORDINATOR, envelope_topic("+"))
     b.pub("stranger", envelope_topic("stranger"), "unregistered")  # a valid certificate, no registry entry
     assert _got(watcher) == ""
+    assert b.pub("rogue", envelope_topic("edge-a"), "impostor").returncode != 0  # edge-a's name, another CA
 
 
 def test_acl_names_every_device_and_refuses_wildcards():
@@ -110,3 +116,27 @@ def test_acl_names_every_device_and_refuses_wildcards():
     assert "%u" not in text and f"topic write {envelope_topic('edge-a')}" in text
     with pytest.raises(ValueError):
         acl_text(["edge/+"], COORDINATOR)
+
+
+def test_a_reconnecting_client_is_known_by_the_certificate_it_presents_now(acl_broker):
+    """A persistent session taken up again by another certificate: the broker must check the
+    certificate of this connection. Against the embedded broker before the fix, amqtt kept
+    the session's TLS object from the previous connection, and every reconnection to a
+    persistent session was refused ("handshake not done yet"): an edge that lost its link
+    never came back."""
+    from medchain.mqtt import MqttEndpoint, MqttLink
+
+    b = acl_broker
+
+    def link(who: str) -> MqttLink:
+        endpoint = MqttEndpoint(host="127.0.0.1", port=b.port, tls_ca=str(b.ca), tls_cert=str(b.ids[who].cert),
+                                tls_key=str(b.ids[who].key), reconnect_min_s=0.2, reconnect_max_s=1.0)
+        return MqttLink(endpoint, client_id="one-session", persistent_session=True)
+
+    for who in ("edge-a", "edge-b"):
+        with link(who) as client:
+            assert client.wait_connected(10), f"{who} could not take up the session"
+            watcher = b.sub(COORDINATOR, envelope_topic("+"))
+            client.publish(envelope_topic("edge-a"), b"as edge-a")
+            client.publish(envelope_topic(who), f"as {who}".encode())
+            assert _got(watcher) == f"as {who}"

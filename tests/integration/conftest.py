@@ -4,6 +4,7 @@ by C-STORE — over the embedded broker and over the real Mosquitto."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -29,6 +30,125 @@ def ledger_cluster(tmp_path_factory):
     """One real 4-validator cluster per test module (starting one costs seconds)."""
     with LocalCluster(n=4, workdir=tmp_path_factory.mktemp("ledger")) as cluster:
         yield cluster
+
+
+class SecureBroker:
+    """A broker set up as a deployment's is (:mod:`cloud.provision`'s pieces): a CA of its own,
+    mutual TLS only, no anonymous clients, each certificate's subject its MQTT user, and an
+    ACL from :func:`cloud.brokerconf.acl_text` naming the admitted devices; a private
+    Mosquitto started from the generated ``mosquitto.conf`` (re-read on SIGHUP) or the
+    embedded broker enforcing the same files.
+
+    ``admit(device_id)`` issues the device's certificate and puts its topics in the ACL, as
+    ``cloud enroll`` does; ``insider(name)`` is a broker account whose ACL lets it publish on
+    every device's envelope topic and read every ack (a compromised broker or a mistaken
+    ACL), for the tests of what ingest must refuse on its own."""
+
+    COORDINATOR = "cloud-coordinator"
+
+    def __init__(self, workdir: Path, kind: str):
+        from medchain.pki import CertificateAuthority
+
+        self.workdir, self.kind = workdir, kind
+        self.ca = CertificateAuthority.create(workdir / "pki", "MedChain test")
+        self.ca.issue("broker", workdir / "pki", client=False, server=True, hosts=("127.0.0.1", "localhost"),
+                      stem="broker")
+        self.coordinator = self.ca.issue(self.COORDINATOR, workdir / "pki", stem="coordinator-tls")
+        self.devices: list[str] = []
+        self.insiders: list[str] = []
+        from cloud.broker import free_port
+
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.embedded = None
+        self._write()
+
+    @property
+    def security(self):
+        from cloud.broker import BrokerSecurity
+
+        pki = self.workdir / "pki"
+        return BrokerSecurity(ca=pki / "ca.crt", cert=pki / "broker.crt", key=pki / "broker.key",
+                              crl=pki / "crl.pem", acl=self.workdir / "mosquitto" / "acl")
+
+    def _write(self) -> None:
+        import os
+
+        from cloud.brokerconf import acl_text, write_broker_files
+        from medchain.durable import durable_write
+        from medchain.protocol import ack_topic, envelope_topic
+
+        sec = self.security
+        files = write_broker_files(self.workdir / "mosquitto", host="127.0.0.1", port=self.port, ca=sec.ca,
+                                   cert=sec.cert, key=sec.key, crl=sec.crl, devices=self.devices,
+                                   coordinator=self.COORDINATOR, as_root=os.geteuid() == 0)
+        self.conf = files.conf
+        if self.insiders:
+            text = acl_text(self.devices, self.COORDINATOR) + "".join(
+                f"\nuser {name}\ntopic write {envelope_topic('+')}\ntopic read {ack_topic('+')}\n"
+                for name in self.insiders)
+            durable_write(files.acl, text.encode())
+        if self.proc is not None and self.proc.poll() is None:
+            import signal
+
+            self.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)  # Mosquitto re-reads the ACL in its main loop
+
+    def start(self) -> None:
+        if self.kind == "embedded":
+            from cloud.broker import EmbeddedBroker
+
+            self.embedded = EmbeddedBroker("127.0.0.1", self.port, security=self.security)
+            self.embedded.start()
+            return
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        import socket
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                log = self.workdir / "mosquitto" / "mosquitto.log"
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    text = log.read_text()[-2000:] if log.exists() else "(no log)"
+                    raise RuntimeError(f"mosquitto from the generated conf did not start:\n{text}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def endpoint_for(self, identity):
+        from medchain.mqtt import MqttEndpoint
+
+        return MqttEndpoint(host="127.0.0.1", port=self.port, max_message_bytes=8 * 1024 * 1024,
+                            reconnect_min_s=0.2, reconnect_max_s=1.0, tls_ca=str(self.ca.cert_path),
+                            tls_cert=str(identity.cert), tls_key=str(identity.key))
+
+    @property
+    def coordinator_endpoint(self):
+        return self.endpoint_for(self.coordinator)
+
+    def admit(self, device_id: str, out_dir: Path | None = None):
+        """The device's certificate (``device.crt``, ``device-tls.key`` in ``out_dir``) and
+        its topics in the ACL."""
+        identity = self.ca.issue(device_id, out_dir or self.workdir / "devices" / device_id, stem="device",
+                                 key_stem="device-tls")
+        self.devices.append(device_id)
+        self._write()
+        return identity
+
+    def insider(self, name: str):
+        identity = self.ca.issue(name, self.workdir / "insiders" / name)
+        self.insiders.append(name)
+        self._write()
+        return self.endpoint_for(identity)
 
 
 def wait_for(predicate, timeout: float = 60.0, every: float = 0.1) -> bool:
@@ -57,8 +177,9 @@ class Site:
     """
 
     def __init__(self, root: Path, cluster: LocalCluster, endpoint, device_id: str, *,
-                 edge_endpoint=None, cloud: dict | None = None):
+                 edge_endpoint=None, cloud: dict | None = None, broker: SecureBroker | None = None):
         self.root, self.cluster, self.endpoint, self.device_id = root, cluster, endpoint, device_id
+        self.broker = broker
         self.edge_endpoint = edge_endpoint or endpoint
         cloud_dir = root / "cloud"
         (cloud_dir / "keys").mkdir(parents=True)
@@ -90,15 +211,34 @@ class Site:
         new_secret(self.edge_dir / "keys" / "site.secret")
         self.secret = load_secret(self.edge_dir / "keys" / "site.secret")
         raw_profile = load_profile(profile_path("x86-cpu"), base_dir=self.edge_dir)
-        import dataclasses
-
         self.profile = dataclasses.replace(
             raw_profile, device=dataclasses.replace(raw_profile.device, id=device_id),
             uplink=dataclasses.replace(raw_profile.uplink, resend_after_s=3.0, heartbeat_s=1.0))
         self.agent: EdgeAgent | None = None
         self.procs: list[subprocess.Popen] = []
 
+    def admit(self) -> None:
+        """On a :class:`SecureBroker`: the device's certificate where its profile's
+        ``[mqtt.tls]`` names it, and its topics in the broker's ACL (``cloud enroll``'s kit)."""
+        import shutil
+
+        keys = self.edge_dir / "keys"
+        tls = self.profile.mqtt.tls
+        identity = self.broker.admit(self.device_id, keys)
+        assert (tls.ca, tls.cert, tls.key) == (keys / "ca.pem", identity.cert, identity.key)
+        shutil.copyfile(self.broker.ca.cert_path, tls.ca)
+        self.edge_endpoint = dataclasses.replace(self.broker.endpoint_for(identity), tls_ca=str(tls.ca))
+
+    def insider(self):
+        """An endpoint that may publish on this device's envelope topic and read its acks:
+        someone else on a broker whose ACL does not protect the device."""
+        if self.broker is None:
+            return self.endpoint
+        return self.broker.insider(f"insider-{len(self.broker.insiders)}")
+
     def enroll(self) -> None:
+        if self.broker is not None and self.device_id not in self.broker.devices:
+            self.admit()
         enrollment = enroll(self.config, self.coordinator.fleet, device_id=self.device_id,
                             public_key=self.device_key.public, site="site-a", group="x86-cpu",
                             profile="x86-cpu")
@@ -139,17 +279,24 @@ class Site:
             f'[ledger]\ngenesis = "{c.genesis}"\ningest_key = "{c.ingest_key}"\n'
             f'operator_key = "{c.operator_key}"\ntraining_key = "{c.training_key}"\n\n[store]\nurl = "{c.store_url}"\n\n'
             f'[database]\nurl = "{c.database_url}"\n\n'
-            f'[keys]\ncustodian = "{c.custodian_key}"\nmodel = "{c.model_key}"\n')
+            f'[keys]\ncustodian = "{c.custodian_key}"\nmodel = "{c.model_key}"\nmeta = "{c.meta_key}"\n')
+        if self.endpoint.tls_ca:
+            with path.open("a") as f:
+                f.write(f'\n[broker.tls]\nca = "{self.endpoint.tls_ca}"\ncert = "{self.endpoint.tls_cert}"\n'
+                        f'key = "{self.endpoint.tls_key}"\n')
         return path
 
     def edge_profile_file(self) -> Path:
-        """The x86-cpu profile with this site's device id and broker (no TLS on loopback)."""
+        """The x86-cpu profile with this site's device id and broker (its kit's TLS files
+        on a :class:`SecureBroker`)."""
         text = profile_path("x86-cpu").read_text()
         text = text.replace('id = "x86-cpu-001"', f'id = "{self.device_id}"')
         head, _, rest = text.partition("[mqtt]")
         _, _, after = rest.partition("[outbox]")
-        mqtt = (f'[mqtt]\nhost = "{self.endpoint.host}"\nport = {self.endpoint.port}\n'
-                f'keepalive = 30\nmax_message_bytes = 8388608\n\n')
+        e = self.edge_endpoint
+        mqtt = f'[mqtt]\nhost = "{e.host}"\nport = {e.port}\nkeepalive = 30\nmax_message_bytes = 8388608\n\n'
+        if e.tls_cert:
+            mqtt += f'[mqtt.tls]\nca = "{e.tls_ca}"\ncert = "{e.tls_cert}"\nkey = "{e.tls_key}"\n\n'
         text = head + mqtt + "[outbox]" + after
         text = text.replace("resend_after_s = 30", "resend_after_s = 3").replace("heartbeat_s = 30", "heartbeat_s = 1")
         path = self.edge_dir / "profile.toml"
@@ -218,12 +365,39 @@ def database_url(request, tmp_path):
 
 @pytest.fixture
 def make_site(deployment, site_on):
-    """A site on the embedded broker with SQLite, and again on the real Mosquitto with
-    PostgreSQL (the catalog, fleet registry, prediction log and releases of its cloud).
-    The deployment comes first, so its broker and schema outlive the sites."""
-    endpoint, database_url = deployment
+    """A site on the embedded broker with SQLite, and again on a real Mosquitto with
+    PostgreSQL (the catalog, fleet registry, prediction log and releases of its cloud), both
+    brokers with mutual TLS and the generated ACL. The deployment comes first, so its broker
+    and schema outlive the sites."""
+    broker, database_url = deployment
     cloud = {"database": {"url": database_url}} if database_url else None
-    return lambda device_id=None: site_on(endpoint, device_id, cloud=cloud)
+    return lambda device_id=None: site_on(broker.coordinator_endpoint, device_id, cloud=cloud, broker=broker)
+
+
+@pytest.fixture
+def secure_mosquitto(tmp_path, mosquitto_binary):
+    """A private Mosquitto from the generated configuration (mutual TLS, the ACL)."""
+    broker = SecureBroker(tmp_path / "broker-secure", "mosquitto")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(params=["embedded-sqlite", "mosquitto-postgres"])
+def deployment(request, tmp_path):
+    """``(SecureBroker, database_url)``: as on one machine (the embedded broker, SQLite:
+    ``None``, the default) and as in a hospital's data centre (Mosquitto from the generated
+    configuration, PostgreSQL in a schema of the test's own). Pairing them keeps each such
+    test at two runs, not four."""
+    kind, database = request.param.split("-")
+    if kind == "mosquitto":
+        request.getfixturevalue("mosquitto_binary")
+    broker = SecureBroker(tmp_path / f"broker-{kind}", kind)
+    broker.start()
+    try:
+        yield broker, request.getfixturevalue("postgres_schema_url") if database == "postgres" else None
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,8 @@ def test_unknown_device_is_ignored_and_nothing_is_stored(make_site, wait_for):
     nobody can vouch for is what let a forger make a device give up its envelopes); its edge
     keeps the envelopes, and nothing is stored."""
     site = make_site()  # never enrolled; the edge holds a forged enrolment file
+    if site.broker is not None:
+        site.admit()  # and the broker lets it in (an ACL not re-written since): ingest must refuse it
     from cloud.enrolment import write_enrollment
     from medchain.protocol import Enrollment
 
@@ -93,7 +95,7 @@ def test_tampered_chunk_and_replay_from_another_client(make_site):
         _, result = site.send("DX", studies=1, seed=24, per_study=1)
         assert site.settled() and result.success == 1
         (original,) = stored_envelopes(site)
-        with Peer(site.endpoint, site.device_id) as peer:
+        with Peer(site.insider(), site.device_id) as peer:
             replay = peer.publish(encode(original))
             assert replay.status == AckStatus.DUPLICATE and replay.envelope_id == original.envelope_id
             bodies = list(original.bodies)

@@ -134,7 +134,9 @@ def test_plan_canary_is_deterministic_and_takes_at_least_one():
 
 def _second_device(site, site_on):
     """Another edge device enrolled into ``site``'s cloud (same group), started."""
-    other = site_on(site.endpoint)
+    other = site_on(site.endpoint, broker=site.broker)
+    if site.broker is not None:
+        other.admit()
     enrollment = enroll(site.config, site.coordinator.fleet, device_id=other.device_id,
                         public_key=other.device_key.public, site="site-a", group="x86-cpu",
                         profile="x86-cpu")

@@ -39,8 +39,9 @@ FAST = UplinkSettings(window=8, resend_after_s=2.0, heartbeat_s=0.5, idle_poll_s
 class CloudPeer:
     """Receives envelopes for real and answers each with an ack signed by ``key``."""
 
-    def __init__(self, endpoint, key: SigningKey, device_key, status=AckStatus.STORED):
+    def __init__(self, endpoint, key: SigningKey, device_key, status=AckStatus.STORED, header_hash=None):
         self.key, self.device_key, self.status = key, device_key, status
+        self.header_hash = header_hash  # None: the hash of the header received
         self.received: dict[str, Envelope] = {}
         self.deliveries = 0
         self._reassembler = Reassembler()
@@ -60,7 +61,7 @@ class CloudPeer:
             verify(msg, self.device_key)
             self.deliveries += 1
             self.received[msg.envelope_id] = msg
-        ack = Ack(msg.envelope_id, msg.header.digest(), device, msg.header.sequence, self.status,
+        ack = Ack(msg.envelope_id, self.header_hash or msg.header.digest(), device, msg.header.sequence, self.status,
                   "refused by test" if self.status == AckStatus.REJECTED else "").signed(self.key)
         self.link.publish(ack_topic(device), encode(ack))
 
@@ -123,6 +124,22 @@ def test_acks_not_signed_by_the_cloud_release_nothing(tmp_path, broker_endpoint,
         assert box.depth == 3 and up.stats.released == 0 and len(peer.received) == 3
 
 
+def test_a_cloud_signed_ack_for_another_header_releases_nothing(tmp_path, broker_endpoint, new_device_id):
+    """An ack names the envelope id and the hash of the header the device signed: one for
+    the same id over another header (what ingest would have signed for a forged copy) is
+    ignored and counted. Before acks carried the header hash, such a ``rejected`` ack made
+    the edge set its genuine envelope aside for good."""
+    device, cloud = SigningKey.generate(), SigningKey.generate()
+    device_id = new_device_id()
+    with Outbox(tmp_path / "o.db") as box, CloudPeer(broker_endpoint, cloud, device.public,
+                                                     status=AckStatus.REJECTED, header_hash=b"\x07" * 32):
+        enqueue(box, device, device_id, 3)
+        with Uplink(box, broker_endpoint, device_id=device_id, device_key=device,
+                    cloud_key=cloud.public, settings=FAST) as up:
+            assert wait_for(lambda: up.stats.unmatched_acks >= 3)
+        assert box.depth == 3 and box.rejected() == [] and up.stats.released == 0
+
+
 def test_rejections_are_set_aside_with_their_reason(tmp_path, broker_endpoint, new_device_id):
     device, cloud = SigningKey.generate(), SigningKey.generate()
     device_id = new_device_id()
@@ -177,14 +194,15 @@ def test_cloud_monitor_records_verified_heartbeats(tmp_path, deployment, new_dev
     from cloud.fleet import FleetRegistry
     from cloud.monitor import HeartbeatMonitor
 
-    broker_endpoint, database_url = deployment
+    broker, database_url = deployment
     device, cloud = SigningKey.generate(), SigningKey.generate()
     device_id = new_device_id()
+    device_endpoint = broker.endpoint_for(broker.admit(device_id))
     fleet = FleetRegistry(database_url or f"sqlite:///{tmp_path / 'fleet.db'}")
     fleet.enrol(device_id, device.public, site="s", group="g", profile="x86-cpu", now_ms=0)
-    with HeartbeatMonitor(broker_endpoint, fleet) as monitor, Outbox(tmp_path / "o.db") as box:
+    with HeartbeatMonitor(broker.coordinator_endpoint, fleet) as monitor, Outbox(tmp_path / "o.db") as box:
         enqueue(box, device, device_id, 1)
-        with Uplink(box, broker_endpoint, device_id=device_id, device_key=device,
+        with Uplink(box, device_endpoint, device_id=device_id, device_key=device,
                     cloud_key=cloud.public, settings=FAST, model_version=lambda: "m-7"):
             assert wait_for(lambda: monitor.stats.recorded >= 1)
         got = fleet.get(device_id)

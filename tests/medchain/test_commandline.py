@@ -37,6 +37,10 @@ def site(tmp_path_factory):
     assert main(["ledger", "genesis", "--dir", str(root / "ledger")]) == 0
     assert main(["cloud", "init", "--dir", str(root / "cloud"), "--ledger-dir", str(root / "ledger"),
                  "--port", str(closed_port())]) == 0
+    bare = root / "cloud-without-ca"  # a hand-made configuration: no CA beside it
+    bare.mkdir()
+    text = (root / "cloud" / "cloud.toml").read_text().replace("embedded = false", "embedded = true")
+    (bare / "cloud.toml").write_text(text.replace('"keys/', f'"{root / "cloud" / "keys"}/'))
     assert main(["keys", "new", "secret", str(root / "edge" / "keys" / "site.secret")]) == 0
     (root / "latin1.csv").write_bytes(NOT_UTF8)
     (root / "semicolons.csv").write_bytes(SEMICOLONS)
@@ -75,6 +79,10 @@ def cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "genesis exists": (["ledger", "genesis", "--dir", str(root / "ledger")], "already exists"),
         "too few validators": (["ledger", "genesis", "--dir", str(root / "g3"), "--n", "-1"], "3f + 1"),
         "broker port out of range": (["cloud", "broker", "--port", "-5"], "--port"),
+        "embedded broker without a CA": (["cloud", "broker", "--config", str(root / "cloud-without-ca/cloud.toml")],
+                                         "no certificate authority"),
+        "coordinator's embedded broker without a CA": (
+            ["cloud", "run", "--config", str(root / "cloud-without-ca/cloud.toml")], "certificate authority"),
         "cloud init port zero": (["cloud", "init", "--dir", str(root / "c2"), "--ledger-dir", str(root),
                                   "--port", "0"], "--port"),
         "canary share above one": ([*rollout, "--canary", "5"], "--canary"),
