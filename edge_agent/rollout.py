@@ -59,7 +59,8 @@ from models.errors import ModelError
 from edge_agent.errors import EdgeError
 from edge_agent.inference import DEFAULT_PROVIDERS, EdgeModel
 
-__all__ = ["ReleaseRefused", "ReleaseTrust", "check_offer", "check_release", "smoke_test",
+__all__ = ["ReleaseRefused", "ReleaseTrust", "check_offer", "check_release", "check_ledger_record",
+           "smoke_test",
            "ModelManager", "InstalledModel"]
 
 log = logging.getLogger(__name__)
@@ -148,18 +149,24 @@ def check_release(release: ModelRelease, model_hash: bytes, trust: ReleaseTrust)
         raise ReleaseRefused(f"model card unusable: {exc}") from None
     if card.onnx_sha256 != model_hash.hex():
         raise ReleaseRefused("model card names another ONNX file")
+    check_ledger_record(release.receipt, model_hash, trust)
+    return card
+
+
+def check_ledger_record(receipt: dict | None, model_hash: bytes, trust: ReleaseTrust) -> None:
+    """Refuse unless ``receipt`` proves that ``MODEL_RELEASED`` for ``model_hash`` committed,
+    checked offline against the validators' keys. Pure."""
     if trust.keyring is None:
         raise ReleaseRefused("no ledger validator keys in the enrolment file: cannot check the "
                              "ledger record (re-enrol the device)")
-    if release.receipt is None:
+    if receipt is None:
         raise ReleaseRefused("model hash is not on the ledger (no MODEL_RELEASED receipt)")
     try:
-        tx = TxReceipt.from_wire(release.receipt).verify(trust.keyring)
+        tx = TxReceipt.from_wire(receipt).verify(trust.keyring)
     except VerificationError as exc:
         raise ReleaseRefused(f"ledger receipt does not verify: {exc}") from None
     if tx.get("type") != "MODEL_RELEASED" or tx.get("model_hash") != model_hash:
         raise ReleaseRefused("model hash is not on the ledger (receipt proves another transaction)")
-    return card
 
 
 def smoke_test(model: EdgeModel) -> None:
