@@ -7,9 +7,12 @@ Trust comes from three independent checks, all before the file is ever loaded:
   unsigned release, or one signed by any other key, is refused);
 * the ONNX file and card hash to the values that signature covers (a tampered byte is
   refused), and the card names the same ONNX hash;
-* the ledger recorded ``MODEL_RELEASED`` for that hash: the release carries the transaction's
-  receipt (inclusion proof + commit certificate), checked against the validators' keys from
-  the enrolment file, so the device needs no connection to the ledger.
+* the ledger executed ``MODEL_RELEASED`` for that hash successfully: the release carries the
+  transaction's receipt (the request and its result, each with an inclusion proof under the
+  block header, the commit certificate and f + 1 validator signatures on the header), checked
+  against the validators' keys from the enrolment file, so the device needs no connection to
+  the ledger. A transaction the contracts rejected is committed too, but its receipt proves
+  the rejection and is refused.
 
 :func:`check_release` is the pure core. :class:`ModelManager` is the shell: it listens on
 the device's retained offer topic, fetches the release from its retained topic (or the local

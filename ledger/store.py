@@ -172,6 +172,12 @@ class BlockStore(BlockReader):
         cert = Certificate.from_wire(decode(row[2])) if row[2] is not None else None
         return Block(BlockHeader.from_wire(decode(row[0])), tuple(decode(row[1])), cert)
 
+    def results(self, height: int) -> list[dict] | None:
+        """The per-request results of a block, in order, as execution produced them."""
+        row = self.db.execute("select results from blocks where height = ?",
+                              (height,)).fetchone()
+        return None if row is None else [r for _client, _rid, r in decode(row[0])]
+
     def header(self, height: int) -> BlockHeader | None:
         row = self.db.execute("select header from blocks where height = ?", (height,)).fetchone()
         return BlockHeader.from_wire(decode(row[0])) if row else None
