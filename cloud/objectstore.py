@@ -5,7 +5,8 @@ Merkle root of their digests — the content address of the whole object, which 
 records — and each chunk is checked against its own digest when read. The signed header
 is stored last, under the envelope id. An envelope *exists* exactly when its header does,
 so a crash mid-write leaves at most an unreferenced pack (removed by
-:meth:`collect_garbage`), never a half object. Every write is atomic and idempotent:
+:meth:`collect_garbage`), never a half object. A read checks that the header stored under an
+id is that id's (:class:`ObjectMismatch` otherwise): a swapped file is refused, not served. Every write is atomic and idempotent:
 storing the same envelope twice changes nothing. One pack rather than a file per chunk
 keeps it at two durable writes per object, which is what ingest throughput is bound by.
 
@@ -26,9 +27,10 @@ from medchain.canonical import canonical_bytes, decode
 from medchain.durable import durable_write
 from medchain.protocol import Envelope, EnvelopeHeader
 
-from cloud.errors import ObjectMissing, ObjectStoreError
+from cloud.errors import ObjectMismatch, ObjectMissing, ObjectStoreError
 
-__all__ = ["ObjectStore", "LocalObjectStore", "S3ObjectStore", "ObjectStoreError", "ObjectMissing", "open_store"]
+__all__ = ["ObjectStore", "LocalObjectStore", "S3ObjectStore", "ObjectStoreError", "ObjectMissing",
+           "ObjectMismatch", "open_store"]
 
 
 def _check_id(envelope_id: str) -> str:
@@ -95,6 +97,9 @@ class ObjectStore:
         except ObjectMissing:
             raise ObjectMissing(f"envelope {envelope_id} is not stored") from None
         header = EnvelopeHeader.from_wire(record["header"])
+        if header.envelope_id != envelope_id:  # a swapped or misfiled header: never hand it out
+            raise ObjectMismatch(f"envelope {envelope_id}: the store holds envelope "
+                                 f"{header.envelope_id} under its name, not the one asked for")
         try:
             pack = memoryview(self._read(self._pack_key(header.merkle_root)))
         except ObjectMissing:

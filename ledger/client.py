@@ -78,6 +78,7 @@ class AccessDecision:
     reason: str
     audit: dict
     result: Result
+    merkle_root: bytes | None = None  # the granted image's registered Merkle root
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def _decision(result: Result) -> AccessDecision:
     if not result.committed:
         raise QueryFailed(f"access request rejected: {result.reason}")
     out = result.output
-    return AccessDecision(out["granted"], out["reason"], out["audit"], result)
+    return AccessDecision(out["granted"], out["reason"], out["audit"], result,
+                          out.get("merkle_root"))
 
 
 def _fingerprint(value) -> bytes:
