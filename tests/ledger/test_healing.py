@@ -4,8 +4,10 @@ when too few peers answer."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import sqlite3
 import time
 
 import pytest
@@ -14,8 +16,10 @@ from ledger.cluster import LocalCluster
 from ledger.errors import BlockStoreError, LedgerError, StoreDamaged
 from ledger.genesis import Params
 from ledger.healing import mark_suspect, open_store
+from ledger.ready import Ready
 from ledger.simulation import sim_genesis
 from ledger.transactions import ConsentSet
+from ledger.validator import Validator
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +141,28 @@ def test_a_store_of_another_chain_or_validator_is_refused_not_healed(tmp_path):
             open_store(path, genesis, vid)
         assert not isinstance(err.value, StoreDamaged)
     assert not list(tmp_path.glob("*damaged*"))
+
+
+def test_a_store_error_while_running_stops_the_validator_and_marks_the_store(tmp_path):
+    """A ``DatabaseError`` under a running validator (here: on its next write) stops it
+    instead of leaving it half-alive, and marks the store so the next start heals it."""
+    genesis, vkeys, _ = sim_genesis(random.Random(5), 4, Params(checkpoint_interval=4,
+                                                                 window=16))
+    validator = Validator(genesis, 1, vkeys[1], tmp_path)
+    validator._stop = asyncio.Event()
+
+    def broken(ready):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    validator.store.persist = broken
+    pending = Ready()
+    pending.messages.append((0, b"frame"))
+    pending.view = (1, True)
+    validator._ready = pending
+    validator._flush()  # would raise KeyError had it tried to send (no links): nothing sent
+    assert validator._stop.is_set()
+    assert (tmp_path / "validator-1.sqlite.suspect").exists()
+    validator.store.close()
+    reopened = open_store(tmp_path / "validator-1.sqlite", genesis, 1)
+    assert reopened.set_aside is not None
+    reopened.store.close()
