@@ -5,9 +5,10 @@ Merkle root of their digests — the content address of the whole object, which 
 records — and each chunk is checked against its own digest when read. The signed header
 is stored last, under the envelope id. An envelope *exists* exactly when its header does,
 so a crash mid-write leaves at most an unreferenced pack (removed by
-:meth:`collect_garbage`), never a half object. A read checks that the header stored under an
-id is that id's (:class:`ObjectMismatch` otherwise): a swapped file is refused, not served. Every write is atomic and idempotent:
-storing the same envelope twice changes nothing. One pack rather than a file per chunk
+:meth:`collect_garbage`), never a half object. Every write is atomic and idempotent:
+storing the same envelope twice changes nothing. A read checks that the header stored under
+an id is that id's (:class:`ObjectMismatch` otherwise): a swapped file is refused, not
+served. One pack rather than a file per chunk
 keeps it at two durable writes per object, which is what ingest throughput is bound by.
 
 Two backends share that logic and differ only in five key/value operations: local files

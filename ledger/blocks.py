@@ -4,12 +4,13 @@ A header names the height, the primary's proposal time ``t``, the Merkle root of
 requests (RFC 6962 over the signed request frames, so an inclusion proof shows a
 principal-signed transaction), the hash of the previous header, the state root after
 execution and the results root: the Merkle root over one leaf per request,
-``{tx: SHA-256(request frame), result: outcome}`` (status, reason, output), so a receipt can
-prove *how* a transaction executed, not only that it was ordered. The commit certificate (2f + 1 commit
-signatures) certifies the *batch digest* ``H(height, t, tx_root)``, which is what consensus
-ordered; the state root cannot be in it (execution follows commitment) and is instead
-covered by checkpoint certificates, which sign the header hash, and by the next header's
-``prev_hash``. Certificates are not part of the header hash: two honest validators may hold
+``{tx: SHA-256(request frame), result: outcome}`` (status, reason, output), so a receipt
+can prove *how* a transaction executed, not only that it was ordered. The commit
+certificate (2f + 1 commit signatures) certifies the *batch digest* ``H(height, t,
+tx_root)``, which is what consensus ordered; the state and results roots cannot be in it
+(execution follows commitment) and are instead covered by checkpoint certificates, which
+sign the header hash, by the next header's ``prev_hash`` and, in a receipt, by f + 1
+validators' signatures on the header hash (:mod:`ledger.receipts`). Certificates are not part of the header hash: two honest validators may hold
 different (equally valid) sets of 2f + 1 signatures for the same block.
 """
 

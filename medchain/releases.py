@@ -44,8 +44,8 @@ class ModelRelease(Signed):
     key over their hashes (so the signature stays small and the bytes are checked against
     it). ``receipt`` is the ledger's proof that ``MODEL_RELEASED`` for this hash executed
     successfully (:class:`ledger.receipts.TxReceipt` wire form: request and result, each
-    proven under its block header, the header vouched for by f + 1 validators); it needs no signature of ours, being
-    checkable against the validators' keys alone."""
+    proven under its block header, the header vouched for by f + 1 validators); it needs no
+    signature of ours, being checkable against the validators' keys alone."""
 
     name: str = wire("name", TEXT)
     version: str = wire("version", TEXT)
