@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import pytest
 
@@ -48,12 +49,25 @@ def trust(cluster) -> ReleaseTrust:
     return ReleaseTrust(SigningKey.generate().public, Keyring(cluster.genesis.validator_keys()))
 
 
+def stored(cluster, height: int):
+    """``(block, results)`` at ``height`` from the first validator store that holds it (the
+    client's f + 1 replies may come before a given validator has persisted the block)."""
+    deadline = time.monotonic() + 30
+    while True:
+        for i in range(cluster.n):
+            store = BlockStore(cluster.workdir / "data" / f"validator-{i}.sqlite")
+            try:
+                block, results = store.block(height), store.results(height)
+            finally:
+                store.close()
+            if block is not None and block.cert is not None:
+                return block, results
+        assert time.monotonic() < deadline, f"no validator stored block {height}"
+        time.sleep(0.1)
+
+
 def stored_block(cluster, height: int):
-    store = BlockStore(cluster.workdir / "data" / "validator-0.sqlite")
-    try:
-        return store.block(height)
-    finally:
-        store.close()
+    return stored(cluster, height)[0]
 
 
 def header_votes(cluster, block, ids=(0, 1)) -> list:
@@ -67,12 +81,7 @@ def forged_receipt(cluster, submitted, tx: ModelReleased, **changes) -> dict:
     """The receipt an attacker assembles for a rejected transaction from genuine parts: the
     stored block's request frame, its inclusion proof, header and commit certificate, the
     stored result with its proof, header signatures, and a record of his own making."""
-    block = stored_block(cluster, submitted.height)
-    store = BlockStore(cluster.workdir / "data" / "validator-0.sqlite")
-    try:
-        results = store.results(submitted.height)
-    finally:
-        store.close()
+    block, results = stored(cluster, submitted.height)
     tree = results_tree([request_digest(r) for r in block.requests], results)
     record = dict(tx.to_wire(), height=submitted.height, index=submitted.index, t=block.header.t,
                   by="ingest")
