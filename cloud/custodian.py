@@ -9,10 +9,16 @@ batches, so hundreds of images cost a few ledger blocks, not minutes.
 
 An image that was granted but cannot be opened (its ciphertext missing or corrupt, its
 device unknown, a bad signature) is counted, never half-used: nothing of it is returned.
+Nor is a stored object that is not the one granted: the custodian unwraps a data key only
+if the object's id is the granted envelope id and its Merkle root is the one in the
+ledger's ``IMAGE_REGISTERED`` record (which the access decision carries, agreed by f + 1
+validators), so another image's envelope filed under this one's name, or content the ledger
+never registered, is refused with a warning and counted.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +30,16 @@ from medchain.errors import MedChainError
 from medchain.sealing import open_envelope
 
 from cloud.catalog import CatalogEntry
-from cloud.errors import CloudError
+from cloud.errors import CloudError, ObjectMismatch
 from cloud.objectstore import ObjectStore
 
 __all__ = ["Custodian", "Released", "AccessReport", "AccessFailed"]
 
 DEFAULT_BATCH = 128
+SWAPPED = "stored object is another image's"
+UNREGISTERED = "stored object is not the one the ledger registered"
+
+log = logging.getLogger(__name__)
 
 
 class AccessFailed(CloudError):
@@ -120,7 +130,7 @@ class Custodian:
                     continue
                 report.granted += 1
                 try:
-                    parts = self._open(entry, names)
+                    parts = self._open(entry, names, decision.merkle_root)
                 except _Unreadable as why:
                     report.unreadable[str(why)] += 1
                     continue
@@ -134,14 +144,27 @@ class Custodian:
                                         if status.public_key is not None else None)
         return self._devices[device_id]
 
-    def _open(self, entry: CatalogEntry, names: Sequence[str] | None) -> dict[str, bytes]:
+    def _open(self, entry: CatalogEntry, names: Sequence[str] | None,
+              registered_root: bytes | None) -> dict[str, bytes]:
         device = self._device_key(entry.device_id)
         if device is None:
             raise _Unreadable("device unknown on the ledger")
         try:
             envelope = self.store.get(entry.envelope_id)
+        except ObjectMismatch:
+            log.warning("envelope %s: the store holds another envelope under its id; "
+                        "not released", entry.envelope_id)
+            raise _Unreadable(SWAPPED) from None
         except MedChainError as exc:  # missing, corrupt or undecodable in storage
             raise _Unreadable(f"not readable from the store ({type(exc).__name__})") from None
+        if envelope.envelope_id != entry.envelope_id:  # a store that does not check
+            log.warning("envelope %s: the store returned envelope %s; not released",
+                        entry.envelope_id, envelope.envelope_id)
+            raise _Unreadable(SWAPPED)
+        if registered_root is None or envelope.header.merkle_root != registered_root:
+            log.warning("envelope %s: stored Merkle root differs from the ledger's "
+                        "IMAGE_REGISTERED record; not released", entry.envelope_id)
+            raise _Unreadable(UNREGISTERED)
         try:
             return open_envelope(envelope, self._key, device, names=names)
         except KeyError:

@@ -10,6 +10,7 @@ __all__ = [
     "BrokerError",
     "ObjectStoreError",
     "ObjectMissing",
+    "ObjectMismatch",
     "FleetError",
     "UnknownDevice",
     "RegistrationRefused",
@@ -31,6 +32,10 @@ class ObjectStoreError(CloudError):
 
 class ObjectMissing(ObjectStoreError):
     """No envelope with that id is stored (or one of its chunks is gone)."""
+
+
+class ObjectMismatch(ObjectStoreError):
+    """What is stored under an envelope id is another envelope (objects swapped or misfiled)."""
 
 
 class FleetError(CloudError):

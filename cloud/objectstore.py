@@ -6,7 +6,9 @@ records — and each chunk is checked against its own digest when read. The sign
 is stored last, under the envelope id. An envelope *exists* exactly when its header does,
 so a crash mid-write leaves at most an unreferenced pack (removed by
 :meth:`collect_garbage`), never a half object. Every write is atomic and idempotent:
-storing the same envelope twice changes nothing. One pack rather than a file per chunk
+storing the same envelope twice changes nothing. A read checks that the header stored under
+an id is that id's (:class:`ObjectMismatch` otherwise): a swapped file is refused, not
+served. One pack rather than a file per chunk
 keeps it at two durable writes per object, which is what ingest throughput is bound by.
 
 Two backends share that logic and differ only in five key/value operations: local files
@@ -26,9 +28,10 @@ from medchain.canonical import canonical_bytes, decode
 from medchain.durable import durable_write
 from medchain.protocol import Envelope, EnvelopeHeader
 
-from cloud.errors import ObjectMissing, ObjectStoreError
+from cloud.errors import ObjectMismatch, ObjectMissing, ObjectStoreError
 
-__all__ = ["ObjectStore", "LocalObjectStore", "S3ObjectStore", "ObjectStoreError", "ObjectMissing", "open_store"]
+__all__ = ["ObjectStore", "LocalObjectStore", "S3ObjectStore", "ObjectStoreError", "ObjectMissing",
+           "ObjectMismatch", "open_store"]
 
 
 def _check_id(envelope_id: str) -> str:
@@ -95,6 +98,9 @@ class ObjectStore:
         except ObjectMissing:
             raise ObjectMissing(f"envelope {envelope_id} is not stored") from None
         header = EnvelopeHeader.from_wire(record["header"])
+        if header.envelope_id != envelope_id:  # a swapped or misfiled header: never hand it out
+            raise ObjectMismatch(f"envelope {envelope_id}: the store holds envelope "
+                                 f"{header.envelope_id} under its name, not the one asked for")
         try:
             pack = memoryview(self._read(self._pack_key(header.merkle_root)))
         except ObjectMissing:

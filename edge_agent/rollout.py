@@ -7,9 +7,12 @@ Trust comes from three independent checks, all before the file is ever loaded:
   unsigned release, or one signed by any other key, is refused);
 * the ONNX file and card hash to the values that signature covers (a tampered byte is
   refused), and the card names the same ONNX hash;
-* the ledger recorded ``MODEL_RELEASED`` for that hash: the release carries the transaction's
-  receipt (inclusion proof + commit certificate), checked against the validators' keys from
-  the enrolment file, so the device needs no connection to the ledger.
+* the ledger executed ``MODEL_RELEASED`` for that hash successfully: the release carries the
+  transaction's receipt (the request and its result, each with an inclusion proof under the
+  block header, the commit certificate and f + 1 validator signatures on the header), checked
+  against the validators' keys from the enrolment file, so the device needs no connection to
+  the ledger. A transaction the contracts rejected is committed too, but its receipt proves
+  the rejection and is refused.
 
 :func:`check_release` is the pure core. :class:`ModelManager` is the shell: it listens on
 the device's retained offer topic, fetches the release from its retained topic (or the local
@@ -59,7 +62,8 @@ from models.errors import ModelError
 from edge_agent.errors import EdgeError
 from edge_agent.inference import DEFAULT_PROVIDERS, EdgeModel
 
-__all__ = ["ReleaseRefused", "ReleaseTrust", "check_offer", "check_release", "smoke_test",
+__all__ = ["ReleaseRefused", "ReleaseTrust", "check_offer", "check_release", "check_ledger_record",
+           "smoke_test",
            "ModelManager", "InstalledModel"]
 
 log = logging.getLogger(__name__)
@@ -148,18 +152,24 @@ def check_release(release: ModelRelease, model_hash: bytes, trust: ReleaseTrust)
         raise ReleaseRefused(f"model card unusable: {exc}") from None
     if card.onnx_sha256 != model_hash.hex():
         raise ReleaseRefused("model card names another ONNX file")
+    check_ledger_record(release.receipt, model_hash, trust)
+    return card
+
+
+def check_ledger_record(receipt: dict | None, model_hash: bytes, trust: ReleaseTrust) -> None:
+    """Refuse unless ``receipt`` proves that ``MODEL_RELEASED`` for ``model_hash`` committed,
+    checked offline against the validators' keys. Pure."""
     if trust.keyring is None:
         raise ReleaseRefused("no ledger validator keys in the enrolment file: cannot check the "
                              "ledger record (re-enrol the device)")
-    if release.receipt is None:
+    if receipt is None:
         raise ReleaseRefused("model hash is not on the ledger (no MODEL_RELEASED receipt)")
     try:
-        tx = TxReceipt.from_wire(release.receipt).verify(trust.keyring)
+        tx = TxReceipt.from_wire(receipt).verify(trust.keyring)
     except VerificationError as exc:
         raise ReleaseRefused(f"ledger receipt does not verify: {exc}") from None
     if tx.get("type") != "MODEL_RELEASED" or tx.get("model_hash") != model_hash:
         raise ReleaseRefused("model hash is not on the ledger (receipt proves another transaction)")
-    return card
 
 
 def smoke_test(model: EdgeModel) -> None:

@@ -3,11 +3,14 @@
 A header names the height, the primary's proposal time ``t``, the Merkle root of the batch's
 requests (RFC 6962 over the signed request frames, so an inclusion proof shows a
 principal-signed transaction), the hash of the previous header, the state root after
-execution and a hash of the per-transaction results. The commit certificate (2f + 1 commit
-signatures) certifies the *batch digest* ``H(height, t, tx_root)``, which is what consensus
-ordered; the state root cannot be in it (execution follows commitment) and is instead
-covered by checkpoint certificates, which sign the header hash, and by the next header's
-``prev_hash``. Certificates are not part of the header hash: two honest validators may hold
+execution and the results root: the Merkle root over one leaf per request,
+``{tx: SHA-256(request frame), result: outcome}`` (status, reason, output), so a receipt
+can prove *how* a transaction executed, not only that it was ordered. The commit
+certificate (2f + 1 commit signatures) certifies the *batch digest* ``H(height, t,
+tx_root)``, which is what consensus ordered; the state and results roots cannot be in it
+(execution follows commitment) and are instead covered by checkpoint certificates, which
+sign the header hash, by the next header's ``prev_hash`` and, in a receipt, by f + 1
+validators' signatures on the header hash (:mod:`ledger.receipts`). Certificates are not part of the header hash: two honest validators may hold
 different (equally valid) sets of 2f + 1 signatures for the same block.
 """
 
@@ -23,13 +26,36 @@ from medchain.canonical import canonical_bytes
 from medchain.fields import Int, Optional, Record, Text, schema, wire
 from medchain.merkle import EMPTY_ROOT, MerkleTree, merkle_root
 
-__all__ = ["BlockHeader", "Block", "batch_digest", "tx_root", "genesis_header", "ZERO_HASH"]
+__all__ = ["BlockHeader", "Block", "batch_digest", "tx_root", "genesis_header", "ZERO_HASH",
+           "outcome", "result_leaf", "results_root", "results_tree"]
 
 ZERO_HASH = bytes(32)
 
 
 def tx_root(requests: Sequence[bytes]) -> bytes:
     return merkle_root(requests) if requests else EMPTY_ROOT
+
+
+# what of a result the results root commits to; the rest (height, index, state root, a
+# validator's own audit signature) is implied by the position or differs per validator
+OUTCOME_KEYS = ("status", "reason", "output", "of")
+
+
+def outcome(result: dict) -> dict:
+    return {k: result[k] for k in OUTCOME_KEYS if k in result}
+
+
+def result_leaf(request_digest: bytes, result: dict) -> bytes:
+    """The results-tree leaf of one request: its frame's SHA-256 and its outcome."""
+    return canonical_bytes({"tx": request_digest, "result": outcome(result)}, check=False)
+
+
+def results_root(leaves: Sequence[bytes]) -> bytes:
+    return merkle_root(leaves) if leaves else EMPTY_ROOT
+
+
+def results_tree(digests: Sequence[bytes], results: Sequence[dict]) -> MerkleTree:
+    return MerkleTree([result_leaf(d, r) for d, r in zip(digests, results, strict=True)])
 
 
 def batch_digest(seq: int, t: int, root: bytes) -> bytes:
@@ -51,7 +77,7 @@ class BlockHeader:
     tx_count: int = wire("tx_count", COUNT)
     prev_hash: bytes = wire("prev", DIGEST)
     state_root: bytes = wire("state", DIGEST)
-    results_hash: bytes = wire("results", DIGEST)
+    results_root: bytes = wire("results", DIGEST)
 
     def to_wire(self) -> dict:
         return self.SCHEMA.encode(self)

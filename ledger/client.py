@@ -78,6 +78,7 @@ class AccessDecision:
     reason: str
     audit: dict
     result: Result
+    merkle_root: bytes | None = None  # the granted image's registered Merkle root
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def _decision(result: Result) -> AccessDecision:
     if not result.committed:
         raise QueryFailed(f"access request rejected: {result.reason}")
     out = result.output
-    return AccessDecision(out["granted"], out["reason"], out["audit"], result)
+    return AccessDecision(out["granted"], out["reason"], out["audit"], result,
+                          out.get("merkle_root"))
 
 
 def _fingerprint(value) -> bytes:
@@ -309,17 +311,24 @@ class AsyncLedgerClient:
     async def _proven(self, what: str, args: dict, check) -> TxReceipt | None:
         """A record with its receipt, verified here; ``check(tx, record)`` says whether the
         proven transaction is the one asked for."""
-        answers = await self._ask(what, args)
-        if answers[0].answer is None:
-            return None
-        for qr in answers:  # any one honest validator's certificate suffices
-            try:
-                receipt = TxReceipt.from_wire(qr.answer)
-                if not check(receipt.verify(self.keyring), receipt.record):
-                    raise ProofInvalid(f"{what} record: proven transaction does not match")
-                return receipt
-            except (ProofInvalid, CertificateInvalid):
-                continue
+        votes: dict[int, bytes] = {}  # validator -> its signature on the record's header
+        for _attempt in range(3):  # a lying validator's vote fails: ask again for another's
+            answers = await self._ask(what, args)
+            if answers[0].answer is None:
+                return None
+            votes.update((qr.sender, qr.attestation["header_sig"]) for qr in answers
+                         if isinstance(qr.attestation.get("header_sig"), bytes))
+            for qr in answers:  # any one honest validator's certificate suffices
+                try:
+                    if not isinstance(qr.answer, dict):
+                        raise ProofInvalid(f"{what} record: answer is not a receipt")
+                    sigs = [[i, sig] for i, sig in sorted(votes.items())]
+                    receipt = TxReceipt.from_wire(dict(qr.answer, header_sigs=sigs))
+                    if not check(receipt.verify(self.keyring), receipt.record):
+                        raise ProofInvalid(f"{what} record: proven transaction does not match")
+                    return receipt
+                except (ProofInvalid, CertificateInvalid):
+                    continue
         raise CertificateInvalid(f"{what} record: no validator sent a valid proof")
 
     async def image(self, envelope_id: bytes) -> ImageProof | None:

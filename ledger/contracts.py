@@ -278,7 +278,10 @@ class Contracts:
                 continue
             key = value.hex() if isinstance(value, bytes) else value
             _append(self.state, f"{prefix}_n/{key}", f"{prefix}/{key}", audit_id)
-        return {"granted": granted, "reason": reason, "audit": entry}
+        out = {"granted": granted, "reason": reason, "audit": entry}
+        if granted:  # what the custodian may release: exactly the registered object
+            out["merkle_root"] = image["merkle_root"]
+        return out
 
     # -- queries -------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ __all__ = [
     "TransactionInvalid",
     "GenesisError",
     "BlockStoreError",
+    "StoreDamaged",
     "CertificateInvalid",
     "LedgerUnavailable",
     "SubmitTimeout",
@@ -34,6 +35,11 @@ class GenesisError(LedgerError):
 
 class BlockStoreError(LedgerError):
     """The block store on disk is unreadable or belongs to another chain or validator."""
+
+
+class StoreDamaged(BlockStoreError):
+    """The block store's file is damaged (SQLite or our encoding does not read back): the
+    validator sets it aside and rebuilds from its peers (:mod:`ledger.healing`)."""
 
 
 class CertificateInvalid(VerificationError):

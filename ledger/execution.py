@@ -16,18 +16,18 @@ Every rule here is deterministic in the committed log:
   be replayed. The table is not in the state root: it is a function of the committed blocks,
   persisted with each block's results and reloaded on restart.
 - A contract that rejects a transaction has its writes rolled back; the rejection (with its
-  reason) is the transaction's result and is recorded in the block like any other.
+  reason) is the transaction's result and is recorded in the block like any other. Every
+  result goes into the header's results root, so a receipt proves success or rejection.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ledger.blocks import BlockHeader, genesis_header, tx_root
+from ledger.blocks import BlockHeader, genesis_header, result_leaf, results_root, tx_root
 from medchain.canonical import canonical_bytes
 from ledger.contracts import Contracts, Rejected, TxContext, genesis_state
 from ledger.errors import MessageInvalid, TransactionInvalid
@@ -208,9 +208,9 @@ class Ledger:
             replies.setdefault(req.client, []).append((req.rid, result))
         state_root, writes = self.state.seal(seq)
         encoded = canonical_bytes(results, check=False)
-        results_hash = hashlib.sha256(encoded).digest()
+        outcomes = results_root([result_leaf(d, r[2]) for d, r in zip(digests, results)])
         header = BlockHeader(self.genesis.chain_id, seq, t, tx_root(frames), len(frames),
-                             self.header.hash, state_root, results_hash)
+                             self.header.hash, state_root, outcomes)
         self.header = header
         for _client, _rid, result in results:
             result["state_root"] = state_root

@@ -3,8 +3,10 @@
 Each validator answers on its own; a client accepts an answer once f + 1 validators gave
 the same one (at least one honest validator vouches for it). An image record — and a model
 or inference record when asked with ``proof`` — also comes with its receipt
-(:class:`ledger.receipts.TxReceipt`): the signed request frame, its RFC 6962 inclusion proof
-under the header's ``tx_root``, the header and the block's commit certificate, so anyone can
+(:class:`ledger.receipts.TxReceipt`): the signed request frame and the transaction's result,
+each with its RFC 6962 inclusion proof under the header's ``tx_root`` / ``results_root``,
+the header and the block's commit certificate; the validator's signature on the header goes
+in the attestation, and the client gathers f + 1 of them into the receipt, so anyone can
 check it against the validator keys alone.
 
 ``answer`` is what clients compare; ``attestation`` carries what legitimately differs per
@@ -13,8 +15,10 @@ validator (its own signatures on audit entries, its local status).
 
 from __future__ import annotations
 
+from ledger.blocks import outcome, results_tree
 from ledger.contracts import AUDIT_INDEXES, MAX_LIST
 from ledger.errors import QueryFailed
+from ledger.messages import request_digest
 from ledger.pbft import Replica
 from ledger.store import BlockStore
 
@@ -31,16 +35,21 @@ def _arg(args: dict, key: str, typ: type, size: int | None = None):
     return value
 
 
-def _proven(store: BlockStore, record: dict | None) -> dict | None:
-    """``record`` with its receipt (request, inclusion proof, header, certificate)."""
+def _proven(replica: Replica, store: BlockStore, record: dict | None) -> tuple[object, dict]:
+    """``record`` with its receipt (request and result with their inclusion proofs, header,
+    certificate) as the answer, and this validator's signature on the header beside it."""
     if record is None:
-        return None
-    block = store.block(record["height"])
-    if block is None:  # executed but not yet on disk: ask again in a moment
+        return None, {}
+    height, index = record["height"], record["index"]
+    block, results = store.block(height), store.results(height)
+    if block is None or results is None:  # executed but not yet on disk: ask again in a moment
         raise QueryFailed("record is not yet persisted; retry")
-    return {"record": record, "request": block.requests[record["index"]],
-            "proof": block.proof(record["index"]).to_wire(), "header": block.header.to_wire(),
-            "cert": block.cert.to_wire() if block.cert else None}
+    tree = results_tree([request_digest(r) for r in block.requests], results)
+    answer = {"record": record, "request": block.requests[index],
+              "proof": block.proof(index).to_wire(), "header": block.header.to_wire(),
+              "cert": block.cert.to_wire() if block.cert else None,
+              "result": outcome(results[index]), "result_proof": tree.proof(index).to_wire()}
+    return answer, {"header_sig": replica.signer.sign_header(height, block.header.hash)}
 
 
 def _status(replica: Replica, store: BlockStore) -> dict:
@@ -70,7 +79,7 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
     if what == "device":
         return c.device(_arg(args, "device_id", str)), {}
     if what == "image":
-        return _proven(store, c.image(_arg(args, "envelope_id", bytes, 16))), {}
+        return _proven(replica, store, c.image(_arg(args, "envelope_id", bytes, 16)))
     if what == "consent":
         return c.consent(_arg(args, "patient", str), int(args.get("start", 0)),
                          int(args.get("limit", MAX_LIST))), {}
@@ -87,7 +96,7 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
     if what in ("model", "inference"):
         key = "model_hash" if what == "model" else "batch_root"
         record = (c.model if what == "model" else c.inference)(_arg(args, key, bytes, 32))
-        return (_proven(store, record) if args.get("proof") else record), {}
+        return _proven(replica, store, record) if args.get("proof") else (record, {})
     if what == "policy":
         return c.policy(_arg(args, "policy", str)), {}
     raise QueryFailed(f"unknown query {what!r}; known: {', '.join(QUERY_KINDS)}")

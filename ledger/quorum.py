@@ -13,10 +13,17 @@ from dataclasses import dataclass, replace
 
 from ledger.blocks import batch_digest, tx_root
 from ledger.errors import CertificateInvalid
+from medchain.canonical import canonical_bytes
 from medchain.identity import SigningKey, ed25519_valid, encoded_message
 from ledger.messages import Certificate, Checkpoint, Commit, Prepare, PrePrepare, domain
 
-__all__ = ["Keyring", "Signer", "check_certificate", "check_checkpoint_proof"]
+__all__ = ["Keyring", "Signer", "check_certificate", "check_checkpoint_proof",
+           "header_vote_body", "check_header_votes", "HEADER_KIND"]
+
+# a validator's word that it executed a block whose header hashes to ``h`` at height ``n``:
+# what a receipt needs beyond the commit certificate, which covers the batch but not the
+# state and results roots (execution follows commitment)
+HEADER_KIND = "header"
 
 
 class Keyring:
@@ -53,6 +60,23 @@ class Signer:
         """Return ``(signed copy of msg, body bytes)``; the body is encoded once."""
         body = msg.body()
         return replace(msg, sig=self.key.sign_encoded(domain(msg.KIND), body)), body
+
+    def sign_header(self, height: int, header_hash: bytes) -> bytes:
+        return self.key.sign_encoded(domain(HEADER_KIND), header_vote_body(height, header_hash))
+
+
+def header_vote_body(height: int, header_hash: bytes) -> bytes:
+    return canonical_bytes({"n": height, "h": header_hash})
+
+
+def check_header_votes(height: int, header_hash: bytes, votes: Iterable[tuple[int, bytes]],
+                       keyring: Keyring) -> None:
+    """Raise unless f + 1 distinct validators vouch for this header (one of them honest)."""
+    body = header_vote_body(height, header_hash)
+    seen = {i for i, sig in votes if keyring.valid(i, HEADER_KIND, body, sig)}
+    if len(seen) < keyring.f + 1:
+        raise CertificateInvalid(f"header at height {height}: {len(seen)} validator "
+                                 f"signatures, need {keyring.f + 1}")
 
 
 def _distinct_valid(keyring: Keyring, sigs: Iterable[tuple[int, bytes]], make, kind: str,

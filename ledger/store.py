@@ -24,7 +24,8 @@ from pathlib import Path
 from ledger.blocks import Block, BlockHeader, genesis_header
 from medchain.canonical import canonical_bytes, decode
 from ledger.contracts import genesis_state
-from ledger.errors import BlockStoreError
+from ledger.errors import BlockStoreError, StoreDamaged
+from medchain.errors import MedChainError
 from ledger.execution import Ledger
 from ledger.messages import Certificate
 from ledger.ready import BlockReader, Ready, Restored
@@ -57,7 +58,17 @@ class BlockStore(BlockReader):
             self.db.execute(f"pragma synchronous={'full' if durable else 'off'}")
             self.db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise BlockStoreError(f"{self.path}: not a usable block store ({exc})") from None
+            raise StoreDamaged(f"{self.path}: not a usable block store ({exc})") from None
+
+    def quick_check(self) -> str | None:
+        """Why SQLite finds the file damaged (its ``quick_check``: every page and b-tree
+        readable and well formed), or None when it reads back whole."""
+        try:
+            rows = self.db.execute("pragma quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        problems = [str(r[0]) for r in rows if r and r[0] != "ok"]
+        return "; ".join(problems[:3]) or None
 
     def close(self) -> None:
         self.db.close()
@@ -135,7 +146,19 @@ class BlockStore(BlockReader):
 
     def restore(self, genesis, validator: int, attest=None) -> tuple[Ledger, Restored]:
         """The ledger and consensus state this validator persisted (a fresh store is
-        initialized from the genesis). Refuses a store of another chain or validator."""
+        initialized from the genesis). Refuses a store of another chain or validator
+        (:class:`BlockStoreError`); :class:`StoreDamaged` when what it holds does not read
+        back (a damaged page, a record that does not decode)."""
+        try:
+            return self._restore(genesis, validator, attest)
+        except BlockStoreError:
+            raise
+        except (sqlite3.DatabaseError, MedChainError, KeyError, IndexError, TypeError,
+                ValueError) as exc:
+            raise StoreDamaged(f"{self.path}: does not read back "
+                               f"({type(exc).__name__}: {exc})") from None
+
+    def _restore(self, genesis, validator: int, attest=None) -> tuple[Ledger, Restored]:
         chain = self._meta("chain")
         if chain is None:
             self._initialize(genesis, validator)
@@ -171,6 +194,12 @@ class BlockStore(BlockReader):
             return None
         cert = Certificate.from_wire(decode(row[2])) if row[2] is not None else None
         return Block(BlockHeader.from_wire(decode(row[0])), tuple(decode(row[1])), cert)
+
+    def results(self, height: int) -> list[dict] | None:
+        """The per-request results of a block, in order, as execution produced them."""
+        row = self.db.execute("select results from blocks where height = ?",
+                              (height,)).fetchone()
+        return None if row is None else [r for _client, _rid, r in decode(row[0])]
 
     def header(self, height: int) -> BlockHeader | None:
         row = self.db.execute("select header from blocks where height = ?", (height,)).fetchone()

@@ -25,12 +25,13 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections import deque
 from pathlib import Path
 
 from ledger.byzantine import ENV_FLAG, Byzantine
-from ledger.errors import GenesisError, LedgerError, MessageInvalid, QueryFailed
+from ledger.errors import GenesisError, LedgerError, MessageInvalid, QueryFailed, StoreDamaged
 from ledger.execution import AUDIT_DOMAIN
 from ledger.genesis import Genesis
 from medchain.identity import SigningKey
@@ -47,17 +48,18 @@ from ledger.pbft import Replica
 from ledger.queries import answer_query
 from ledger.quorum import Keyring, Signer
 from ledger.ready import BROADCAST, Ready
-from ledger.store import BlockStore
+from ledger.healing import mark_suspect, open_store
 from ledger.transport import MAX_BUFFERED, Link, read_frame, write_frame
 
 __all__ = ["Validator", "run_validator", "TICK_S", "HELLO_SKEW_MS", "ADMIT_CHUNK",
-           "MAX_ADMISSION"]
+           "MAX_ADMISSION", "HEAL_WAIT_S"]
 
 log = logging.getLogger(__name__)
 TICK_S = 0.01
 HELLO_SKEW_MS = 5 * 60 * 1000
 ADMIT_CHUNK = 128        # client requests admitted per event-loop turn
 MAX_ADMISSION = 8192     # requests waiting for admission before clients are paused
+HEAL_WAIT_S = 10.0       # how long a validator rebuilding its store waits for f + 1 peers
 
 
 def now_ms() -> int:
@@ -74,9 +76,12 @@ class Validator:
         self.genesis, self.id, self.key = genesis, vid, key
         self.signer = Signer(vid, key)
         self.keyring = Keyring(genesis.validator_keys())
-        self.store = BlockStore(Path(data_dir) / f"validator-{vid}.sqlite")
-        ledger, restored = self.store.restore(
-            genesis, vid, attest=lambda b: key.sign_encoded(AUDIT_DOMAIN, b))
+        self.store_path = Path(data_dir) / f"validator-{vid}.sqlite"
+        opened = open_store(self.store_path, genesis, vid,
+                            attest=lambda b: key.sign_encoded(AUDIT_DOMAIN, b))
+        self.store, ledger, restored = opened.store, opened.ledger, opened.restored
+        self.healing = opened.set_aside is not None  # rebuilt from peers: needs f + 1 of them
+        self._stop: asyncio.Event | None = None
         self.replica = Replica(self.signer, self.keyring, ledger, genesis.params, self.store,
                                restored, now_ms())
         self.byz = None
@@ -108,10 +113,25 @@ class Validator:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def _store_failed(self, exc: Exception) -> None:
+        """The store failed under us: stop (fail-stop, nothing more is sent); a damaged file
+        is marked so that the next start sets it aside and rebuilds from peers."""
+        if isinstance(exc, StoreDamaged) or (isinstance(exc, sqlite3.DatabaseError)
+                                             and not isinstance(exc, sqlite3.OperationalError)):
+            mark_suspect(self.store_path, f"{type(exc).__name__}: {exc}")
+        log.error("validator %d: block store failed (%s: %s); stopping", self.id,
+                  type(exc).__name__, exc)
+        self._ready = Ready()
+        if self._stop is not None:
+            self._stop.set()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         ready, self._ready = self._ready, Ready()
-        self.store.persist(ready)  # durable first ...
+        try:
+            self.store.persist(ready)  # durable first ...
+        except (sqlite3.DatabaseError, StoreDamaged) as exc:
+            return self._store_failed(exc)
         per_peer: dict[int, list[bytes]] = {}
         for dest, frame in ready.messages:  # ... then tell anyone
             outgoing = self.byz.outgoing(dest, frame) if self.byz else [(dest, frame)]
@@ -179,7 +199,10 @@ class Validator:
         except MessageInvalid:
             self.replica.dropped["malformed"] += 1
             return
-        self._absorb(self.replica.step(msg, body))
+        try:  # state transfer reads blocks from the store
+            self._absorb(self.replica.step(msg, body))
+        except (sqlite3.DatabaseError, StoreDamaged) as exc:
+            self._store_failed(exc)
 
     def _on_client_frame(self, frame: bytes, name: str, writer: asyncio.StreamWriter) -> None:
         try:
@@ -221,10 +244,27 @@ class Validator:
             result = QueryResult(self.id, q.client, q.qid, True, answer, attestation)
         except QueryFailed as exc:
             result = QueryResult(self.id, q.client, q.qid, False, str(exc), {})
+        except (sqlite3.DatabaseError, StoreDamaged) as exc:
+            return self._store_failed(exc)
         signed, rbody = self.signer.sign(result)
         write_frame(writer, encode_frame(signed, rbody))
 
     # -- lifecycle -----------------------------------------------------------------------------
+
+    async def _wait_for_peers(self) -> None:
+        """A validator rebuilding its store needs f + 1 peers (one of them honest) to learn
+        the chain from; with fewer it refuses to start rather than run as a blank member."""
+        need = self.keyring.f + 1
+        deadline = time.monotonic() + HEAL_WAIT_S
+        while len(self.replica.peer_status) < need and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        got = len(self.replica.peer_status)
+        if got < need:
+            raise LedgerError(f"validator {self.id}: its damaged block store was set aside and "
+                              f"only {got} of {self.genesis.n - 1} peers answered within "
+                              f"{HEAL_WAIT_S:.0f} s (need {need}) to rebuild it; not starting")
+        log.info("validator %d: %d peers answered; rebuilding its chain from them", self.id,
+                 got)
 
     async def run(self, stop: asyncio.Event) -> None:
         me = self.genesis.validators[self.id]
@@ -235,9 +275,12 @@ class Validator:
                 self.links[v.id] = link
                 link.start()
         ticker = asyncio.get_running_loop().create_task(self._ticker())
+        self._stop = stop
         log.info("validator %d listening on %s:%d", self.id, me.host, me.port)
-        print(f"validator {self.id} ready on {me.host}:{me.port}", flush=True)
         try:
+            if self.healing:
+                await self._wait_for_peers()
+            print(f"validator {self.id} ready on {me.host}:{me.port}", flush=True)
             await stop.wait()
         finally:
             ticker.cancel()

@@ -42,9 +42,10 @@ def release_topic(model_hash: bytes) -> str:
 class ModelRelease(Signed):
     """A released model: the ONNX file and its model card, signed by the training service's
     key over their hashes (so the signature stays small and the bytes are checked against
-    it). ``receipt`` is the ledger's proof that ``MODEL_RELEASED`` committed this hash
-    (:class:`ledger.receipts.TxReceipt` wire form); it needs no signature of ours, being
-    checkable against the validators' keys alone."""
+    it). ``receipt`` is the ledger's proof that ``MODEL_RELEASED`` for this hash executed
+    successfully (:class:`ledger.receipts.TxReceipt` wire form: request and result, each
+    proven under its block header, the header vouched for by f + 1 validators); it needs no
+    signature of ours, being checkable against the validators' keys alone."""
 
     name: str = wire("name", TEXT)
     version: str = wire("version", TEXT)

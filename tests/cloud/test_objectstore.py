@@ -98,3 +98,22 @@ def test_s3_backend_same_contract(s3_store):
 def test_open_store_by_url(tmp_path):
     assert isinstance(open_store(str(tmp_path / "a")), LocalObjectStore)
     assert isinstance(open_store(f"file://{tmp_path / 'b'}"), LocalObjectStore)
+
+
+def test_swapped_objects_are_refused(tmp_path):
+    """Two envelopes' header files swapped in the store (an operator's slip, or someone with
+    write access to the bucket): asking for one must not hand back the other. Against the
+    code before this change, ``get(a)`` returned envelope b, whose signature and Merkle root
+    verify, so b was decrypted under a's access grant."""
+    store = LocalObjectStore(tmp_path)
+    a, b = envelope(b"a" * 1000), envelope(b"b" * 1000)
+    store.put(a)
+    store.put(b)
+    file_a = tmp_path / "envelopes" / f"{a.envelope_id}.cbor"
+    file_b = tmp_path / "envelopes" / f"{b.envelope_id}.cbor"
+    data_a, data_b = file_a.read_bytes(), file_b.read_bytes()
+    file_a.write_bytes(data_b)
+    file_b.write_bytes(data_a)
+    for asked in (a, b):
+        with pytest.raises(ObjectStoreError, match="holds envelope .* not the one asked for"):
+            store.get(asked.envelope_id)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger.blocks import Block, BlockHeader, batch_digest, tx_root
+from ledger.blocks import Block, BlockHeader, batch_digest, results_tree, tx_root
 from ledger.messages import (
     Blocks,
     Certificate,
@@ -32,6 +32,7 @@ from ledger.messages import (
     ViewChange,
     decode_frame,
     encode_frame,
+    request_digest,
     sign_frame,
 )
 from ledger.quorum import Signer
@@ -118,8 +119,12 @@ def receipt(s) -> TxReceipt:
     """The receipt of the second request of the sample block."""
     block = Block.from_wire(s["blocks"].blocks[0])
     record = {"height": 5, "index": 1, "type": "X", "t": 1234}
+    result = {"status": "committed", "reason": "", "output": {"duplicate": False}}
+    results = results_tree([request_digest(r) for r in block.requests],
+                           [{"status": "rejected", "reason": "no"}, result])
+    votes = tuple((i, SIGNERS[i].sign_header(5, block.header.hash)) for i in (0, 3))
     return TxReceipt(record, block.header, block.requests[1], block.proof(1),
-                     s["viewchange"].certs[1])
+                     s["viewchange"].certs[1], result, results.proof(1), votes)
 
 
 def test_every_kind_has_a_golden_frame():

@@ -70,7 +70,7 @@ def test_the_harness_detects_divergence():
     node = sim.nodes[2]
     header = node.store.header(1)
     forged = BlockHeader(header.chain, 1, header.t, header.tx_root, header.tx_count,
-                         header.prev_hash, b"\x13" * 32, header.results_hash)
+                         header.prev_hash, b"\x13" * 32, header.results_root)
     node.store.db.execute("update blocks set hash = ? where height = 1", (forged.hash,))
     from medchain.canonical import canonical_bytes
     node.store.db.execute("update blocks set header = ? where height = 1",
