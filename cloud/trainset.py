@@ -20,6 +20,7 @@ edge chain; its hash goes to the model card, so a model traces to the ledger's r
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections import Counter
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medchain.canonical import canonical_bytes
-from models.datasets import SPLITS, DataSource, Split, patient_split
+from models.datasets import SPLITS, DataSource, Split
 from models.errors import TransformError
 from models.transforms import Compose, ToChannelsFirst
 
@@ -37,7 +38,7 @@ from cloud.catalog import Catalog, CatalogEntry
 from cloud.custodian import AccessReport, Custodian
 from cloud.errors import TrainingDataError
 
-__all__ = ["StoreImage", "StoreTrainset", "read_image", "build_source", "candidates", "collect",
+__all__ = ["StoreImage", "StoreTrainset", "read_image", "stable_split", "build_source", "candidates", "collect",
            "PURPOSE"]
 
 PURPOSE = "training"
@@ -111,10 +112,34 @@ def edge_prefix(preprocess: dict) -> Compose:
     return Compose(steps[:-1])
 
 
+def stable_split(patients: Sequence[str], seed: int = 0,
+                 fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> list[str]:
+    """Each patient's split from a hash of its pseudonym and ``seed``, not from a shuffle of
+    whoever is in the store today: a patient keeps its split in every later model version
+    as new patients arrive (a shuffle moved earlier test patients into training). Where the
+    hash leaves validation or test without a patient, the patient whose hash lies nearest below
+    that split's range (from a split that keeps another) moves there, so each split holds one
+    (only small sets are affected)."""
+    def point(p: str) -> float:
+        digest = hashlib.sha256(canonical_bytes(["medchain/split", seed, p])).digest()
+        return int.from_bytes(digest[:8], "big") / 2.0**64
+
+    cut_val, cut_test = fractions[0], fractions[0] + fractions[1]
+    where = {p: point(p) for p in set(patients)}
+    chosen = {p: "train" if u < cut_val else "val" if u < cut_test else "test" for p, u in where.items()}
+    for name, floor in (("test", cut_test), ("val", cut_val)):
+        if len(where) >= 3 and name not in chosen.values():
+            sizes = Counter(chosen.values())
+            spare = [p for p in where if sizes[chosen[p]] > 1]
+            chosen[max(spare, key=lambda p: (where[p] if where[p] < floor else -1.0, p))] = name
+    return [chosen[p] for p in patients]
+
+
 def build_source(images: Iterable[StoreImage], modality: str, *, seed: int = 0,
                  skipped: Counter | None = None) -> tuple[DataSource, Compose]:
     """The ``store`` DataSource of labelled ``images`` (unlabelled ones are counted into
-    ``skipped['unlabelled']``), split by patient with ``seed``, and the edge prefix chain."""
+    ``skipped['unlabelled']``), split by patient (:func:`stable_split` with ``seed``), and the
+    edge prefix chain."""
     skipped = Counter() if skipped is None else skipped
     chosen = []
     for img in images:
@@ -144,7 +169,7 @@ def build_source(images: Iterable[StoreImage], modality: str, *, seed: int = 0,
     if len(set(patients)) < 3:
         raise TrainingDataError(f"{len(set(patients))} patient(s) among the labelled {modality} "
                                 "images; a patient-level train/val/test split needs at least 3")
-    assigned = patient_split(patients, seed=seed)
+    assigned = stable_split(patients, seed=seed)
     size = next(iter(shapes))
     splits = {}
     for name in SPLITS:

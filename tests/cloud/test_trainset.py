@@ -10,10 +10,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cloud.catalog import CatalogEntry, Receipt
 from cloud.errors import TrainingDataError
-from cloud.trainset import build_source, edge_prefix, read_image
+from cloud.trainset import build_source, edge_prefix, read_image, stable_split
 from models.card import ModelCard
 from models.modality import config_for, prepare
 from models.transforms import Compose, ToChannelsFirst, apply_batch, from_config
@@ -178,3 +180,23 @@ def test_cloud_train_refuses_before_asking_the_ledger(tmp_path):
     (used / "something").write_text("x")
     with pytest.raises(ModelError, match="not empty"):
         train_from_store(_config(tmp_path), "CR", used)  # genesis.json does not even exist
+
+
+@given(st.lists(st.text(min_size=1, max_size=8), min_size=3, max_size=60, unique=True),
+       st.lists(st.text(min_size=1, max_size=8), min_size=0, max_size=60, unique=True), st.integers(0, 5))
+def test_a_patient_keeps_its_split_as_new_patients_arrive(first, later, seed):
+    """Model versions train on a growing store: a patient in version 1's test split must not
+    be trained on by version 2. Before, a seeded shuffle of whoever was in the store moved
+    earlier patients between splits when others joined."""
+    v1 = dict(zip(first, stable_split(first, seed)))
+    grown = first + [p for p in later if p not in v1]
+    v2 = dict(zip(grown, stable_split(grown, seed)))
+    assert set(v1.values()) == {"train", "val", "test"} == set(v2.values())
+    moved = {p for p in first if v1[p] != v2[p]}
+    assert len(moved) <= 4, moved  # only those each version moved to fill an empty split
+
+
+def test_the_split_follows_the_fractions_on_many_patients():
+    patients = [f"P{i:05d}" for i in range(4000)]
+    counts = Counter(stable_split(patients, seed=1))
+    assert abs(counts["train"] / 4000 - 0.70) < 0.03 and abs(counts["test"] / 4000 - 0.15) < 0.03
