@@ -140,6 +140,9 @@ class CustodianServer:
 
     def start(self) -> None:
         c = self.config
+        if len(os.fsencode(c.socket)) > 100:  # sun_path is 108 bytes on Linux, 104 on BSDs
+            raise ConfigError(f"[custodian] socket {c.socket}: path too long for a Unix socket; "
+                              "choose a shorter one")
         if self.backend is None:
             self.backend = open_backend(c.key)
         self._ledger = LedgerClient(c.genesis, SigningKey.load(c.ledger_key), c.principal)
