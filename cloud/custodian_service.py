@@ -194,6 +194,12 @@ class CustodianServer:
             self.counts["requests failed"] += 1
             log.warning("custodian: %s", exc)
             return ReleaseReply(error=f"failed: {exc}")
+        for r in released:
+            log.info("custodian: released %s to %s for %r (audit %d)", r.entry.envelope_id,
+                     request.principal, request.purpose, r.audit_id)
+        for envelope_id, reason in report.denied_ids:
+            log.info("custodian: refused %s to %s for %r: %s", envelope_id, request.principal,
+                     request.purpose, reason)
         self.counts["released"] += len(released)
         self.counts["denied"] += sum(report.denied.values())
         self.counts["unreadable"] += sum(report.unreadable.values())

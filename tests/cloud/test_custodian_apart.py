@@ -201,3 +201,23 @@ def test_a_custodian_with_its_key_in_a_softhsm_token(cluster, softhsm_token, tmp
         a = ingested(ingest, store, sealed(public, b"pixels via the token"))
         released, _ = training(server, cluster).release([a], "training", names=["dicom"])
     assert released[0].parts == {"dicom": b"pixels via the token"}
+
+
+def test_init_with_a_token_puts_the_custodian_key_in_it(tmp_path, softhsm_token):
+    """`cloud init --pkcs11-...`: the token makes the key, the custodian's configuration
+    names the token, the coordinator gets the public key, and no file anywhere in the
+    deployment holds the private key in the clear."""
+    ledger = tmp_path / "ledger"
+    token = softhsm_token("init")
+    root = tmp_path / "cloud"
+    path, made = init_deployment(root, genesis=ledger / "genesis.json", ingest_key=ledger / "keys" / "ingest.key",
+                                 operator_key=None, training_key=None, pkcs11=token)
+    public = RecipientPublicKey.load(load_config(path).custodian_key)
+    custodian = load_custodian_config(root / "custodian" / "custodian.toml")
+    assert custodian.key == token and custodian.ledger_key == ledger / "keys" / "custodian.key"
+    assert all(k.public != public for k in private_keys_in(root))
+    assert not (root / "custodian" / "keys" / "custodian.key").exists()
+    from cloud.keybackend import Pkcs11KeyBackend
+
+    with Pkcs11KeyBackend(custodian.key) as backend:
+        assert backend.public == public
