@@ -210,7 +210,7 @@ def test_init_with_a_token_puts_the_custodian_key_in_it(tmp_path, softhsm_token)
     ledger = tmp_path / "ledger"
     token = softhsm_token("init")
     root = tmp_path / "cloud"
-    path, made = init_deployment(root, genesis=ledger / "genesis.json", ingest_key=ledger / "keys" / "ingest.key",
+    path, _ = init_deployment(root, genesis=ledger / "genesis.json", ingest_key=ledger / "keys" / "ingest.key",
                                  operator_key=None, training_key=None, pkcs11=token)
     public = RecipientPublicKey.load(load_config(path).custodian_key)
     custodian = load_custodian_config(root / "custodian" / "custodian.toml")
