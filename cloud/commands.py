@@ -23,13 +23,22 @@ def _config(args):
 
 
 def _init(args: argparse.Namespace) -> int:
+    from cloud.keybackend import Pkcs11Settings
     from cloud.provision import init_deployment
 
     ledger = args.ledger_dir.resolve()
+    pkcs11 = None
+    if args.pkcs11_module is not None:
+        if args.pkcs11_token is None or args.pkcs11_pin_file is None:
+            raise SystemExit("cloud init: --pkcs11-module needs --pkcs11-token and --pkcs11-pin-file")
+        pkcs11 = Pkcs11Settings(module=args.pkcs11_module, token=args.pkcs11_token,
+                                pin_file=args.pkcs11_pin_file.resolve(),
+                                wrapped=(args.dir / "custodian" / "keys" / "custodian.key.wrapped").resolve())
     _, made = init_deployment(args.dir, genesis=ledger / "genesis.json", ingest_key=ledger / "keys" / "ingest.key",
                               operator_key=ledger / "keys" / "operator.key",
                               training_key=ledger / "keys" / "training.key", organization=args.organization,
-                              broker_host=args.host, broker_port=args.port, embedded=args.embedded)
+                              broker_host=args.host, broker_port=args.port, embedded=args.embedded,
+                              custodian_ledger_key=ledger / "keys" / "custodian.key", pkcs11=pkcs11)
     print(f"{args.dir}: {'created ' + ', '.join(made) if made else 'already set up'}")
     return 0
 
@@ -46,6 +55,20 @@ def _run(args: argparse.Namespace) -> int:
     coordinator.serve(ready=ready)
     print("cloud coordinator stopped: " + json.dumps({
         "stored": coordinator.catalog.count(), "devices": len(coordinator.fleet.list())}), flush=True)
+    return 0
+
+
+def _custodian(args: argparse.Namespace) -> int:
+    from cloud.custodian_service import CustodianServer, load_custodian_config
+
+    server = CustodianServer(load_custodian_config(args.config))
+
+    def ready(s) -> None:
+        print(f"custodian ready: key {s.backend.public.id} ({type(s.backend).__name__}) on "
+              f"{s.config.socket}, serving {', '.join(s.config.serve)}", flush=True)
+
+    server.serve(ready=ready)
+    print("custodian stopped: " + json.dumps(dict(server.counts), sort_keys=True), flush=True)
     return 0
 
 
@@ -256,7 +279,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port(), default=8883, help="the broker's TLS port (default 8883)")
     p.add_argument("--organization", default="MedChain", help="the name on the certificates")
     p.add_argument("--embedded", action="store_true", help="run the in-process broker (one machine)")
+    p.add_argument("--pkcs11-module", type=Path, help="the custodian key in a PKCS#11 token: its library "
+                                                      "(e.g. /usr/lib/softhsm/libsofthsm2.so)")
+    p.add_argument("--pkcs11-token", help="the token's label")
+    p.add_argument("--pkcs11-pin-file", type=Path, help="a file (0600) holding the token's user PIN")
     p.set_defaults(func=_init)
+
+    p = actions.add_parser("custodian", help="run the custodian: the only holder of the custodian key; "
+                                             "releases images to the training principal's signed "
+                                             "requests as the ledger grants them")
+    p.add_argument("--config", required=True, type=Path, help="custodian.toml (written by cloud init)")
+    p.set_defaults(func=_custodian)
 
     p = actions.add_parser("run", help="run ingest and the heartbeat monitor until SIGTERM")
     _with_config(p)

@@ -7,7 +7,8 @@ Relative paths resolve against the state directory. Holds paths to key files, ne
     [ledger]      genesis, ingest_key, operator_key, training_key, policy
     [store]       url        (a directory, file:///dir, or s3://bucket/prefix)
     [database]    url        (SQLAlchemy: sqlite:///cloud.sqlite, postgresql+psycopg://...)
-    [keys]        custodian, model, meta
+    [keys]        custodian (the custodian's PUBLIC key file), model, meta
+    [custodian]   socket     (where the custodian process listens: training reads through it)
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class CloudConfig:
     pki_dir: Path | None = None
     broker_dir: Path | None = None
     coordinator_name: str = "cloud-coordinator"
+    # the custodian process's Unix socket (cloud.custodian_service): the only way to a data key
+    custodian_socket: Path | None = None
 
 
 def load_config(path: str | Path, state_dir: str | Path | None = None) -> CloudConfig:
@@ -106,8 +109,12 @@ def parse_config(raw: dict[str, Any], *, origin: str = "cloud configuration",
     coordinator = s.str("coordinator", "cloud-coordinator")
     s.done()
 
+    s = Section(origin, "custodian", top.pop("custodian", {}), base, ConfigError)
+    custodian_socket = s.path("socket", None)
+    s.done()
+
     if top:
         raise ConfigError(f"{origin}: unknown section(s): {', '.join(sorted(top))}")
     return CloudConfig(endpoint, embedded, shared, workers, genesis, ingest_key, operator_key,
                        training_key, policy, store_url, database_url, custodian, model, base,
-                       meta_key, pki_dir, broker_dir, coordinator)
+                       meta_key, pki_dir, broker_dir, coordinator, custodian_socket)

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 
 from ledger.client import LedgerClient
-from medchain.identity import RecipientKey, SigningKey
+from medchain.identity import RecipientKey, RecipientPublicKey, SigningKey
 from medchain.errors import ConfigError
 from medchain.mqtt import MqttEndpoint
 
@@ -45,7 +45,8 @@ class Coordinator:
         self.monitor: HeartbeatMonitor | None = None
         self.predictions: PredictionLog | None = None
         self.ingest_key = SigningKey.load(config.ingest_key)
-        self.custodian_public = RecipientKey.load(config.custodian_key).public
+        # the public half only: the private key is the custodian process's (cloud.custodian_service)
+        self.custodian_public = RecipientPublicKey.load(config.custodian_key)
         self.meta_key = RecipientKey.load(config.meta_key)
         self.store = open_store(config.store_url)
         self.catalog = Catalog(config.database_url)

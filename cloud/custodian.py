@@ -27,7 +27,7 @@ from ledger.client import LedgerClient
 from ledger.errors import LedgerError
 from medchain.identity import RecipientKey, VerifyKey
 from medchain.errors import MedChainError
-from medchain.sealing import open_envelope
+from medchain.sealing import KeyUnwrapper, open_envelope
 
 from cloud.catalog import CatalogEntry
 from cloud.errors import CloudError, ObjectMismatch
@@ -95,11 +95,13 @@ class AccessReport:
 class Custodian:
     """Decrypts stored envelopes for ``user`` only where the ledger grants it.
 
-    ``ledger`` must be the client of the principal named ``user`` (the contract refuses a
-    request filed for another user unless the submitter's role may act on behalf).
+    ``ledger`` must be the client of the principal named ``user``, or of one whose role may
+    act on behalf of others (the ``custodian`` principal, in the custodian process:
+    :mod:`cloud.custodian_service`). ``key``: the custodian key, or a key backend
+    (:mod:`cloud.keybackend`) that unwraps data keys without handing the key out.
     """
 
-    def __init__(self, ledger: LedgerClient, store: ObjectStore, key: RecipientKey, *,
+    def __init__(self, ledger: LedgerClient, store: ObjectStore, key: RecipientKey | KeyUnwrapper, *,
                  user: str, batch: int = DEFAULT_BATCH):
         if batch < 1:
             raise ValueError("batch must be >= 1")

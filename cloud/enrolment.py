@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ledger.client import LedgerClient
 from ledger.genesis import Genesis
-from medchain.identity import RecipientKey, SigningKey, VerifyKey
+from medchain.identity import RecipientKey, RecipientPublicKey, SigningKey, VerifyKey
 from ledger.transactions import DeviceEnrolled, DeviceRevoked
 from medchain.protocol import Enrollment
 
@@ -54,7 +54,7 @@ def enroll(config: CloudConfig, fleet: FleetRegistry, *, device_id: str, public_
         device_id=device_id,
         device_key=public_key.raw,
         ingest_key=SigningKey.load(config.ingest_key).public.raw,
-        custodian_key=RecipientKey.load(config.custodian_key).public.raw,
+        custodian_key=RecipientPublicKey.load(config.custodian_key).raw,
         meta_key=RecipientKey.load(config.meta_key).public.raw,
         model_key=SigningKey.load(config.model_key).public.raw,
         issued_ms=now_ms,

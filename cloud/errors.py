@@ -15,6 +15,9 @@ __all__ = [
     "UnknownDevice",
     "RegistrationRefused",
     "TrainingDataError",
+    "KeyBackendError",
+    "CustodianError",
+    "CustodianRefused",
 ]
 
 
@@ -53,3 +56,18 @@ class RegistrationRefused(CloudError):
 class TrainingDataError(CloudError):
     """The stored images cannot make a training set (none granted, mixed edge chains,
     a single class...); the message says which and how many."""
+
+
+class KeyBackendError(CloudError):
+    """The custodian's key backend cannot be used: a missing PKCS#11 module or token, a
+    wrong PIN, a wrapped key file that is not this token's (the message never carries the
+    PIN or key material)."""
+
+
+class CustodianError(CloudError):
+    """The custodian process cannot be reached, or answered with something malformed."""
+
+
+class CustodianRefused(CustodianError):
+    """The custodian refused a request: bad signature, a principal it does not serve, a
+    stale or replayed request. Says which, never more."""

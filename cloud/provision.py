@@ -1,7 +1,9 @@
 """Setting up a deployment and handing each device its startup kit, in the spirit of NVIDIA
 FLARE's provisioning: no certificate is made by hand.
 
-``init_deployment`` creates the coordinator's keys, the deployment's certificate authority
+``init_deployment`` creates the coordinator's keys, the custodian's folder apart
+(``custodian/``: its private key, or the key wrapped by a PKCS#11 token, and its
+``custodian.toml``; the coordinator keeps only ``keys/custodian.pub``), the deployment's certificate authority
 (:mod:`medchain.pki`), the broker's server certificate, the coordinator's client certificate
 (its MQTT user), the broker files (:mod:`cloud.brokerconf`) and a ``cloud.toml`` whose broker
 is TLS with client certificates — embedded or Mosquitto, the same rules. ``issue_kit`` enrols
@@ -25,9 +27,10 @@ from cloud.config import CloudConfig
 from medchain.errors import ConfigError
 from cloud.enrolment import enroll, revoke, write_enrollment
 from cloud.fleet import FleetRegistry
+from cloud.keybackend import Pkcs11Settings, provision_pkcs11
 from ledger.client import LedgerClient
 from medchain.durable import durable_write
-from medchain.identity import RecipientKey, SigningKey, VerifyKey
+from medchain.identity import RecipientKey, RecipientPublicKey, SigningKey, VerifyKey
 from medchain.pki import CertificateAuthority, Identity
 
 __all__ = ["Kit", "init_deployment", "broker_security", "rewrite_acl", "issue_kit", "revoke_device",
@@ -50,16 +53,18 @@ class Kit:
 def init_deployment(root: str | Path, *, genesis: Path, ingest_key: Path, operator_key: Path | None,
                     training_key: Path | None, organization: str = "MedChain", broker_host: str = "127.0.0.1",
                     broker_port: int = BROKER_PORT, embedded: bool = False, database_url: str | None = None,
-                    coordinator: str = "cloud-coordinator") -> tuple[Path, list[str]]:
+                    coordinator: str = "cloud-coordinator", custodian_ledger_key: Path | None = None,
+                    pkcs11: Pkcs11Settings | None = None) -> tuple[Path, list[str]]:
     """Create what a new deployment needs under ``root`` (nothing is overwritten); returns the
-    ``cloud.toml`` path and what was made."""
+    ``cloud.toml`` path and what was made. The custodian's part lands in ``root/custodian``
+    (move it to the custodian's host or user); ``pkcs11``: its key in that token instead of
+    a file. ``custodian_ledger_key``: the ``custodian`` principal's ledger key (default: the
+    one beside ``ingest_key``)."""
     root = Path(root)
     keys = root / "keys"
     keys.mkdir(parents=True, exist_ok=True)
-    made = []
-    if not (keys / "custodian.key").exists():
-        RecipientKey.generate().save(keys / "custodian.key")
-        made.append("keys/custodian.key")
+    made = _init_custodian(root, keys, genesis=genesis, pkcs11=pkcs11,
+                           ledger_key=custodian_ledger_key or Path(ingest_key).parent / "custodian.key")
     if not (keys / "model.key").exists():
         SigningKey.generate().save(keys / "model.key")
         made.append("keys/model.key")
@@ -82,6 +87,63 @@ def init_deployment(root: str | Path, *, genesis: Path, ingest_key: Path, operat
             coordinator=coordinator).encode())
         made.append("cloud.toml")
     return config, made
+
+
+def _init_custodian(root: Path, keys: Path, *, genesis: Path, ledger_key: Path,
+                    pkcs11: Pkcs11Settings | None) -> list[str]:
+    """The custodian's folder (key, or the token's wrapped key; custodian.toml) and the
+    coordinator's copy of its public key."""
+    made: list[str] = []
+    public_path, folder = keys / "custodian.pub", root / "custodian"
+    if public_path.exists():
+        return made
+    if (keys / "custodian.key").exists():  # the layout before the custodian moved apart
+        raise ConfigError(f"{keys / 'custodian.key'}: the custodian's private key is in the coordinator's "
+                          f"keys; move it to {folder / 'keys' / 'custodian.key'} (the custodian's own), "
+                          "then run init again to write the public key and custodian.toml")
+    (folder / "keys").mkdir(parents=True, exist_ok=True)
+    moved = folder / "keys" / "custodian.key"
+    if pkcs11 is not None:
+        public = provision_pkcs11(pkcs11)
+        key_text = (f'[custodian.pkcs11]\nmodule = "{pkcs11.module}"\ntoken = "{pkcs11.token}"\n'
+                    f'pin_file = "{pkcs11.pin_file}"\nwrapped = "{pkcs11.wrapped}"\n'
+                    f'key_label = "{pkcs11.key_label}"\n')
+        made.append(f"the custodian key in PKCS#11 token {pkcs11.token!r}")
+    else:
+        if moved.exists():
+            public = RecipientKey.load(moved).public
+        else:
+            key = RecipientKey.generate()
+            key.save(moved)
+            public = key.public
+            made.append("custodian/keys/custodian.key")
+        key_text = ""
+    public.save(public_path)
+    made.append("keys/custodian.pub")
+    durable_write(folder / "custodian.toml", _CUSTODIAN_TOML.format(
+        key="# " if pkcs11 else "", genesis=genesis, ledger_key=ledger_key, store=(root / "objects").resolve(),
+        pkcs11=key_text).encode())
+    made.append("custodian/custodian.toml")
+    return made
+
+
+_CUSTODIAN_TOML = """\
+# MedChain custodian: the only holder of the custodian key. Run it apart from the coordinator
+# (its own user or host): `medchain cloud custodian --config custodian.toml`.
+
+[custodian]
+socket = "custodian.sock"          # the training service connects here (mode 0660)
+serve = ["training"]               # principals whose signed requests are served
+{key}key = "keys/custodian.key"      # X25519 key file (or [custodian.pkcs11]: a token)
+
+[ledger]
+genesis = "{genesis}"
+key = "{ledger_key}"     # principal 'custodian': files access requests on behalf
+principal = "custodian"
+
+[store]
+url = "{store}"
+{pkcs11}"""
 
 
 _CLOUD_TOML = """\
@@ -119,9 +181,12 @@ url = "objects"                # a directory, file:///path, or s3://bucket/prefi
 url = "{database}"
 
 [keys]
-custodian = "keys/custodian.key"   # X25519: data keys are wrapped for it
+custodian = "keys/custodian.pub"   # X25519 PUBLIC key: devices wrap data keys for it
 model = "keys/model.key"           # Ed25519: signs model releases
 meta = "keys/meta.key"             # X25519: devices seal envelope metadata for ingest
+
+[custodian]
+socket = "custodian/custodian.sock"   # the custodian process (the only holder of its private key)
 """
 
 

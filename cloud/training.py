@@ -1,8 +1,10 @@
-"""Training on the cloud store: the shell that wires config, ledger, custodian and trainer.
+"""Training on the cloud store: the shell that wires config, custodian and trainer.
 
-``medchain cloud train`` runs :func:`train_from_store`: the training principal's ledger
-client files an access request per candidate image (the contract decides by policy and
-consent, and audits), the custodian decrypts only the granted ones, :mod:`cloud.trainset`
+``medchain cloud train`` runs :func:`train_from_store`: signed as the training principal, it
+asks the custodian process (:mod:`cloud.custodian_service`, the only holder of the custodian
+key) for the candidate images; the custodian files an access request per image on the ledger
+(the contract decides by policy and consent, and audits) and decrypts only the granted ones;
+this process never holds the key. :mod:`cloud.trainset`
 turns them into a patient-split ``store`` source, and :func:`models.pipeline.train_run`
 leaves the usual run folder, its model card chain starting from raw modality values. The
 run folder also gets ``access_report.json``: how many images were granted, denied (by the
@@ -15,13 +17,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ledger.client import LedgerClient
-from medchain.identity import RecipientKey, SigningKey
+from medchain.identity import SigningKey
 
 from cloud.catalog import Catalog
 from cloud.config import CloudConfig, ConfigError
-from cloud.custodian import Custodian
-from cloud.objectstore import open_store
+from cloud.custodian_service import RemoteCustodian
 from cloud.trainset import StoreTrainset, candidates, collect
 
 __all__ = ["TRAINING_PRINCIPAL", "gather", "train_from_store"]
@@ -40,10 +40,11 @@ def gather(config: CloudConfig, modality: str, *, seed: int = 0, max_images: int
         entries = candidates(catalog, modality)
     finally:
         catalog.close()
-    key = RecipientKey.load(config.custodian_key)
-    with LedgerClient(config.genesis, SigningKey.load(config.training_key), user) as ledger:
-        custodian = Custodian(ledger, open_store(config.store_url), key, user=user)
-        return collect(custodian, entries, modality.upper(), seed=seed, max_images=max_images)
+    if config.custodian_socket is None:
+        raise ConfigError("[custodian] socket is not set: training reads images through the custodian "
+                          "process (`medchain cloud custodian`)")
+    custodian = RemoteCustodian(config.custodian_socket, SigningKey.load(config.training_key), principal=user)
+    return collect(custodian, entries, modality.upper(), seed=seed, max_images=max_images)
 
 
 def train_from_store(config: CloudConfig, modality: str, out: str | Path, recipe=None, *,

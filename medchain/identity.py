@@ -224,6 +224,37 @@ class RecipientPublicKey:
     def from_hex(cls, text: str) -> RecipientPublicKey:
         return cls(bytes.fromhex(text))
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the public key as a PEM file (a public key: readable by anyone, never
+        overwritten)."""
+        pem = self.to_crypto().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return durable_write(path, pem, mode=0o644, exclusive=True)
+        except FileExistsError:
+            raise KeyFileError(f"{path}: already exists; refusing to overwrite a key") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RecipientPublicKey:
+        """A public key file written by :meth:`save`. A private key file is refused: who
+        needs only the public half must not hold the private one."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise KeyFileError(f"{path}: public key file not found") from None
+        if b"PRIVATE KEY" in data:
+            raise KeyFileError(f"{path}: holds a private key where a public key file is expected")
+        try:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise KeyFileError(f"{path}: truncated or not a PEM public key") from None
+        if not isinstance(key, X25519PublicKey):
+            raise KeyFileError(f"{path}: holds a {type(key).__name__}, expected an X25519 public key")
+        return cls(_raw_public(key))
+
 
 class RecipientKey:
     """An X25519 private key that can unwrap data keys sealed for its public half."""

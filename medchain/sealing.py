@@ -26,7 +26,7 @@ import hmac
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -62,6 +62,7 @@ __all__ = [
     "encrypt_chunk",
     "decrypt_chunk",
     "chunk_digest",
+    "KeyUnwrapper",
 ]
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
@@ -109,6 +110,15 @@ def unwrap_key(wrapped: bytes, object_id: bytes, recipient: RecipientKey) -> byt
     if len(key) != KEY_SIZE:
         raise DecryptionError(f"data key of object {object_id.hex()} has the wrong size")
     return key
+
+
+class KeyUnwrapper(Protocol):
+    """What holds a recipient key without handing it out (a custodian's key backend): it
+    unwraps a data key sealed by :func:`wrap_key`, raising :class:`DecryptionError`."""
+
+    public: RecipientPublicKey
+
+    def unwrap(self, wrapped: bytes, object_id: bytes) -> bytes: ...
 
 
 def _meta_info(object_id: bytes, device_id: str) -> bytes:
@@ -268,16 +278,21 @@ def verify(envelope: Envelope, device_key: VerifyKey) -> None:
 
 def open_envelope(
     envelope: Envelope,
-    recipient: RecipientKey,
+    recipient: RecipientKey | KeyUnwrapper,
     device_key: VerifyKey,
     names: Iterable[str] | None = None,
 ) -> dict[str, bytes]:
-    """Verify, unwrap the data key and decrypt the named parts (all by default)."""
+    """Verify, unwrap the data key (with the key itself, or through a
+    :class:`KeyUnwrapper`) and decrypt the named parts (all by default)."""
     verify(envelope, device_key)
     header = envelope.header
     if header.recipient != recipient.public.id:
         raise DecryptionError(f"envelope {header.envelope_id} is sealed for another recipient")
-    aead = AESGCM(unwrap_key(header.wrapped_key, header.object_id, recipient))
+    if isinstance(recipient, RecipientKey):
+        data_key = unwrap_key(header.wrapped_key, header.object_id, recipient)
+    else:
+        data_key = recipient.unwrap(header.wrapped_key, header.object_id)
+    aead = AESGCM(data_key)
     count = len(header.chunks)
     wanted = set(names) if names is not None else {p.name for p in header.parts}
     missing = wanted - {p.name for p in header.parts}

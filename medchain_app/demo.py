@@ -57,8 +57,36 @@ def _cloud_toml(workdir: Path, cluster, port: int) -> Path:
 
     path, _ = init_deployment(workdir / "cloud", genesis=cluster.genesis_path, ingest_key=cluster.key_path("ingest"),
                               operator_key=cluster.key_path("operator"), training_key=cluster.key_path("training"),
-                              organization="MedChain demo", broker_port=port, embedded=True)
+                              organization="MedChain demo", broker_port=port, embedded=True,
+                              custodian_ledger_key=cluster.key_path("custodian"))
     return path
+
+
+def _start_custodian(stack: contextlib.ExitStack, config: Path) -> str:
+    """``medchain cloud custodian`` as its own OS process (the only holder of the custodian
+    key), stopped when the demo ends; returns its ready line."""
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "medchain_app.cli", "cloud", "custodian", "--config",
+                             str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    stack.callback(stop)
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("custodian ready"):
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            return line.strip()
+    raise SystemExit("demo: the custodian did not start:\n" + "".join(lines[-20:]))
 
 
 class _Edge:
@@ -156,6 +184,9 @@ def run(workdir: Path, *, studies: int = 150, new_studies: int = 6, epochs: int 
         out(f"cloud     coordinator up: embedded broker {coordinator.endpoint.describe()} (mutual TLS, "
             f"the deployment's CA, ACL from the fleet registry), object store {config.store_url}, catalog + "
             f"fleet registry in SQLite")
+        ready = _start_custodian(stack, config_path.parent / "custodian" / "custodian.toml")
+        out(f"custodian its own process, the only holder of the custodian key (the coordinator has its "
+            f"public key): {ready.removeprefix('custodian ready: ')}")
         edges = [_Edge(workdir / f"edge-{i}", f"demo-edge-{i}", config, coordinator.fleet) for i in (1, 2)]
         for e in edges:
             e.agent.start()

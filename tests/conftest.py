@@ -555,3 +555,47 @@ def mosquitto_sub() -> str:
     if path is None:
         service_missing("mosquitto_sub", "not on PATH (Debian package mosquitto-clients)")
     return path
+
+
+# -- a PKCS#11 token ------------------------------------------------------------------------
+
+SOFTHSM_MODULE = Path(os.environ.get("MEDCHAIN_SOFTHSM2_MODULE", "/usr/lib/softhsm/libsofthsm2.so"))
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(tmp_path_factory):
+    """``softhsm_token(key_label)``: ``Pkcs11Settings`` for a key of that label in a real
+    SoftHSM2 token initialised in this session's own folder (``SOFTHSM2_CONF``; the library
+    reads it once per process, so the token is one per session, keys one per label). Skips
+    (fails in CI) without python-pkcs11 or Debian's softhsm2."""
+    import shutil
+    import subprocess
+
+    try:
+        import pkcs11  # noqa: F401
+    except ImportError:
+        service_missing("python-pkcs11", "not installed (pip install -e '.[hsm]')")
+    if not SOFTHSM_MODULE.is_file() or shutil.which("softhsm2-util") is None:
+        service_missing("SoftHSM2", f"{SOFTHSM_MODULE} or softhsm2-util missing (Debian package softhsm2)")
+    from cloud.keybackend import Pkcs11Settings
+    from medchain.identity import write_secret_file
+
+    root = tmp_path_factory.mktemp("softhsm")
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)  # child processes (the custodian) find the token too
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "medchain", "--so-pin", "0000",
+                    "--pin", "1234"], check=True, capture_output=True)
+    write_secret_file(root / "pin", b"1234\n")
+
+    def settings(key_label: str) -> Pkcs11Settings:
+        return Pkcs11Settings(module=SOFTHSM_MODULE, token="medchain", pin_file=root / "pin",
+                              wrapped=root / f"{key_label}.wrapped", key_label=key_label)
+
+    yield settings
+    if previous is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous

@@ -183,7 +183,11 @@ class Site:
         self.edge_endpoint = edge_endpoint or endpoint
         cloud_dir = root / "cloud"
         (cloud_dir / "keys").mkdir(parents=True)
-        RecipientKey.generate().save(cloud_dir / "keys" / "custodian.key")
+        # the custodian's key in a folder of its own; the coordinator gets the public key only
+        self.custodian_dir = root / "custodian"
+        self.custodian = RecipientKey.generate()
+        self.custodian.save(self.custodian_dir / "keys" / "custodian.key")
+        self.custodian.public.save(cloud_dir / "keys" / "custodian.pub")
         SigningKey.generate().save(cloud_dir / "keys" / "model.key")
         RecipientKey.generate().save(cloud_dir / "keys" / "meta.key")
         broker = {"host": endpoint.host, "port": endpoint.port}
@@ -197,12 +201,12 @@ class Site:
                        "training_key": str(cluster.key_path("training"))},
             "store": {"url": "objects"},
             "database": {"url": f"sqlite:///{cloud_dir / 'cloud.sqlite'}"},
-            "keys": {"custodian": "keys/custodian.key", "model": "keys/model.key"},
+            "keys": {"custodian": "keys/custodian.pub", "model": "keys/model.key"},
+            "custodian": {"socket": str(self.custodian_dir / "custodian.sock")},
         }
         for section, values in (cloud or {}).items():
             raw[section] = {**raw.get(section, {}), **values}
         self.config = parse_config(raw, state_dir=cloud_dir)
-        self.custodian = RecipientKey.load(self.config.custodian_key)
         self.coordinator = Coordinator(self.config, endpoint=endpoint)
         self.edge_dir = root / "edge"
         (self.edge_dir / "keys").mkdir(parents=True)
@@ -279,12 +283,27 @@ class Site:
             f'[ledger]\ngenesis = "{c.genesis}"\ningest_key = "{c.ingest_key}"\n'
             f'operator_key = "{c.operator_key}"\ntraining_key = "{c.training_key}"\n\n[store]\nurl = "{c.store_url}"\n\n'
             f'[database]\nurl = "{c.database_url}"\n\n'
-            f'[keys]\ncustodian = "{c.custodian_key}"\nmodel = "{c.model_key}"\nmeta = "{c.meta_key}"\n')
+            f'[keys]\ncustodian = "{c.custodian_key}"\nmodel = "{c.model_key}"\nmeta = "{c.meta_key}"\n\n'
+            f'[custodian]\nsocket = "{c.custodian_socket}"\n')
         if self.endpoint.tls_ca:
             with path.open("a") as f:
                 f.write(f'\n[broker.tls]\nca = "{self.endpoint.tls_ca}"\ncert = "{self.endpoint.tls_cert}"\n'
                         f'key = "{self.endpoint.tls_key}"\n')
         return path
+
+    def custodian_config_file(self) -> Path:
+        """The custodian's own configuration (its key file, the ledger's ``custodian``
+        principal, the coordinator's store), for ``medchain cloud custodian``."""
+        path = self.custodian_dir / "custodian.toml"
+        path.write_text(
+            f'[custodian]\nsocket = "{self.config.custodian_socket}"\nkey = "keys/custodian.key"\n\n'
+            f'[ledger]\ngenesis = "{self.cluster.genesis_path}"\nkey = "{self.cluster.key_path("custodian")}"\n\n'
+            f'[store]\nurl = "{self.config.store_url}"\n')
+        return path
+
+    def spawn_custodian(self) -> subprocess.Popen:
+        """The custodian as its own OS process, as an operator runs it."""
+        return self.spawn("cloud", "custodian", "--config", str(self.custodian_config_file()))
 
     def edge_profile_file(self) -> Path:
         """The x86-cpu profile with this site's device id and broker (its kit's TLS files

@@ -1,6 +1,8 @@
 """Training on the cloud store, for real: simulated CR studies go scanner -> edge (with the
 site's clinical records: labels and consent) -> Mosquitto -> cloud -> ledger; then
-``medchain cloud train`` asks the ledger for every image, decrypts only the consented ones
+``medchain cloud train`` asks the custodian — its own OS process (``medchain cloud
+custodian``), the only holder of the custodian key — which asks the ledger for every image
+and decrypts only the consented ones
 (one patient's consent revoked on the ledger after acquisition), splits by patient, trains
 and exports. Every attempt is on the audit log, and the model card's chain turns the raw
 DICOM back into exactly what training fed the model."""
@@ -15,7 +17,7 @@ import pydicom
 import pytest
 
 from cloud.custodian import Custodian
-from cloud.errors import TrainingDataError
+from cloud.errors import CustodianError, TrainingDataError
 from cloud.objectstore import open_store
 from cloud.training import gather
 from edge_agent.pseudonyms import Pseudonymizer
@@ -75,6 +77,10 @@ def test_store_training_decrypts_only_consented_images_audits_all_and_card_repro
     with LedgerClient(cluster.genesis_path, SigningKey.load(cluster.key_path("operator")),
                       "operator") as operator:
         assert operator.submit(ConsentSet(revoked, "training", False, int(time.time() * 1000))).committed
+
+    # the coordinator's configuration names the custodian's public key and socket, no private key
+    assert not any(b"PRIVATE KEY" in p.read_bytes() for p in config.custodian_key.parent.glob("custodian*"))
+    custodian_process = site.spawn_custodian()
 
     run = tmp_path / "run"
     t0 = time.perf_counter()
@@ -136,10 +142,7 @@ def test_store_training_decrypts_only_consented_images_audits_all_and_card_repro
         victim, intact = sorted(expect)[:2]
         pack = store._pack_key(store.get(victim).header.merkle_root)
         (store.root / pack).write_bytes(b"\0" * (store.root / pack).stat().st_size)
-        from medchain.identity import RecipientKey
-
-        custodian = Custodian(training, store, RecipientKey.load(config.custodian_key),
-                              user="training")
+        custodian = Custodian(training, store, site.custodian, user="training")
         released, rep = custodian.release([catalog.get(victim), catalog.get(intact)], "training",
                                           names=["meta"])
         assert [r.entry.envelope_id for r in released] == [intact]
@@ -186,3 +189,9 @@ def test_store_training_decrypts_only_consented_images_audits_all_and_card_repro
     assert few.report.requested < len(entries)
     with pytest.raises(TrainingDataError, match="no MR image"):
         gather(config, "MR")
+
+    # without the custodian process, the training service decrypts nothing: it holds no key
+    custodian_process.terminate()
+    assert custodian_process.wait(20) == 0
+    with pytest.raises(CustodianError, match="not reachable"):
+        gather(config, "CR", max_images=2)

@@ -26,8 +26,13 @@ def test_demo_runs_the_whole_system_end_to_end(tmp_path, capsys, monkeypatch):
     assert summary["training_reads_audited"] > summary["training_reads_granted"]  # withdrawn consent
     assert "rollout" in out and '"result": "complete"' in out
     assert "inclusion proof and commit certificate" in out
-    for key in (workdir / "edge-1" / "keys").iterdir():
-        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    # training read through the custodian process; the coordinator holds its public key only
+    assert "custodian its own process" in out
+    assert (workdir / "cloud" / "keys" / "custodian.pub").exists()
+    assert not (workdir / "cloud" / "keys" / "custodian.key").exists()
+    for key in (workdir / "edge-1" / "keys").iterdir():  # secrets; certificates (ca.pem) are public
+        if key.suffix in (".key", ".secret"):
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600
     # a second run replaces the demo folder; a folder the demo did not make is refused
     assert (workdir / ".medchain-demo").exists()
     (tmp_path / "mine").mkdir()
