@@ -47,6 +47,7 @@ def _genesis(args: argparse.Namespace) -> int:
 def _consortium_genesis(args: argparse.Namespace) -> int:
     from ledger.consortium import Descriptor, assemble
     from ledger.errors import GenesisError
+    from medchain.durable import durable_write
     from medchain.pki import CertificateAuthority
 
     if args.out is None:
@@ -62,7 +63,7 @@ def _consortium_genesis(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: chain {g.chain_id}, n={g.n}, f={g.f}, "
           f"{'mutual TLS' if g.tls else 'no TLS (loopback only)'}; no private key written")
     for name, pem in done.principal_certs.items():
-        from medchain.durable import durable_write
+        (args.out.parent / "certs").mkdir(exist_ok=True)
         path = durable_write(args.out.parent / "certs" / f"{name}.crt", pem.encode())
         print(f"  certificate for {name}: {path} (hand it back; it goes beside {name}.key)")
     print(f"genesis hash {g.hash.hex()}")
