@@ -169,7 +169,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     g = actions.add_parser("genesis", help="assemble a genesis from public descriptors "
                            "(or, with --local, an all-in-one local one)")
-    g.add_argument("--from", dest="from_", type=Path, nargs="+", metavar="DESCRIPTOR",
+    g.add_argument("--from", dest="from_", type=Path, nargs="+", action="extend", metavar="DESCRIPTOR",
                    help="descriptors from ledger keygen (validators in id order)")
     g.add_argument("--principal", type=_principal, action="append", metavar="NAME[:ROLE]=PUBKEY",
                    help="a principal by its Ed25519 public key (hex)")
