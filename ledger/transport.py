@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from ledger.errors import MessageInvalid
 from ledger.messages import MAX_FRAME, Challenge, decode_frame
+from ledger.tls import peer_name
 
 __all__ = ["read_frame", "write_frame", "write_frames", "Link", "FrameTooLarge"]
 
@@ -97,17 +98,15 @@ class Link:
         write_frames(w, frames)
         return True
 
-    async def _answerable(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> bytes:
+    async def _handshake(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> bytes:
         """Check the peer's certificate (under TLS) and read its challenge: the nonce."""
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls is not None:
-                from ledger.tls import peer_name
-                if peer_name(writer) != self._peer_cn:
-                    raise ValueError(f"certificate does not name {self._peer_cn}")
+            if self._tls is not None and peer_name(writer) != self._peer_cn:
+                raise ssl.CertificateError(f"certificate does not name {self._peer_cn}")
             msg, _ = decode_frame(await asyncio.wait_for(read_frame(reader), 10))
             if not isinstance(msg, Challenge):
                 raise MessageInvalid("expected a challenge first")
@@ -123,9 +122,9 @@ class Link:
                 reader, writer = await asyncio.open_connection(
                     self.host, self.port, ssl=self._tls,
                     server_hostname=self.host if self._tls else None)
-                nonce = await self._answerable(reader, writer)
-            except (OSError, asyncio.IncompleteReadError, MessageInvalid, ValueError) as exc:
-                if isinstance(exc, (ssl.SSLError, MessageInvalid, ValueError)):
+                nonce = await self._handshake(reader, writer)
+            except (OSError, asyncio.IncompleteReadError, MessageInvalid) as exc:
+                if isinstance(exc, (ssl.SSLError, MessageInvalid)):
                     log.warning("%s: refused: %s", self.name, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

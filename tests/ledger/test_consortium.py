@@ -16,7 +16,6 @@ from ledger.transactions import ConsentSet
 from ledger.transport import read_frame, write_frame
 from medchain_app.cli import main
 
-
 PARAMS = Params(checkpoint_interval=8, window=32, status_ms=200)
 
 
