@@ -203,3 +203,25 @@ async def _plaintext(host: str, port: int) -> bytes:
         return await asyncio.wait_for(reader.read(), 5)
     except (ConnectionError, OSError):
         return b""
+
+
+@pytest.mark.slow
+def test_a_certificate_lends_its_channel_to_no_other_identity(tmp_path):
+    """Under TLS the validator checks that the caller's certificate names the identity its
+    signed Hello claims: the ingest service's key cannot ride on the operator's certificate
+    (before the change there was no certificate at all, so nothing tied the channel to the
+    identity). Also the local genesis with ``tls`` (every link mutual TLS on loopback)."""
+    from ledger.client import LedgerClient
+    from ledger.errors import LedgerUnavailable
+    from medchain.pki import Identity
+
+    with LocalCluster(4, tmp_path, params=PARAMS, tls=True) as cluster:
+        with cluster.client("ingest") as ingest:
+            assert ingest.status(0, timeout_s=5)["normal"]
+        borrowed = Identity(cluster.key_path("operator").with_suffix(".crt"),
+                            cluster.key_path("operator").with_name("operator.tls.key"))
+        client = LedgerClient(cluster.genesis, cluster.key_path("ingest"), "ingest",
+                              tls=borrowed, connect_s=2, timeout_s=2)
+        with pytest.raises(LedgerUnavailable):
+            client.start()
+        client.close()
