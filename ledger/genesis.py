@@ -251,6 +251,9 @@ def make_local_genesis(workdir: str | os.PathLike, n: int = 4, *,
     link runs mutual TLS, on loopback too."""
     if n < 4 or (n - 1) % 3:
         raise GenesisError(f"need n = 3f + 1 >= 4 validators, asked for {n}")
+    if not tls and not is_loopback(host):
+        raise GenesisError(f"validators on {host} are off loopback: their links need TLS "
+                           "(--tls)")
     workdir = Path(workdir)
     keys = workdir / "keys"
     principals = principals or {"operator": "operator", "ingest": "ingest",

@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import ssl
 
+from ledger.errors import LedgerError
 from medchain.pki import Identity
 
 __all__ = ["validator_cn", "server_context", "client_context", "peer_name", "is_loopback"]
@@ -40,8 +41,12 @@ def _context(purpose: int, ca_pem: str, identity: Identity) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=ca_pem)
-    ctx.load_cert_chain(identity.cert, identity.key)
+    try:
+        ctx.load_verify_locations(cadata=ca_pem)
+        ctx.load_cert_chain(identity.cert, identity.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise LedgerError(f"TLS: {identity.cert} with {identity.key} is not a usable "
+                          f"certificate and key under the genesis CA ({exc.strerror or exc})") from None
     return ctx
 
 

@@ -11,8 +11,8 @@ Connections start with a ``Challenge`` this validator sends (a fresh nonce) and 
 signed ``Hello`` over it: a validator by its genesis key, a client by its principal key as
 the ledger state holds it; a Hello recorded on one connection is refused on any other. When
 the genesis records a CA, every link is mutual TLS (:mod:`ledger.tls`) and the name in the
-caller's certificate must be the one its Hello claims. A client connection carries request batches and
-queries; replies and query answers go back on it.
+caller's certificate must be the one its Hello claims. A client connection carries request
+batches and queries; replies and query answers go back on it.
 
 Consensus traffic goes first: client requests wait in an admission queue and are admitted
 (signature checked, queued for ordering) ``ADMIT_CHUNK`` at a time between event-loop turns,
@@ -30,7 +30,6 @@ import os
 import secrets
 import signal
 import sqlite3
-import ssl
 import time
 from collections import deque
 from pathlib import Path
@@ -82,12 +81,12 @@ class Validator:
             raise LedgerError(f"validator id {vid} is not in the genesis (0..{genesis.n - 1})")
         if key.public.hex() != genesis.validators[vid].public_key:
             raise LedgerError(f"key does not match validator {vid} in the genesis")
-        genesis.check_links()
         if genesis.tls and tls is None:
             raise LedgerError(f"validator {vid}: this chain runs mutual TLS; no TLS key given")
         self.genesis, self.id, self.key = genesis, vid, key
-        self.tls = (server_context(genesis.tls_ca, tls), client_context(genesis.tls_ca, tls)) \
-            if genesis.tls else None
+        # what this validator listens with, and connects to its peers with (None: plaintext)
+        self.tls_server = server_context(genesis.tls_ca, tls) if genesis.tls else None
+        self.tls_client = client_context(genesis.tls_ca, tls) if genesis.tls else None
         self.signer = Signer(vid, key)
         self.keyring = Keyring(genesis.validator_keys())
         self.store_path = Path(data_dir) / f"validator-{vid}.sqlite"
@@ -185,7 +184,7 @@ class Validator:
             if not self.replica.ledger.verify_principal(msg.name, "hello", body, msg.sig):
                 raise MessageInvalid("hello: unknown principal or bad signature")
             claimed = msg.name
-        if self.tls is not None and certified != claimed:
+        if self.tls_server is not None and certified != claimed:
             raise MessageInvalid("hello: the certificate names someone else")
         return msg
 
@@ -206,8 +205,7 @@ class Validator:
                 else:
                     self._on_client_frame(frame, hello.name, writer)
                     await self._room.wait()  # back-pressure while admission is full
-        except (MessageInvalid, asyncio.IncompleteReadError, ConnectionError, OSError,
-                ssl.SSLError) as exc:
+        except (MessageInvalid, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             if not isinstance(exc, (asyncio.IncompleteReadError, ConnectionResetError)):
                 log.info("validator %d: closing a connection: %s", self.id, exc)
         except asyncio.CancelledError:  # shutting down: end quietly (asyncio would log it)
@@ -292,12 +290,13 @@ class Validator:
 
     async def run(self, stop: asyncio.Event) -> None:
         me = self.genesis.validators[self.id]
+        self.genesis.check_links()  # no plaintext link off loopback
         self._server = await asyncio.start_server(self._serve, me.host, me.port,
-                                                  ssl=self.tls[0] if self.tls else None)
+                                                  ssl=self.tls_server)
         for v in self.genesis.validators:
             if v.id != self.id:
                 link = Link(v.host, v.port, self._hello, name=validator_cn(v.id),
-                            tls=self.tls[1] if self.tls else None, peer_cn=validator_cn(v.id))
+                            tls=self.tls_client, peer_cn=validator_cn(v.id))
                 self.links[v.id] = link
                 link.start()
         ticker = asyncio.get_running_loop().create_task(self._ticker())
