@@ -74,6 +74,7 @@ def certificate_request(cn: str, key_path: str | Path) -> bytes:
     """A new EC P-256 key written to ``key_path`` (0600, never overwritten) and a certificate
     signing request (PEM) for it naming ``cn``, for a CA to sign elsewhere."""
     key = ec.generate_private_key(ec.SECP256R1())
+    Path(key_path).parent.mkdir(parents=True, exist_ok=True)
     try:
         durable_write(Path(key_path), _pem_key(key), mode=0o600, exclusive=True)
     except FileExistsError:
