@@ -2,8 +2,10 @@
 
 ``medchain cloud init`` creates it; enrolment issues each device a client certificate whose
 subject common name is its device id (Mosquitto's ``use_identity_as_username`` turns that
-into the MQTT user the ACL names); the broker, the coordinator and validators get theirs
-the same way. Revocation is a CRL the CA re-signs on every revocation: one device's
+into the MQTT user the ACL names); the broker and the coordinator get theirs the same way.
+A party that must keep its key to itself (a ledger validator of a consortium) makes a key and
+a signing request where it runs (:func:`certificate_request`) and the CA certifies the
+request (:meth:`CertificateAuthority.sign_request`). Revocation is a CRL the CA re-signs on every revocation: one device's
 certificate is revoked (or replaced by a new one) without touching any other, and brokers
 that load the CRL refuse it at the next connection.
 
