@@ -3,7 +3,8 @@
 loads and batch sizes, and the time a view change takes after the primary is killed.
 
 Usage: ``python bench/ledger.py [--loads 500,1000,2000,3000] [--batches 64,512]
-[--duration 5] [--png docs/ledger_bench.png] [--smoke]``
+[--duration 5] [--png docs/ledger_bench.png] [--tls] [--smoke]``; ``--tls`` runs every link
+over mutual TLS (as a consortium off loopback does).
 
 The workload is IMAGE_REGISTERED transactions (what cloud ingest submits), each signed by the
 ingest principal. Signing happens before the clock starts (submitters are other machines);
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--png", type=Path, default=Path("docs/ledger_bench.png"))
     ap.add_argument("--skip-view-change", action="store_true")
+    ap.add_argument("--tls", action="store_true",
+                    help="validator and client links over mutual TLS (loopback, like a consortium)")
     add_smoke(ap)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -217,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     seq = 0
+    print(f"links: {'mutual TLS' if args.tls else 'plaintext TCP'}", flush=True)
     print(f"{'batch':>6} {'offered':>8} {'committed':>10} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'1 node':>8} {'vs 1 node':>9} {'view':>5}", flush=True)
     for batch in batches:
         baseline = single_node_baseline(batch, baseline_count)
         params = Params(max_batch=batch)
-        with LocalCluster(4, params=params) as cluster:
+        with LocalCluster(4, params=params, tls=args.tls) as cluster:
             with cluster.client("operator") as op:
                 op.submit(DeviceEnrolled("dev-bench", os.urandom(32), "site", "bench"))
             for rate in loads:
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"p50 at {h['offered']} tx/s offered: {h['p50']:.1f} ms (batch <= {h['batch']})")
     vcs = []
     if not args.skip_view_change:
-        with LocalCluster(4, params=Params()) as cluster:
+        with LocalCluster(4, params=Params(), tls=args.tls) as cluster:
             with cluster.client("operator") as op:
                 op.submit(DeviceEnrolled("dev-bench", os.urandom(32), "site", "bench"))
             timing = {"before_s": 1.0, "after_s": 3.0} if args.smoke else {}

@@ -12,6 +12,11 @@ resends the *same* signed request (same request id) until f + 1 validators reply
 same result, and the ledger executes it once. A query is answered by each validator from its
 own state; the client accepts an answer that f + 1 validators gave identically. Every reply
 and answer is signed by its validator and checked against the genesis keys.
+
+Each connection's ``Hello`` signs the nonce the validator sent first, so it cannot be
+replayed on another. When the genesis records a CA the links are mutual TLS: the client
+presents its certificate (``tls``, or by default ``<name>.crt`` and ``<name>.tls.key``
+beside its key file) and checks each validator's.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from medchain.canonical import canonical_bytes
-from ledger.errors import CertificateInvalid, LedgerUnavailable, MessageInvalid, QueryFailed, SubmitTimeout
+from ledger.errors import CertificateInvalid, LedgerError, LedgerUnavailable, MessageInvalid, QueryFailed, SubmitTimeout
 from medchain.errors import ProofInvalid
 from ledger.genesis import Genesis
 from medchain.identity import SigningKey
@@ -45,7 +51,9 @@ from ledger.messages import (
 from ledger.quorum import Keyring
 from ledger.receipts import TxReceipt
 from ledger.transactions import AccessRequested, Transaction, parse
+from ledger.tls import client_context, validator_cn
 from ledger.transport import Link
+from medchain.pki import Identity
 
 __all__ = ["AsyncLedgerClient", "LedgerClient", "Result", "ImageProof", "AccessDecision",
            "DeviceStatus"]
@@ -99,6 +107,19 @@ def _load(genesis, key) -> tuple[Genesis, SigningKey]:
     return genesis, key
 
 
+def _tls_identity(genesis: Genesis, key, name: str, tls: Identity | None) -> Identity | None:
+    """The client's TLS certificate and key on a chain that runs TLS (None otherwise)."""
+    if not genesis.tls:
+        return None
+    if tls is None and not isinstance(key, SigningKey):
+        folder = Path(key).parent
+        tls = Identity(folder / f"{name}.crt", folder / f"{name}.tls.key")
+    if tls is None or not (Path(tls.cert).is_file() and Path(tls.key).is_file()):
+        raise LedgerError(f"principal {name}: this chain runs mutual TLS and no certificate "
+                          "and TLS key were given")
+    return tls
+
+
 def _decision(result: Result) -> AccessDecision:
     if not result.committed:
         raise QueryFailed(f"access request rejected: {result.reason}")
@@ -130,8 +151,10 @@ class _Tally:
 
 class AsyncLedgerClient:
     def __init__(self, genesis, key, name: str, *, retry_s: float = 1.0,
-                 timeout_s: float = 30.0, connect_s: float = 10.0):
+                 timeout_s: float = 30.0, connect_s: float = 10.0, tls: Identity | None = None):
         self.genesis, self.key = _load(genesis, key)
+        tls = _tls_identity(self.genesis, key, name, tls)
+        self.tls = client_context(self.genesis.tls_ca, tls) if tls is not None else None
         self.name = name
         self.keyring = Keyring(self.genesis.validator_keys())
         self.f = self.keyring.f
@@ -152,11 +175,13 @@ class AsyncLedgerClient:
         await self.close()
 
     async def start(self) -> None:
-        def hello() -> bytes:
-            return sign_frame(Hello("client", self.name, self.genesis.chain_id,
-                                    int(time.time() * 1000)), self.key)[1]
+        self.genesis.check_links()  # no plaintext link off loopback
+        def hello(nonce: bytes) -> bytes:
+            return sign_frame(Hello("client", self.name, self.genesis.chain_id, nonce),
+                              self.key)[1]
         for v in self.genesis.validators:
-            link = Link(v.host, v.port, hello, self._on_frame, name=f"validator-{v.id}")
+            link = Link(v.host, v.port, hello, self._on_frame, name=validator_cn(v.id),
+                        tls=self.tls, peer_cn=validator_cn(v.id))
             self.links[v.id] = link
             link.start()
         # usable once 2f + 1 validators answer; the rest join when they come up

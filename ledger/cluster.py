@@ -9,9 +9,11 @@
         cluster.restart(0)       # same data directory: it recovers from its own SQLite
         cluster.wait_converged()
 
-It writes a genesis with fresh keys (mode 0600) and free ports under ``workdir``, spawns each
-validator as ``python -m ledger ledger validator ...`` (logs in ``workdir/logs``), waits
-until every validator answers, and stops them all on exit.
+It writes the all-in-one local genesis with fresh keys (mode 0600) and free ports under
+``workdir`` (with ``tls``, a CA there too and every link mutual TLS), or uses the genesis
+already there with keys from ``keys`` (a consortium's, generated apart), spawns each
+validator as ``python -m ledger ledger validator ...`` with the genesis hash to check (logs
+in ``workdir/logs``), waits until every validator answers, and stops them all on exit.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ __all__ = ["LocalCluster"]
 class LocalCluster:
     def __init__(self, n: int = 4, workdir: str | os.PathLike | None = None, *,
                  params: Params | None = None, byzantine: dict[int, str] | None = None,
-                 log_level: str = "WARNING", ready_timeout_s: float = 60.0):
+                 log_level: str = "WARNING", ready_timeout_s: float = 60.0,
+                 tls: bool = False, keys: dict[str, str | os.PathLike] | None = None):
         self._tmp = None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="medchain-ledger-")
@@ -42,6 +45,7 @@ class LocalCluster:
         self.workdir = Path(workdir)
         self.n, self.params, self.byzantine = n, params, dict(byzantine or {})
         self.log_level, self.ready_timeout_s = log_level, ready_timeout_s
+        self.tls, self.keys = tls, {k: Path(v) for k, v in (keys or {}).items()}
         self.procs: dict[int, subprocess.Popen] = {}
         self.genesis: Genesis | None = None
         self._admin: LedgerClient | None = None
@@ -51,7 +55,7 @@ class LocalCluster:
         return self.workdir / "genesis.json"
 
     def key_path(self, name: str) -> Path:
-        return self.workdir / "keys" / f"{name}.key"
+        return self.keys.get(name, self.workdir / "keys" / f"{name}.key")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -71,7 +75,8 @@ class LocalCluster:
             self.genesis = Genesis.load(self.genesis_path)
         else:
             self.genesis = make_local_genesis(self.workdir, self.n, params=self.params,
-                                              genesis_time_ms=int(time.time() * 1000))
+                                              genesis_time_ms=int(time.time() * 1000),
+                                              tls=self.tls)
         (self.workdir / "logs").mkdir(exist_ok=True)
         for i in range(self.genesis.n):
             self.spawn(i)
@@ -82,7 +87,8 @@ class LocalCluster:
             raise LedgerError(f"validator {i} is already running")
         cmd = [sys.executable, "-m", "ledger", "--log-level", self.log_level, "ledger",
                "validator", "--genesis", str(self.genesis_path), "--id", str(i),
-               "--key", str(self.key_path(f"validator-{i}")), "--data", str(self.workdir / "data")]
+               "--key", str(self.key_path(f"validator-{i}")), "--data", str(self.workdir / "data"),
+               "--genesis-hash", self.genesis.hash.hex()]
         env = dict(os.environ)
         if i in self.byzantine:
             cmd += ["--byzantine", self.byzantine[i]]

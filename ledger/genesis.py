@@ -21,6 +21,8 @@ from medchain.canonical import canonical_bytes
 from medchain.durable import durable_write
 from ledger.errors import GenesisError
 from medchain.identity import SigningKey
+from medchain.pki import CertificateAuthority
+from ledger.tls import is_loopback, validator_cn
 from ledger.transactions import PURPOSES, TX_TYPES
 
 __all__ = [
@@ -60,6 +62,7 @@ class ValidatorInfo:
     public_key: str  # hex
     host: str
     port: int
+    tls_cert: str = ""  # PEM, issued by the genesis's tls_ca; "" on a genesis without TLS
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,11 @@ class Genesis:
         default_factory=lambda: dict(DEFAULT_POLICIES))
     params: Params = field(default_factory=Params)
     version: int = 1
+    tls_ca: str = ""  # PEM of the consortium CA: every link runs mutual TLS under it
 
     def __post_init__(self):
+        if self.tls_ca and not all(v.tls_cert for v in self.validators):
+            raise GenesisError("a genesis with a CA needs every validator's certificate")
         n = len(self.validators)
         if n < 4 or (n - 1) % 3:
             raise GenesisError(f"need n = 3f + 1 >= 4 validators, found {n}")
@@ -145,8 +151,25 @@ class Genesis:
     def validator_keys(self) -> list[bytes]:
         return [bytes.fromhex(v.public_key) for v in self.validators]
 
+    @property
+    def tls(self) -> bool:
+        """Whether every link of this chain runs mutual TLS."""
+        return bool(self.tls_ca)
+
+    def check_links(self) -> None:
+        """Refuse plaintext links off loopback: a genesis whose validators are reached over
+        a network must record a CA (validators and clients call this before connecting)."""
+        away = [v.id for v in self.validators if not is_loopback(v.host)]
+        if away and not self.tls:
+            raise GenesisError(f"validators {away} are off loopback: their links need TLS "
+                               "and this genesis records no CA (tls_ca)")
+
     def to_json(self) -> dict:
         out = asdict(self)
+        if not self.tls_ca:  # a genesis without TLS keeps the form (and hash) it always had
+            del out["tls_ca"]
+            for v in out["validators"]:
+                del v["tls_cert"]
         out["f"] = self.f  # informative; recomputed from the validator list on load
         return out
 
@@ -175,6 +198,7 @@ class Genesis:
                 policies={k: {p: list(r) for p, r in v.items()}
                           for k, v in data["policies"].items()},
                 params=Params(**data.get("params", {})),
+                tls_ca=str(data.get("tls_ca", "")),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             if isinstance(exc, GenesisError):
@@ -214,28 +238,43 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 def make_local_genesis(workdir: str | os.PathLike, n: int = 4, *,
                        principals: dict[str, str] | None = None, host: str = "127.0.0.1",
                        ports: list[int] | None = None, params: Params | None = None,
-                       genesis_time_ms: int = 0) -> Genesis:
-    """Create keys (mode 0600) and a genesis for ``n`` validators on loopback in ``workdir``.
+                       genesis_time_ms: int = 0, tls: bool = False) -> Genesis:
+    """The all-in-one *local* genesis, for the demo and tests: create every key (mode 0600)
+    and a genesis for ``n`` validators in ``workdir``. Whoever holds that folder can sign as
+    every validator: a real deployment assembles its genesis from public parts instead
+    (:mod:`ledger.consortium`).
 
     ``principals`` maps name to role; by default an operator, the cloud ingest service, the
     training service and the custodian. Keys land in ``workdir/keys/``; the genesis in
-    ``workdir/genesis.json``."""
+    ``workdir/genesis.json``. With ``tls`` a CA in ``workdir/ca`` issues every validator and
+    principal a certificate (``keys/<name>.crt`` and ``keys/<name>.tls.key``) and every
+    link runs mutual TLS, on loopback too."""
     if n < 4 or (n - 1) % 3:
         raise GenesisError(f"need n = 3f + 1 >= 4 validators, asked for {n}")
+    if not tls and not is_loopback(host):
+        raise GenesisError(f"validators on {host} are off loopback: their links need TLS "
+                           "(--tls)")
     workdir = Path(workdir)
     keys = workdir / "keys"
     principals = principals or {"operator": "operator", "ingest": "ingest",
                                 "training": "training", "custodian": "custodian"}
     ports = ports or free_ports(n, host)
+    ca = CertificateAuthority.create(workdir / "ca", "MedChain local ledger") if tls else None
     validators = []
     for i in range(n):
         key = SigningKey.generate()
         key.save(keys / f"validator-{i}.key")
-        validators.append(ValidatorInfo(i, key.public.hex(), host, ports[i]))
+        cert = ""
+        if ca is not None:
+            cert = ca.issue(validator_cn(i), keys, server=True, hosts=(host,),
+                            stem=f"validator-{i}", key_stem=f"validator-{i}.tls").cert.read_text()
+        validators.append(ValidatorInfo(i, key.public.hex(), host, ports[i], cert))
     infos = []
     for name, role in principals.items():
         key = SigningKey.generate()
         key.save(keys / f"{name}.key")
+        if ca is not None:
+            ca.issue(name, keys, stem=name, key_stem=f"{name}.tls")
         infos.append(PrincipalInfo(name, role, key.public.hex()))
     genesis = Genesis(
         chain_id=f"medchain-local-{secrets.token_hex(4)}",
@@ -243,6 +282,7 @@ def make_local_genesis(workdir: str | os.PathLike, n: int = 4, *,
         validators=tuple(validators),
         principals=tuple(infos),
         params=params or Params(),
+        tls_ca=ca.cert_path.read_text() if ca is not None else "",
     )
     genesis.save(workdir / "genesis.json")
     return genesis

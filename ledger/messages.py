@@ -68,6 +68,7 @@ __all__ = [
     "Status",
     "Fetch",
     "Blocks",
+    "Challenge",
     "Hello",
     "Query",
     "QueryResult",
@@ -83,6 +84,7 @@ MAX_FRAME = 64 * 1024 * 1024
 MAX_NAME = 128
 HASH = 32
 SIG = 64
+NONCE = 32
 
 
 def domain(kind: str) -> str:
@@ -340,15 +342,28 @@ class Blocks(_Msg):
 
 @_body()
 @dataclass(frozen=True, slots=True)
+class Challenge(_Msg):
+    """First frame a validator sends on a connection it accepts: a fresh random nonce that
+    the caller's ``Hello`` must sign, so a recorded Hello is worthless on any other
+    connection (it was bound only to a time before, and could be replayed for minutes)."""
+
+    KIND: ClassVar[str] = "challenge"
+    SIGNED: ClassVar[bool] = False
+    nonce: bytes = wire("n", Bytes(NONCE))
+
+
+@_body()
+@dataclass(frozen=True, slots=True)
 class Hello(_Msg):
-    """First frame on a connection: who is talking (a validator id or a principal name),
-    signed by that identity's key, bound to the chain and a fresh time."""
+    """The caller's answer to the :class:`Challenge`: who is talking (a validator id or a
+    principal name), signed by that identity's key, bound to the chain and to this
+    connection's nonce."""
 
     KIND: ClassVar[str] = "hello"
     role: str = wire("role", Choice("validator", "client"))
     name: str = wire("name", NAME)
     chain: str = wire("chain", NAME)
-    ts: int = wire("ts", UINT)
+    nonce: bytes = wire("n", Bytes(NONCE))
     sig: bytes = b""
 
 
@@ -383,11 +398,12 @@ class QueryResult(_Msg):
 
 
 Message = (Request | RequestBatch | PrePrepare | Prepare | Commit | Checkpoint | ViewChange
-           | NewView | Reply | Status | Fetch | Blocks | Hello | Query | QueryResult)
+           | NewView | Reply | Status | Fetch | Blocks | Challenge | Hello | Query
+           | QueryResult)
 
 _KINDS: dict[str, type] = {cls.KIND: cls for cls in (
     Request, RequestBatch, PrePrepare, Prepare, Commit, Checkpoint, ViewChange, NewView, Reply,
-    Status, Fetch, Blocks, Hello, Query, QueryResult)}
+    Status, Fetch, Blocks, Challenge, Hello, Query, QueryResult)}
 
 
 def encode_frame(msg: _Msg, body: bytes | None = None) -> bytes:

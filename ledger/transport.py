@@ -1,7 +1,9 @@
 """TCP transport for validators and clients: length-prefixed frames over asyncio streams.
 
 A frame on the wire is a 4-byte big-endian length and that many bytes (a
-:mod:`ledger.messages` frame). The first frame of every connection is a signed ``Hello``.
+:mod:`ledger.messages` frame). The validator that accepts a connection sends a
+``Challenge`` (a fresh nonce) first; the caller answers with a ``Hello`` that signs it.
+With an :class:`ssl.SSLContext` (:mod:`ledger.tls`) the same frames run inside mutual TLS.
 :class:`Link` is an outgoing connection that reconnects by itself with back-off and, while
 the peer is unreachable or too slow, drops frames rather than queueing without bound (PBFT
 tolerates lost messages; status gossip and state transfer repair the gaps).
@@ -12,9 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import ssl
 from collections.abc import Callable
 
-from ledger.messages import MAX_FRAME
+from ledger.errors import MessageInvalid
+from ledger.messages import MAX_FRAME, Challenge, decode_frame
+from ledger.tls import peer_name
 
 __all__ = ["read_frame", "write_frame", "write_frames", "Link", "FrameTooLarge"]
 
@@ -46,13 +52,16 @@ def write_frames(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
 class Link:
     """An outgoing connection to one address, kept open.
 
-    ``hello`` returns the first frame to send on each new connection; ``on_frame`` (if given)
-    receives frames the peer sends back on it."""
+    ``hello(nonce)`` returns the frame that answers the peer's challenge on each new
+    connection; ``on_frame`` (if given) receives frames the peer sends back on it. With
+    ``tls`` the connection is TLS and the peer's certificate must name ``peer_cn``."""
 
-    def __init__(self, host: str, port: int, hello: Callable[[], bytes],
+    def __init__(self, host: str, port: int, hello: Callable[[bytes], bytes],
                  on_frame: Callable[[bytes], None] | None = None, name: str = "",
-                 on_connect: Callable[[], None] | None = None):
+                 on_connect: Callable[[], None] | None = None,
+                 tls: ssl.SSLContext | None = None, peer_cn: str = ""):
         self.host, self.port, self.name = host, port, name or f"{host}:{port}"
+        self._tls, self._peer_cn = tls, peer_cn
         self._hello = hello
         self._on_frame = on_frame
         self._on_connect = on_connect
@@ -89,21 +98,39 @@ class Link:
         write_frames(w, frames)
         return True
 
+    async def _handshake(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> bytes:
+        """Check the peer's certificate (under TLS) and read its challenge: the nonce."""
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None and peer_name(writer) != self._peer_cn:
+                raise ssl.CertificateError(f"certificate does not name {self._peer_cn}")
+            msg, _ = decode_frame(await asyncio.wait_for(read_frame(reader), 10))
+            if not isinstance(msg, Challenge):
+                raise MessageInvalid("expected a challenge first")
+            return msg.nonce
+        except BaseException:
+            writer.close()
+            raise
+
     async def _run(self) -> None:
         delay = 0.05
         while True:
             try:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self._tls,
+                    server_hostname=self.host if self._tls else None)
+                nonce = await self._handshake(reader, writer)
+            except (OSError, asyncio.IncompleteReadError, MessageInvalid) as exc:
+                if isinstance(exc, (ssl.SSLError, MessageInvalid)):
+                    log.warning("%s: refused: %s", self.name, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
             opened = asyncio.get_running_loop().time()
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                import socket
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            write_frame(writer, self._hello())
+            write_frame(writer, self._hello(nonce))
             self._writer = writer
             self.connected.set()
             if self._on_connect:

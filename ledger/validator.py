@@ -7,9 +7,12 @@ tick every ``TICK_S`` of wall-clock time, and for each burst of work takes the r
 replies. Everything received in one event-loop turn is stepped before a single flush, so the
 fsync is shared by all of it (group commit).
 
-Connections start with a signed ``Hello``: a validator by its genesis key, a client by its
-principal key as the ledger state holds it. A client connection carries request batches and
-queries; replies and query answers go back on it.
+Connections start with a ``Challenge`` this validator sends (a fresh nonce) and the caller's
+signed ``Hello`` over it: a validator by its genesis key, a client by its principal key as
+the ledger state holds it; a Hello recorded on one connection is refused on any other. When
+the genesis records a CA, every link is mutual TLS (:mod:`ledger.tls`) and the name in the
+caller's certificate must be the one its Hello claims. A client connection carries request
+batches and queries; replies and query answers go back on it.
 
 Consensus traffic goes first: client requests wait in an admission queue and are admitted
 (signature checked, queued for ordering) ``ADMIT_CHUNK`` at a time between event-loop turns,
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sqlite3
 import time
@@ -36,6 +40,7 @@ from ledger.execution import AUDIT_DOMAIN
 from ledger.genesis import Genesis
 from medchain.identity import SigningKey
 from ledger.messages import (
+    Challenge,
     Hello,
     Query,
     QueryResult,
@@ -49,14 +54,17 @@ from ledger.queries import answer_query
 from ledger.quorum import Keyring, Signer
 from ledger.ready import BROADCAST, Ready
 from ledger.healing import mark_suspect, open_store
+from ledger.tls import client_context, peer_name, server_context, validator_cn
 from ledger.transport import MAX_BUFFERED, Link, read_frame, write_frame
+from medchain.durable import durable_write
+from medchain.pki import Identity
 
-__all__ = ["Validator", "run_validator", "TICK_S", "HELLO_SKEW_MS", "ADMIT_CHUNK",
+__all__ = ["Validator", "run_validator", "TICK_S", "HELLO_WAIT_S", "ADMIT_CHUNK",
            "MAX_ADMISSION", "HEAL_WAIT_S"]
 
 log = logging.getLogger(__name__)
 TICK_S = 0.01
-HELLO_SKEW_MS = 5 * 60 * 1000
+HELLO_WAIT_S = 10.0      # a caller must answer the challenge within this
 ADMIT_CHUNK = 128        # client requests admitted per event-loop turn
 MAX_ADMISSION = 8192     # requests waiting for admission before clients are paused
 HEAL_WAIT_S = 10.0       # how long a validator rebuilding its store waits for f + 1 peers
@@ -68,12 +76,17 @@ def now_ms() -> int:
 
 class Validator:
     def __init__(self, genesis: Genesis, vid: int, key: SigningKey, data_dir: str | os.PathLike,
-                 byzantine: str | None = None):
+                 byzantine: str | None = None, tls: Identity | None = None):
         if not 0 <= vid < genesis.n:
             raise LedgerError(f"validator id {vid} is not in the genesis (0..{genesis.n - 1})")
         if key.public.hex() != genesis.validators[vid].public_key:
             raise LedgerError(f"key does not match validator {vid} in the genesis")
+        if genesis.tls and tls is None:
+            raise LedgerError(f"validator {vid}: this chain runs mutual TLS; no TLS key given")
         self.genesis, self.id, self.key = genesis, vid, key
+        # what this validator listens with, and connects to its peers with (None: plaintext)
+        self.tls_server = server_context(genesis.tls_ca, tls) if genesis.tls else None
+        self.tls_client = client_context(genesis.tls_ca, tls) if genesis.tls else None
         self.signer = Signer(vid, key)
         self.keyring = Keyring(genesis.validator_keys())
         self.store_path = Path(data_dir) / f"validator-{vid}.sqlite"
@@ -103,8 +116,8 @@ class Validator:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _hello(self) -> bytes:
-        return sign_frame(Hello("validator", str(self.id), self.genesis.chain_id, now_ms()),
+    def _hello(self, nonce: bytes) -> bytes:
+        return sign_frame(Hello("validator", str(self.id), self.genesis.chain_id, nonce),
                           self.key)[1]
 
     def _absorb(self, ready: Ready) -> None:
@@ -154,25 +167,34 @@ class Validator:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _check_hello(self, frame: bytes) -> Hello:
+    def _check_hello(self, frame: bytes, nonce: bytes, certified: str | None) -> Hello:
+        """The caller's Hello if it answers this connection's ``nonce``, is signed by the
+        identity it claims and (under TLS) that identity is the one its certificate names."""
         msg, body = decode_frame(frame)
         if not isinstance(msg, Hello) or msg.chain != self.genesis.chain_id:
             raise MessageInvalid("hello: wrong kind or chain")
-        if abs(msg.ts - now_ms()) > HELLO_SKEW_MS:
-            raise MessageInvalid("hello: stale timestamp")
+        if msg.nonce != nonce:
+            raise MessageInvalid("hello: does not answer this connection's challenge")
         if msg.role == "validator":
             vid = int(msg.name) if msg.name.isdigit() else -1
             if not self.keyring.valid(vid, "hello", body, msg.sig):
                 raise MessageInvalid("hello: not a validator of this chain")
+            claimed = validator_cn(vid)
         else:
             if not self.replica.ledger.verify_principal(msg.name, "hello", body, msg.sig):
                 raise MessageInvalid("hello: unknown principal or bad signature")
+            claimed = msg.name
+        if self.tls_server is not None and certified != claimed:
+            raise MessageInvalid("hello: the certificate names someone else")
         return msg
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = None
         try:
-            hello = self._check_hello(await read_frame(reader))
+            nonce = secrets.token_bytes(32)
+            write_frame(writer, encode_frame(Challenge(nonce)))
+            first = await asyncio.wait_for(read_frame(reader), HELLO_WAIT_S)
+            hello = self._check_hello(first, nonce, peer_name(writer))
             if hello.role == "client":
                 peer = hello.name
                 self.clients.setdefault(peer, set()).add(writer)
@@ -268,10 +290,13 @@ class Validator:
 
     async def run(self, stop: asyncio.Event) -> None:
         me = self.genesis.validators[self.id]
-        self._server = await asyncio.start_server(self._serve, me.host, me.port)
+        self.genesis.check_links()  # no plaintext link off loopback
+        self._server = await asyncio.start_server(self._serve, me.host, me.port,
+                                                  ssl=self.tls_server)
         for v in self.genesis.validators:
             if v.id != self.id:
-                link = Link(v.host, v.port, self._hello, name=f"validator-{v.id}")
+                link = Link(v.host, v.port, self._hello, name=validator_cn(v.id),
+                            tls=self.tls_client, peer_cn=validator_cn(v.id))
                 self.links[v.id] = link
                 link.start()
         ticker = asyncio.get_running_loop().create_task(self._ticker())
@@ -297,12 +322,29 @@ class Validator:
             self.store.close()
 
 
-def run_validator(genesis_path, vid: int, key_path, data_dir, byzantine: str | None = None) -> int:
-    """Run one validator in the foreground until SIGINT/SIGTERM."""
+def run_validator(genesis_path, vid: int, key_path, data_dir, byzantine: str | None = None,
+                  genesis_hash: str | None = None, tls_key=None) -> int:
+    """Run one validator in the foreground until SIGINT/SIGTERM. ``genesis_hash`` (hex) is
+    the hash its operator agreed to: a genesis file that hashes otherwise is refused.
+    ``tls_key`` is its TLS key (default: beside its key, ``<key stem>.tls.key``); its
+    certificate is the one the genesis records."""
     genesis = Genesis.load(genesis_path)
+    if genesis_hash is not None and genesis.hash.hex() != genesis_hash.strip().lower():
+        raise GenesisError(f"{genesis_path}: genesis hash is {genesis.hash.hex()}, not the "
+                           f"{genesis_hash} agreed; not starting")
     if not 0 <= vid < genesis.n:
         raise GenesisError(f"{genesis_path}: no validator {vid}; its validators are 0 to {genesis.n - 1}")
-    validator = Validator(genesis, vid, SigningKey.load(key_path), data_dir, byzantine)
+    tls = None
+    if genesis.tls:
+        key_path = Path(key_path)
+        tls_key = Path(tls_key) if tls_key else key_path.with_name(f"{key_path.stem}.tls.key")
+        if not tls_key.is_file():
+            raise LedgerError(f"{tls_key}: no TLS key; this chain runs mutual TLS")
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        cert = durable_write(Path(data_dir) / f"validator-{vid}.crt",
+                             genesis.validators[vid].tls_cert.encode())
+        tls = Identity(cert, tls_key)
+    validator = Validator(genesis, vid, SigningKey.load(key_path), data_dir, byzantine, tls)
 
     async def main():
         stop = asyncio.Event()

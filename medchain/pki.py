@@ -2,8 +2,10 @@
 
 ``medchain cloud init`` creates it; enrolment issues each device a client certificate whose
 subject common name is its device id (Mosquitto's ``use_identity_as_username`` turns that
-into the MQTT user the ACL names); the broker, the coordinator and validators get theirs
-the same way. Revocation is a CRL the CA re-signs on every revocation: one device's
+into the MQTT user the ACL names); the broker and the coordinator get theirs the same way.
+A party that must keep its key to itself (a ledger validator of a consortium) makes a key and
+a signing request where it runs (:func:`certificate_request`) and the CA certifies the
+request (:meth:`CertificateAuthority.sign_request`). Revocation is a CRL the CA re-signs on every revocation: one device's
 certificate is revoked (or replaced by a new one) without touching any other, and brokers
 that load the CRL refuse it at the next connection.
 
@@ -31,7 +33,7 @@ from medchain.durable import durable_write
 from medchain.errors import KeyFileError
 from medchain.identity import read_secret_file
 
-__all__ = ["Identity", "CertificateAuthority", "common_name", "serial_of"]
+__all__ = ["Identity", "CertificateAuthority", "certificate_request", "common_name", "serial_of"]
 
 CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest leaf validity browsers and most TLS stacks still accept
@@ -68,6 +70,21 @@ def common_name(cert_path: str | Path) -> str:
 
 def serial_of(cert_path: str | Path) -> int:
     return x509.load_pem_x509_certificate(Path(cert_path).read_bytes()).serial_number
+
+
+def certificate_request(cn: str, key_path: str | Path) -> bytes:
+    """A new EC P-256 key written to ``key_path`` (0600, never overwritten) and a certificate
+    signing request (PEM) for it naming ``cn``, for a CA to sign elsewhere."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    Path(key_path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        durable_write(Path(key_path), _pem_key(key), mode=0o600, exclusive=True)
+    except FileExistsError:
+        raise KeyFileError(f"{key_path}: already exists; refusing to overwrite a key") from None
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 class CertificateAuthority:
@@ -136,11 +153,37 @@ class CertificateAuthority:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._certificate(cn, key.public_key(), client, server, hosts, days)
+        stem = stem or cn
+        key_path, cert_path = out_dir / f"{key_stem or stem}.key", out_dir / f"{stem}.crt"
+        durable_write(key_path, _pem_key(key), mode=0o600)
+        durable_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return Identity(cert_path, key_path)
+
+    def sign_request(self, csr_pem: bytes, *, cn: str | None = None, client: bool = True,
+                     server: bool = False, hosts: tuple[str, ...] = (),
+                     days: int = LEAF_DAYS) -> bytes:
+        """A certificate (PEM) for the key of a certificate signing request that
+        :func:`certificate_request` wrote (the key never leaves its owner), naming ``cn`` or
+        else the request's own common name."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+            asked = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        except (ValueError, IndexError):
+            raise KeyFileError("not a PEM certificate signing request with a common name") from None
+        if not csr.is_signature_valid:
+            raise KeyFileError(f"certificate signing request for {asked!r}: bad signature")
+        cn = cn or asked
+        cert = self._certificate(cn, csr.public_key(), client, server, hosts, days)
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def _certificate(self, cn: str, public_key, client: bool, server: bool,
+                     hosts: tuple[str, ...], days: int) -> x509.Certificate:
         now = _now()
         usages = ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else []) + \
                  ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
         builder = (x509.CertificateBuilder().subject_name(_name(self.organization, cn))
-                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .issuer_name(self.cert.subject).public_key(public_key)
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(now - datetime.timedelta(minutes=5))
                    .not_valid_after(min(now + datetime.timedelta(days=days), self.cert.not_valid_after_utc))
@@ -156,12 +199,7 @@ class CertificateAuthority:
                 except ValueError:
                     names.append(x509.DNSName(host))
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        cert = builder.sign(self._key, hashes.SHA256())
-        stem = stem or cn
-        key_path, cert_path = out_dir / f"{key_stem or stem}.key", out_dir / f"{stem}.crt"
-        durable_write(key_path, _pem_key(key), mode=0o600)
-        durable_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-        return Identity(cert_path, key_path)
+        return builder.sign(self._key, hashes.SHA256())
 
     def revoked(self) -> dict[int, float]:
         path = self.directory / "revoked.json"

@@ -203,6 +203,9 @@ def test_garbage_connections_are_closed_and_harm_nothing(world):
         with socket.create_connection((v.host, v.port), timeout=5) as s:
             s.sendall(payload)
             s.settimeout(5)
-            assert s.recv(10) == b""  # the validator hangs up
+            received = b""  # the validator's challenge, then it hangs up
+            while chunk := s.recv(4096):
+                received += chunk
+            assert len(received) < 100
     assert op.device("dev-1").enrolled  # and still answers
     assert c.status(1)["normal"]

@@ -12,6 +12,7 @@ from ledger.messages import (
     Checkpoint,
     Commit,
     Fetch,
+    Challenge,
     Hello,
     NewView,
     Prepare,
@@ -50,7 +51,8 @@ SAMPLES = [
     Status(0, 1, 10, 8, True, S),
     Fetch(1, 3, 9, S),
     Blocks(1, ({"h": {}},), 8, H, ((0, S),), S),
-    Hello("client", "ingest", "chain", 5, S),
+    Challenge(H),
+    Hello("client", "ingest", "chain", H, S),
     Query("ingest", 1, "image", {"envelope_id": b"x"}, S),
     QueryResult(1, "ingest", 1, True, {"a": 1}, {}, S),
 ]

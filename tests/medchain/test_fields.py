@@ -195,7 +195,7 @@ FRAMES = {type(m).KIND if type(m) is not PrePrepare or m.requests else "preprepa
               Status(0, 1, 10, 8, True, S),
               Fetch(1, 3, 9, S),
               Blocks(1, ({"h": {"n": 1}, "r": [b"x"], "c": None},), 8, H, ((0, S),), S),
-              Hello("client", "ingest", "chain", 5, S),
+              Hello("client", "ingest", "chain", b"\x01" * 32, S),
               Query("ingest", 1, "image", {"envelope_id": b"x"}, S),
               QueryResult(1, "ingest", 1, True, [{"a": 1}, "b"], {"s": b"1"}, S),
           ]}

@@ -3,6 +3,7 @@ OpenSSL's verifier and a real Mosquitto with the CA's CRL."""
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 import subprocess
@@ -73,3 +74,30 @@ def test_a_broker_loading_the_crl_refuses_only_the_revoked_device(tmp_path, need
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_signing_request_is_certified_without_the_key_leaving_its_owner(tmp_path, need_tools):
+    """``certificate_request`` keeps the key (0600, never overwritten) and hands out a request;
+    the CA certifies it under the name it decides, and OpenSSL accepts the result. A request
+    whose signature does not match its key is refused."""
+    from medchain.pki import certificate_request
+
+    need_tools("openssl")
+    ca = CertificateAuthority.create(tmp_path / "ca", "Consortium")
+    csr = certificate_request("hospital-a", tmp_path / "site" / "a.tls.key")
+    assert stat.S_IMODE((tmp_path / "site" / "a.tls.key").stat().st_mode) == 0o600
+    with pytest.raises(KeyFileError, match="already exists"):
+        certificate_request("hospital-a", tmp_path / "site" / "a.tls.key")
+    cert = tmp_path / "a.crt"
+    cert.write_bytes(ca.sign_request(csr, cn="validator-0", server=True, hosts=("127.0.0.1",)))
+    assert common_name(cert) == "validator-0"
+    assert _verify(ca, cert).returncode == 0
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der = bytearray(x509.load_pem_x509_csr(csr).public_bytes(Encoding.DER))
+    der[-1] ^= 1  # the last byte of the signature's s value: still a request, badly signed
+    forged = b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bytes(der)) + \
+        b"-----END CERTIFICATE REQUEST-----\n"
+    with pytest.raises(KeyFileError, match="bad signature"):
+        ca.sign_request(forged)
