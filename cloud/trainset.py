@@ -117,21 +117,25 @@ def stable_split(patients: Sequence[str], seed: int = 0,
     """Each patient's split from a hash of its pseudonym and ``seed``, not from a shuffle of
     whoever is in the store today: a patient keeps its split in every later model version
     as new patients arrive (a shuffle moved earlier test patients into training). Where the
-    hash leaves validation or test without a patient, the patient whose hash lies nearest below
-    that split's range (from a split that keeps another) moves there, so each split holds one
-    (only small sets are affected)."""
+    hash leaves a split without a patient, the patient whose hash lies nearest that split's
+    range (from a split that keeps another) moves there, so each split holds one (only small
+    sets are affected)."""
     def point(p: str) -> float:
         digest = hashlib.sha256(canonical_bytes(["medchain/split", seed, p])).digest()
         return int.from_bytes(digest[:8], "big") / 2.0**64
 
     cut_val, cut_test = fractions[0], fractions[0] + fractions[1]
+    ranges = {"train": (0.0, cut_val), "val": (cut_val, cut_test), "test": (cut_test, 1.0)}
     where = {p: point(p) for p in set(patients)}
-    chosen = {p: "train" if u < cut_val else "val" if u < cut_test else "test" for p, u in where.items()}
-    for name, floor in (("test", cut_test), ("val", cut_val)):
-        if len(where) >= 3 and name not in chosen.values():
+    chosen = {p: next(n for n, (lo, hi) in ranges.items() if lo <= u < hi or n == "test")
+              for p, u in where.items()}
+    if len(where) >= len(ranges):
+        for name, (lo, hi) in ranges.items():
             sizes = Counter(chosen.values())
+            if sizes[name]:
+                continue
             spare = [p for p in where if sizes[chosen[p]] > 1]
-            chosen[max(spare, key=lambda p: (where[p] if where[p] < floor else -1.0, p))] = name
+            chosen[min(spare, key=lambda p: (max(lo - where[p], where[p] - hi), p))] = name
     return [chosen[p] for p in patients]
 
 
