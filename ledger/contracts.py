@@ -137,8 +137,10 @@ class Contracts:
         old = self.principal(tx.name)
         if old is not None and old["key"] != tx.public_key:
             self.state.delete(f"principal_key/{old['key'].hex()}")
-        self.state.put(f"principal/{tx.name}",
-                       {"role": tx.role, "key": tx.public_key, "active": tx.active})
+        record = {"role": tx.role, "key": tx.public_key, "active": tx.active}
+        if tx.recipient_key is not None:
+            record["recipient"] = tx.recipient_key
+        self.state.put(f"principal/{tx.name}", record)
         self.state.put(f"principal_key/{tx.public_key.hex()}", tx.name)
         return {"principal": tx.name, "role": tx.role, "active": tx.active}
 

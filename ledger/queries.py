@@ -75,7 +75,8 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
     if what == "principal":
         p = c.principal(_arg(args, "name", str))
         return (None if p is None else {"role": p["role"], "key": p["key"],
-                                        "active": p["active"]}), {}
+                                        "active": p["active"],
+                                        "recipient": p.get("recipient")}), {}
     if what == "device":
         return c.device(_arg(args, "device_id", str)), {}
     if what == "image":

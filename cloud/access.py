@@ -1,0 +1,133 @@
+"""A person's access to images: request (the ledger decides), status, fetch (eqs. 6, 8, 9).
+
+The requester is a ledger principal with a role, an Ed25519 signing key (its ledger key)
+and an X25519 recipient key, both registered by an operator with ``PRINCIPAL_SET``.
+
+* :meth:`Requester.request` files ``ACCESS_REQUESTED`` (action ``request``) per image under
+  its own key: the contract decides by role × consent and writes the audit entry, granted
+  or denied. A denial carries the contract's reason and nothing else.
+* :meth:`Requester.fetch` asks the custodian (:mod:`cloud.custodian_access`) to re-wrap the
+  granted images' data keys to the requester's X25519 key, reads the ciphertext from the
+  store (ciphertext is not secret), checks each envelope's id and Merkle root against the
+  ledger's ``IMAGE_REGISTERED`` record (with its verified receipt) and the device's
+  signature, decrypts locally and writes ``<envelope id>.dcm`` files. An image that fails
+  any check writes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ledger.client import LedgerClient
+from medchain.durable import durable_write
+from medchain.errors import MedChainError
+from medchain.identity import RecipientKey, SigningKey, VerifyKey
+from medchain.sealing import open_with_data_key, unwrap_key_for_principal
+
+from cloud.access_protocol import FetchReply, FetchRequest
+from cloud.custodian_access import REQUEST_ACTION
+from cloud.errors import AccessRefused
+from cloud.objectstore import ObjectStore
+
+__all__ = ["Requester", "Decision", "Fetched", "latest_grants"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The ledger's decision on one image: its reason when denied, its audit entry id."""
+
+    envelope_id: str
+    granted: bool
+    reason: str
+    audit_id: int
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One image fetched (``path`` of the DICOM file written) or not (``refused``: why)."""
+
+    envelope_id: str
+    path: Path | None = None
+    refused: str | None = None
+    audit_id: int | None = None
+
+
+def latest_grants(entries: Iterable[dict], purpose: str,
+                  envelope_ids: Sequence[str] | None = None) -> list[tuple[str, int]]:
+    """From a principal's audit entries: (envelope id, audit id) of its latest granted
+    request per image for ``purpose`` (only ``envelope_ids`` when given), oldest first."""
+    latest: dict[str, int] = {}
+    for e in entries:
+        if e["action"] == REQUEST_ACTION and e["purpose"] == purpose and e["granted"]:
+            latest[e["image"].hex()] = e["id"]
+    if envelope_ids is not None:
+        return [(i, latest[i]) for i in envelope_ids if i in latest]
+    return sorted(latest.items(), key=lambda kv: kv[1])
+
+
+class Requester:
+    """One principal's side. ``custodian`` sends one request frame and returns the reply
+    (:func:`cloud.custodian_service.ask_custodian` bound to the socket)."""
+
+    def __init__(self, ledger: LedgerClient, name: str, key: SigningKey, recipient: RecipientKey,
+                 custodian: Callable[[bytes], bytes], store: ObjectStore, *,
+                 clock: Callable[[], float] = time.time):
+        self.ledger, self.name, self._key, self._recipient = ledger, name, key, recipient
+        self._custodian, self.store, self._clock = custodian, store, clock
+
+    def request(self, envelope_ids: Sequence[str], purpose: str) -> list[Decision]:
+        decisions = self.ledger.access_many(self.name, [bytes.fromhex(e) for e in envelope_ids],
+                                            purpose, REQUEST_ACTION)
+        return [Decision(e, d.granted, d.reason, int(d.audit["id"]))
+                for e, d in zip(envelope_ids, decisions)]
+
+    def status(self) -> list[dict]:
+        """This principal's audit entries (requests and fetches), oldest first."""
+        return self.ledger.audit(user=self.name)
+
+    def fetch(self, grants: Sequence[tuple[str, int]], purpose: str, out_dir: Path, *,
+              part: str = "dicom") -> list[Fetched]:
+        """Fetch and decrypt the granted images; :class:`AccessRefused` when the custodian
+        refuses the whole request (bad signature, replay, no recipient key)."""
+        if not grants:
+            return []
+        request = FetchRequest.new(self.name, purpose, grants, now_ms=int(self._clock() * 1000))
+        reply = FetchReply.decode(self._custodian(request.signed(self._key)))
+        if reply.error is not None:
+            raise AccessRefused(f"custodian: {reply.error}")
+        out = []
+        for item in reply.items:
+            if item.wrapped_key is None:
+                out.append(Fetched(item.envelope_id, refused=item.refused, audit_id=item.audit_id))
+                continue
+            try:
+                data = self._open(item.envelope_id, item.wrapped_key, part)
+            except (MedChainError, KeyError) as exc:
+                out.append(Fetched(item.envelope_id, refused=f"failed verification "
+                                   f"({type(exc).__name__})", audit_id=item.audit_id))
+                continue
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            path = durable_write(Path(out_dir) / f"{item.envelope_id}.dcm", data, mode=0o600)
+            out.append(Fetched(item.envelope_id, path, audit_id=item.audit_id))
+        return out
+
+    def _open(self, envelope_id: str, wrapped: bytes, part: str) -> bytes:
+        envelope = self.store.get(envelope_id)
+        header = envelope.header
+        proof = self.ledger.image(bytes.fromhex(envelope_id))  # verified receipt, f + 1
+        if (envelope.envelope_id != envelope_id or proof is None
+                or proof.record["merkle_root"] != header.merkle_root):
+            raise _NotRegistered(f"envelope {envelope_id} is not the one the ledger registered")
+        device = self.ledger.device(header.device_id)
+        if device.public_key is None:
+            raise _NotRegistered(f"envelope {envelope_id}: device unknown on the ledger")
+        data_key = unwrap_key_for_principal(wrapped, header.object_id, self.name, self._recipient)
+        return open_with_data_key(envelope, data_key, VerifyKey(device.public_key),
+                                  names=[part])[part]
+
+
+class _NotRegistered(MedChainError):
+    """Internal: the stored envelope is not the ledger's record."""

@@ -1,0 +1,278 @@
+"""Access for people through a real 4-validator ledger and the custodian server on its Unix
+socket: a principal requests (the ledger decides per image and audits), the custodian
+re-wraps granted images' data keys to the principal's X25519 key only after checking the
+committed grant, and the requester decrypts locally and writes DICOM. Then the attacks:
+none yields plaintext, and each attempt that reaches the ledger is audited there."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from cloud.access import Requester, latest_grants
+from cloud.access_protocol import FetchReply, FetchRequest
+from cloud.custodian_access import NO_GRANT
+from cloud.custodian_service import CustodianConfig, CustodianServer, ask_custodian
+from cloud.errors import AccessRefused
+from cloud.objectstore import LocalObjectStore
+from ledger.client import LedgerClient
+from ledger.transactions import AccessRequested, ConsentSet, DeviceEnrolled, ImageRegistered, PrincipalSet
+from medchain.identity import RecipientKey, SigningKey
+from medchain.protocol import Envelope
+from medchain.sealing import new_object_key, package
+
+pytestmark = pytest.mark.slow
+
+DEVICE = SigningKey.generate()
+DEVICE_ID = "dev-access"
+_seq = iter(range(1, 1_000_000))
+
+
+def dicom_bytes(text: str) -> bytes:
+    ds = Dataset()
+    ds.PatientID, ds.StudyDescription = "tok-pseudonym", text
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@dataclass
+class World:
+    cluster: object
+    server: CustodianServer
+    store: LocalObjectStore
+    ingest: LedgerClient
+    operator: LedgerClient
+    public: object
+
+    def image(self, consent=("diagnosis",), patient=None) -> tuple[str, str, bytes]:
+        """Seal, store and register one image; (envelope id, patient token, DICOM bytes)."""
+        data = dicom_bytes(f"image {os.urandom(4).hex()}")
+        env = package({"dicom": data}, new_object_key(self.public), device_id=DEVICE_ID,
+                      sequence=next(_seq), signer=DEVICE, created_ms=0)
+        self.store.put(env)
+        h = env.header
+        patient = patient or f"tok-{os.urandom(4).hex()}"
+        r = self.ingest.submit(ImageRegistered(h.object_id, h.merkle_root, patient, "st", "se", "in",
+                                               "CR", consent, "default", DEVICE_ID, h.sequence))
+        assert r.committed, r.reason
+        return env.envelope_id, patient, data
+
+
+@pytest.fixture(scope="module")
+def world(ledger_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("access")
+    key = RecipientKey.generate()
+    key.save(tmp / "custodian.key")
+    config = CustodianConfig(socket=tmp / "c.sock", key=tmp / "custodian.key",
+                             genesis=ledger_cluster.genesis_path,
+                             ledger_key=ledger_cluster.key_path("custodian"), store_url=str(tmp / "store"))
+    with ledger_cluster.client("operator") as operator, ledger_cluster.client("ingest") as ingest, \
+            CustodianServer(config) as server:
+        assert operator.submit(DeviceEnrolled(DEVICE_ID, DEVICE.public.raw, "site", "cr")).committed
+        yield World(ledger_cluster, server, LocalObjectStore(tmp / "store"), ingest, operator, key.public)
+
+
+@dataclass
+class Person:
+    name: str
+    role: str
+    key: SigningKey
+    recipient: RecipientKey
+    ledger: LedgerClient
+    requester: Requester
+
+
+@pytest.fixture
+def person(world, tmp_path):
+    """``person(role)``: a principal registered by the operator, with its Requester."""
+    made = []
+
+    def make(role: str, *, recipient: bool = True, store=None) -> Person:
+        name = f"{role}-{os.urandom(3).hex()}"
+        key, rk = SigningKey.generate(), RecipientKey.generate()
+        r = world.operator.submit(PrincipalSet(name, role, key.public.raw, True,
+                                               rk.public.raw if recipient else None))
+        assert r.committed, r.reason
+        ledger = LedgerClient(world.cluster.genesis_path, key, name)
+        ledger.start()
+        made.append(ledger)
+        requester = Requester(ledger, name, key, rk, partial(ask_custodian, world.server.config.socket),
+                              store or world.store)
+        return Person(name, role, key, rk, ledger, requester)
+
+    yield make
+    for ledger in made:
+        ledger.close()
+
+
+def audit_of(world, person: Person) -> list[dict]:
+    with world.cluster.client("operator") as op:  # read back as an auditor would
+        return op.audit(user=person.name)
+
+
+def assert_signed(entries: list[dict], world) -> None:
+    """Every entry carries at least f + 1 validators' signatures."""
+    for e in entries:
+        assert len(e["signatures"]) >= world.cluster.genesis.f + 1, e
+
+
+def test_request_grant_fetch_writes_the_dicom_and_a_denial_returns_only_the_reason(world, person, tmp_path):
+    dr = person("clinician")
+    a, _, data = world.image(consent=("diagnosis",))
+    b, _, _ = world.image(consent=("research",))
+    decisions = dr.requester.request([a, b], "diagnosis")
+    assert [(d.envelope_id, d.granted, d.reason) for d in decisions] == [
+        (a, True, "granted"), (b, False, "no consent for purpose")]
+    grants = latest_grants(dr.requester.status(), "diagnosis")
+    assert grants == [(a, decisions[0].audit_id)]  # the denied image has no grant to fetch
+    fetched = dr.requester.fetch(grants, "diagnosis", tmp_path / "out")
+    assert [f.refused for f in fetched] == [None]
+    path = fetched[0].path
+    assert path == tmp_path / "out" / f"{a}.dcm" and path.read_bytes() == data
+    assert pydicom.dcmread(path).SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert list((tmp_path / "out").iterdir()) == [path]
+    entries = audit_of(world, dr)
+    assert [(e["image"].hex(), e["action"], e["granted"], e["reason"]) for e in entries] == [
+        (a, "request", True, "granted"), (b, "request", False, "no consent for purpose"),
+        (a, "fetch", True, "granted")]
+    assert all(e["user"] == dr.name and e["by"] in (dr.name, "custodian") for e in entries)
+    assert_signed(entries, world)
+
+
+def test_a_fetch_signed_by_another_principals_key_is_refused(world, person, tmp_path):
+    alice, mallory = person("clinician"), person("clinician")
+    a, _, _ = world.image()
+    [d] = alice.requester.request([a], "diagnosis")
+    before = world.server.counts["fetches refused"]
+    forged = FetchRequest.new(alice.name, "diagnosis", [(a, d.audit_id)], now_ms=int(time.time() * 1000))
+    reply = FetchReply.decode(ask_custodian(world.server.config.socket, forged.signed(mallory.key)))
+    assert reply.items == () and "signature does not verify" in reply.error
+    assert world.server.counts["fetches refused"] == before + 1
+    # and through mallory's own requester, naming alice: the same refusal, no file
+    imposter = Requester(mallory.ledger, alice.name, mallory.key, mallory.recipient,
+                         partial(ask_custodian, world.server.config.socket), world.store)
+    with pytest.raises(AccessRefused, match="signature"):
+        imposter.fetch([(a, d.audit_id)], "diagnosis", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # nothing attributable to alice happened after her request: no fetch on her trail
+    assert [e["action"] for e in audit_of(world, alice)] == ["request"]
+
+
+def test_a_replayed_fetch_and_a_replayed_ledger_request_give_nothing_new(world, person):
+    dr = person("radiologist")
+    a, _, _ = world.image()
+    # the ledger request replayed: the same frame decides once, audited once
+    rid, frame = dr.ledger.prepare(AccessRequested(dr.name, bytes.fromhex(a), "diagnosis", "request"))
+    first, again = dr.ledger.submit_frame(rid, frame), dr.ledger.submit_frame(rid, frame)
+    assert first.output["audit"]["id"] == again.output["audit"]["id"]
+    assert len(audit_of(world, dr)) == 1
+    # the fetch replayed: the custodian answers once
+    request = FetchRequest.new(dr.name, "diagnosis", [(a, first.output["audit"]["id"])],
+                               now_ms=int(time.time() * 1000))
+    data = request.signed(dr.key)
+    ok = FetchReply.decode(ask_custodian(world.server.config.socket, data))
+    assert ok.error is None and ok.items[0].wrapped_key is not None
+    replayed = FetchReply.decode(ask_custodian(world.server.config.socket, data))
+    assert replayed.items == () and "replayed" in replayed.error
+    assert [e["action"] for e in audit_of(world, dr)] == ["request", "fetch"]
+
+
+def test_a_revoked_principal_gets_no_key_and_the_attempt_is_audited(world, person, tmp_path):
+    dr = person("clinician")
+    a, _, _ = world.image()
+    grants = [(a, dr.requester.request([a], "diagnosis")[0].audit_id)]
+    r = world.operator.submit(PrincipalSet(dr.name, dr.role, dr.key.public.raw, False, dr.recipient.public.raw))
+    assert r.committed, r.reason
+    [f] = dr.requester.fetch(grants, "diagnosis", tmp_path / "out")
+    assert f.path is None and f.refused == "unknown or inactive user"
+    assert not (tmp_path / "out").exists()
+    fetch = audit_of(world, dr)[-1]
+    assert (fetch["action"], fetch["granted"], fetch["reason"], fetch["by"]) == (
+        "fetch", False, "unknown or inactive user", "custodian")
+
+
+def test_consent_revoked_between_request_and_fetch(world, person, tmp_path):
+    dr = person("clinician")
+    a, patient, _ = world.image(consent=("diagnosis",))
+    grants = [(a, dr.requester.request([a], "diagnosis")[0].audit_id)]
+    r = world.operator.submit(ConsentSet(patient, "diagnosis", False, int(time.time() * 1000)))
+    assert r.committed, r.reason
+    [f] = dr.requester.fetch(grants, "diagnosis", tmp_path / "out")
+    assert f.path is None and f.refused == "consent revoked"
+    assert not (tmp_path / "out").exists()
+    entries = audit_of(world, dr)
+    assert [(e["action"], e["granted"], e["reason"]) for e in entries] == [
+        ("request", True, "granted"), ("fetch", False, "consent revoked")]
+    with world.cluster.client("operator") as op:  # also on the patient's trail
+        assert [e["action"] for e in op.audit(patient=patient)] == ["request", "fetch"]
+
+
+def test_a_grant_for_image_a_does_not_fetch_image_b(world, person, tmp_path):
+    dr = person("clinician")
+    a, _, _ = world.image()
+    b, _, _ = world.image()  # the clinician could be granted b too, but never asked
+    [d] = dr.requester.request([a], "diagnosis")
+    [f] = dr.requester.fetch([(b, d.audit_id)], "diagnosis", tmp_path / "out")
+    assert f.path is None and f.refused == NO_GRANT
+    # nor a grant for another purpose, nor someone else's grant id
+    other = person("clinician")
+    [d2] = other.requester.request([b], "diagnosis")
+    [f2] = dr.requester.fetch([(b, d2.audit_id)], "diagnosis", tmp_path / "out")
+    assert f2.refused == NO_GRANT
+    assert not (tmp_path / "out").exists()
+    fetches = [e for e in audit_of(world, dr) if e["action"] == "fetch"]
+    assert [e["image"].hex() for e in fetches] == [b, b]  # the attempts are on the trail
+
+
+class TamperingStore:
+    """The requester's view of the store with one byte of one chunk flipped in transit."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def get(self, envelope_id: str) -> Envelope:
+        env = self.store.get(envelope_id)
+        body = bytearray(env.bodies[0])
+        body[len(body) // 2] ^= 0x01
+        return Envelope(env.header, env.signature, (bytes(body),) + tuple(env.bodies[1:]))
+
+
+def test_tampered_ciphertext_is_refused_in_transit_and_in_the_store(world, person, tmp_path):
+    dr = person("clinician", store=TamperingStore(world.store))
+    a, _, _ = world.image()
+    grants = [(a, dr.requester.request([a], "diagnosis")[0].audit_id)]
+    [f] = dr.requester.fetch(grants, "diagnosis", tmp_path / "out")
+    assert f.path is None and f.refused.startswith("failed verification")
+    assert not (tmp_path / "out").exists()
+    # tampered at rest: the custodian itself refuses to re-wrap the key
+    b, _, _ = world.image()
+    path = world.store.root / "envelopes" / f"{b}.cbor"
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0x01
+    path.write_bytes(bytes(raw))
+    honest = person("clinician")
+    grants = [(b, honest.requester.request([b], "diagnosis")[0].audit_id)]
+    [g] = honest.requester.fetch(grants, "diagnosis", tmp_path / "out2")
+    assert g.path is None and g.refused in ("stored object failed verification", "stored object not readable")
+    assert not (tmp_path / "out2").exists()
+    assert [e["action"] for e in audit_of(world, honest)] == ["request", "fetch"]
+
+
+def test_a_principal_without_a_recipient_key_is_refused_whole(world, person, tmp_path):
+    dr = person("clinician", recipient=False)
+    a, _, _ = world.image()
+    grants = [(a, dr.requester.request([a], "diagnosis")[0].audit_id)]
+    with pytest.raises(AccessRefused, match="no recipient key"):
+        dr.requester.fetch(grants, "diagnosis", tmp_path / "out")
