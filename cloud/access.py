@@ -17,8 +17,10 @@ and an X25519 recipient key, both registered by an operator with ``PRINCIPAL_SET
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ledger.client import LedgerClient
@@ -32,7 +34,8 @@ from cloud.custodian_access import REQUEST_ACTION
 from cloud.errors import AccessRefused
 from cloud.objectstore import ObjectStore
 
-__all__ = ["Requester", "Decision", "Fetched", "latest_grants"]
+__all__ = ["Requester", "Decision", "Fetched", "latest_grants", "AccessConfig", "load_access_config",
+           "open_requester"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +134,67 @@ class Requester:
 
 class _NotRegistered(MedChainError):
     """Internal: the stored envelope is not the ledger's record."""
+
+
+# -- a person's configuration and the shell that opens it ---------------------------------------
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """``access.toml``::
+
+        [principal]  name, key (Ed25519, its ledger key), recipient (X25519 private key)
+        [ledger]     genesis
+        [custodian]  socket
+        [store]      url
+    """
+
+    name: str
+    key: Path
+    recipient: Path
+    genesis: Path
+    socket: Path
+    store_url: str
+
+
+def load_access_config(path: str | Path) -> AccessConfig:
+    from medchain.errors import ConfigError
+    from medchain.settings import Section, read_toml
+
+    path = Path(path)
+    raw = read_toml(path, ConfigError, "access configuration")
+    base, origin = path.resolve().parent, str(path)
+
+    def section(name: str) -> Section:
+        if name not in raw:
+            raise ConfigError(f"{origin}: section [{name}] missing")
+        return Section(origin, name, raw.pop(name), base, ConfigError)
+
+    p = section("principal")
+    name, key, recipient = p.str("name"), p.path("key"), p.path("recipient")
+    p.done()
+    s = section("ledger")
+    genesis = s.path("genesis")
+    s.done()
+    s = section("custodian")
+    sock = s.path("socket")
+    s.done()
+    s = section("store")
+    url = s.str("url")
+    s.done()
+    if raw:
+        raise ConfigError(f"{origin}: unknown section(s): {', '.join(sorted(raw))}")
+    return AccessConfig(name, key, recipient, genesis, sock,
+                        url if "://" in url else str(base / url))
+
+
+@contextmanager
+def open_requester(config: AccessConfig, key: Path | None = None) -> Iterator[Requester]:
+    """A :class:`Requester` with a started ledger client, the custodian's socket and the
+    store (``key`` overrides the configured signing key file)."""
+    from cloud.custodian_service import ask_custodian
+    from cloud.objectstore import open_store
+
+    signing = SigningKey.load(key or config.key)
+    with LedgerClient(config.genesis, signing, config.name) as ledger:
+        yield Requester(ledger, config.name, signing, RecipientKey.load(config.recipient),
+                        partial(ask_custodian, config.socket), open_store(config.store_url))

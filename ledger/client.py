@@ -400,6 +400,10 @@ class AsyncLedgerClient:
     async def principal(self, name: str) -> dict | None:
         return await self.query("principal", {"name": name})
 
+    async def principals(self) -> list[dict]:
+        """Every registered principal (name, role, active, public keys), by name."""
+        return await self.query("principals", {})
+
     async def policy(self, policy_id: str) -> dict | None:
         return await self.query("policy", {"policy": policy_id})
 
@@ -510,6 +514,9 @@ class LedgerClient:
 
     def principal(self, name: str) -> dict | None:
         return self._run(self._async.principal(name))
+
+    def principals(self) -> list[dict]:
+        return self._run(self._async.principals())
 
     def policy(self, policy_id: str) -> dict | None:
         return self._run(self._async.policy(policy_id))

@@ -290,6 +290,13 @@ class Contracts:
     def device(self, device_id: str) -> dict | None:
         return self.state.get(f"device/{device_id}")
 
+    def principals(self, limit: int = MAX_LIST) -> list[dict]:
+        """Every principal (name, role, active, keys), by name; a scan of the state."""
+        found = sorted((k[len("principal/"):], v) for k, v in self.state.items()
+                       if k.startswith("principal/"))
+        return [{"name": n, "role": v["role"], "key": v["key"], "active": v["active"],
+                 "recipient": v.get("recipient")} for n, v in found[:limit]]
+
     def image(self, envelope_id: bytes) -> dict | None:
         return self.state.get(f"image/{envelope_id.hex()}")
 

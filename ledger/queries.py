@@ -24,7 +24,7 @@ from ledger.store import BlockStore
 
 __all__ = ["answer_query", "QUERY_KINDS"]
 
-QUERY_KINDS = ("status", "headers", "principal", "device", "image", "consent", "audit",
+QUERY_KINDS = ("status", "headers", "principal", "principals", "device", "image", "consent", "audit",
                "model", "inference", "policy")
 
 
@@ -77,6 +77,8 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
         return (None if p is None else {"role": p["role"], "key": p["key"],
                                         "active": p["active"],
                                         "recipient": p.get("recipient")}), {}
+    if what == "principals":
+        return c.principals(), {}
     if what == "device":
         return c.device(_arg(args, "device_id", str)), {}
     if what == "image":

@@ -276,3 +276,58 @@ def test_a_principal_without_a_recipient_key_is_refused_whole(world, person, tmp
     grants = [(a, dr.requester.request([a], "diagnosis")[0].audit_id)]
     with pytest.raises(AccessRefused, match="no recipient key"):
         dr.requester.fetch(grants, "diagnosis", tmp_path / "out")
+
+
+def test_the_cli_registers_a_principal_requests_fetches_and_revokes(world, tmp_path, capsys):
+    import json
+
+    from medchain_app.cli import main
+
+    cluster = world.cluster
+    (tmp_path / "cloud.toml").write_text(
+        f'[broker]\n\n[ledger]\ngenesis = "{cluster.genesis_path}"\ningest_key = "{cluster.key_path("ingest")}"\n'
+        f'operator_key = "{cluster.key_path("operator")}"\n\n[store]\nurl = "{world.store.root}"\n\n'
+        f'[database]\nurl = "sqlite:///unused.sqlite"\n\n[keys]\ncustodian = "c.pub"\nmodel = "m.key"\n')
+    name = f"rad-{os.urandom(3).hex()}"
+    key, rk = SigningKey.generate(), RecipientKey.generate()
+    key.save(tmp_path / "me.key")
+    rk.save(tmp_path / "me.x25519")
+
+    def run(*argv) -> tuple[int, list[dict]]:
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        run.err = captured.err
+        return rc, [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+
+    cloud = ("--config", tmp_path / "cloud.toml")
+    rc, out = run("principal", "add", *cloud, "--name", name, "--role", "radiologist",
+                  "--public-key", key.public.hex(), "--recipient-key", rk.public.hex())
+    assert rc == 0 and out[0]["committed"]
+    rc, out = run("principal", "list", *cloud)
+    assert {"name": name, "role": "radiologist", "active": True, "public_key": key.public.hex(),
+            "recipient_key": rk.public.hex()} in out
+    (tmp_path / "access.toml").write_text(
+        f'[principal]\nname = "{name}"\nkey = "me.key"\nrecipient = "me.x25519"\n\n'
+        f'[ledger]\ngenesis = "{cluster.genesis_path}"\n\n[custodian]\nsocket = "{world.server.config.socket}"\n\n'
+        f'[store]\nurl = "{world.store.root}"\n')
+    me = ("--config", tmp_path / "access.toml")
+    a, _, data = world.image(consent=("diagnosis",))
+    b, _, _ = world.image(consent=())
+    rc, out = run("access", "request", *me, "--image", a, b, "--purpose", "diagnosis")
+    assert rc == 3 and [(o["image"], o["granted"], o["reason"]) for o in out] == [
+        (a, True, "granted"), (b, False, "no consent for purpose")]
+    rc, out = run("access", "fetch", *me, "--out", tmp_path / "out", "--purpose", "diagnosis")
+    assert rc == 0 and [(o["image"], o["fetched"]) for o in out] == [(a, True)]
+    assert (tmp_path / "out" / f"{a}.dcm").read_bytes() == data
+    rc, out = run("access", "status", *me)
+    assert [(o["image"], o["action"], o["granted"]) for o in out] == [
+        (a, "request", True), (b, "request", False), (a, "fetch", True)]
+    assert all(o["validators"] >= cluster.genesis.f + 1 for o in out)
+    rc, out = run("principal", "revoke", *cloud, "--name", name)
+    assert rc == 0 and out[0]["active"] is False
+    # revoked: the validators no longer admit its connection, so nothing reaches the custodian
+    # (the custodian's own refusal of a revoked principal is test_a_revoked_principal_...)
+    rc, out = run("access", "fetch", *me, "--out", tmp_path / "out2", "--purpose", "diagnosis", "--image", a)
+    assert rc == 2 and out == [] and "validators reachable" in run.err
+    assert not (tmp_path / "out2").exists()
