@@ -22,11 +22,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from ledger.client import LedgerClient
 from medchain.durable import durable_write
 from medchain.errors import MedChainError
 from medchain.identity import RecipientKey, SigningKey, VerifyKey
+from medchain.protocol import Envelope
 from medchain.sealing import open_with_data_key, unwrap_key_for_principal
 
 from cloud.access_protocol import FetchReply, FetchRequest
@@ -34,7 +36,7 @@ from cloud.custodian_access import REQUEST_ACTION
 from cloud.errors import AccessRefused
 from cloud.objectstore import ObjectStore
 
-__all__ = ["Requester", "Decision", "Fetched", "latest_grants", "AccessConfig", "load_access_config",
+__all__ = ["Requester", "Gateway", "LedgerGateway", "Decision", "Fetched", "latest_grants", "AccessConfig", "load_access_config",
            "open_requester"]
 
 
@@ -71,25 +73,68 @@ def latest_grants(entries: Iterable[dict], purpose: str,
     return sorted(latest.items(), key=lambda kv: kv[1])
 
 
-class Requester:
-    """One principal's side. ``custodian`` sends one request frame and returns the reply
-    (:func:`cloud.custodian_service.ask_custodian` bound to the socket)."""
+class Gateway(Protocol):
+    """How a requester reaches the ledger, the custodian and the store: directly
+    (:class:`LedgerGateway`) or through the HTTP API (:class:`cloud.api_client.HttpGateway`)."""
 
-    def __init__(self, ledger: LedgerClient, name: str, key: SigningKey, recipient: RecipientKey,
-                 custodian: Callable[[bytes], bytes], store: ObjectStore, *,
-                 clock: Callable[[], float] = time.time):
-        self.ledger, self.name, self._key, self._recipient = ledger, name, key, recipient
-        self._custodian, self.store, self._clock = custodian, store, clock
+    def decide(self, name: str, envelope_ids: Sequence[str], purpose: str) -> list[Decision]: ...
 
-    def request(self, envelope_ids: Sequence[str], purpose: str) -> list[Decision]:
-        decisions = self.ledger.access_many(self.name, [bytes.fromhex(e) for e in envelope_ids],
+    def audit(self, name: str) -> list[dict]: ...
+
+    def custodian(self, data: bytes) -> bytes: ...
+
+    def envelope(self, envelope_id: str) -> Envelope: ...
+
+    def registered(self, envelope_id: str) -> tuple[bytes | None, bytes | None]: ...
+
+
+class LedgerGateway:
+    """The ledger (the client of the principal itself, or of one that acts on behalf of
+    others: the API's), the custodian's socket (``custodian``: one frame in, one out) and
+    the store."""
+
+    def __init__(self, ledger: LedgerClient, custodian: Callable[[bytes], bytes], store: ObjectStore):
+        self.ledger, self._custodian, self.store = ledger, custodian, store
+
+    def decide(self, name: str, envelope_ids: Sequence[str], purpose: str) -> list[Decision]:
+        decisions = self.ledger.access_many(name, [bytes.fromhex(e) for e in envelope_ids],
                                             purpose, REQUEST_ACTION)
         return [Decision(e, d.granted, d.reason, int(d.audit["id"]))
                 for e, d in zip(envelope_ids, decisions)]
 
+    def audit(self, name: str) -> list[dict]:
+        return self.ledger.audit(user=name)
+
+    def custodian(self, data: bytes) -> bytes:
+        return self._custodian(data)
+
+    def envelope(self, envelope_id: str) -> Envelope:
+        return self.store.get(envelope_id)
+
+    def registered(self, envelope_id: str) -> tuple[bytes | None, bytes | None]:
+        """The Merkle root the ledger registered (from the verified receipt) and the
+        registering device's public key; None for what the ledger does not know."""
+        proof = self.ledger.image(bytes.fromhex(envelope_id))
+        if proof is None:
+            return None, None
+        return proof.record["merkle_root"], self.ledger.device(proof.record["device_id"]).public_key
+
+
+class Requester:
+    """One principal's side: ``key`` signs its fetches, ``recipient`` opens the keys the
+    custodian re-wraps to it."""
+
+    def __init__(self, gateway: Gateway, name: str, key: SigningKey, recipient: RecipientKey, *,
+                 clock: Callable[[], float] = time.time):
+        self.gateway, self.name, self._key, self._recipient = gateway, name, key, recipient
+        self._clock = clock
+
+    def request(self, envelope_ids: Sequence[str], purpose: str) -> list[Decision]:
+        return self.gateway.decide(self.name, list(envelope_ids), purpose)
+
     def status(self) -> list[dict]:
         """This principal's audit entries (requests and fetches), oldest first."""
-        return self.ledger.audit(user=self.name)
+        return self.gateway.audit(self.name)
 
     def fetch(self, grants: Sequence[tuple[str, int]], purpose: str, out_dir: Path, *,
               part: str = "dicom") -> list[Fetched]:
@@ -98,7 +143,7 @@ class Requester:
         if not grants:
             return []
         request = FetchRequest.new(self.name, purpose, grants, now_ms=int(self._clock() * 1000))
-        reply = FetchReply.decode(self._custodian(request.signed(self._key)))
+        reply = FetchReply.decode(self.gateway.custodian(request.signed(self._key)))
         if reply.error is not None:
             raise AccessRefused(f"custodian: {reply.error}")
         out = []
@@ -118,18 +163,15 @@ class Requester:
         return out
 
     def _open(self, envelope_id: str, wrapped: bytes, part: str) -> bytes:
-        envelope = self.store.get(envelope_id)
+        envelope = self.gateway.envelope(envelope_id)
         header = envelope.header
-        proof = self.ledger.image(bytes.fromhex(envelope_id))  # verified receipt, f + 1
-        if (envelope.envelope_id != envelope_id or proof is None
-                or proof.record["merkle_root"] != header.merkle_root):
+        root, device = self.gateway.registered(envelope_id)
+        if envelope.envelope_id != envelope_id or root is None or root != header.merkle_root:
             raise _NotRegistered(f"envelope {envelope_id} is not the one the ledger registered")
-        device = self.ledger.device(header.device_id)
-        if device.public_key is None:
+        if device is None:
             raise _NotRegistered(f"envelope {envelope_id}: device unknown on the ledger")
         data_key = unwrap_key_for_principal(wrapped, header.object_id, self.name, self._recipient)
-        return open_with_data_key(envelope, data_key, VerifyKey(device.public_key),
-                                  names=[part])[part]
+        return open_with_data_key(envelope, data_key, VerifyKey(device), names=[part])[part]
 
 
 class _NotRegistered(MedChainError):
@@ -196,5 +238,5 @@ def open_requester(config: AccessConfig, key: Path | None = None) -> Iterator[Re
 
     signing = SigningKey.load(key or config.key)
     with LedgerClient(config.genesis, signing, config.name) as ledger:
-        yield Requester(ledger, config.name, signing, RecipientKey.load(config.recipient),
-                        partial(ask_custodian, config.socket), open_store(config.store_url))
+        gateway = LedgerGateway(ledger, partial(ask_custodian, config.socket), open_store(config.store_url))
+        yield Requester(gateway, config.name, signing, RecipientKey.load(config.recipient))

@@ -17,7 +17,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cloud.access import Requester, latest_grants
+from cloud.access import LedgerGateway, Requester, latest_grants
 from cloud.access_protocol import FetchReply, FetchRequest
 from cloud.custodian_access import NO_GRANT
 from cloud.custodian_service import CustodianConfig, CustodianServer, ask_custodian
@@ -108,8 +108,8 @@ def person(world, tmp_path):
         ledger = LedgerClient(world.cluster.genesis_path, key, name)
         ledger.start()
         made.append(ledger)
-        requester = Requester(ledger, name, key, rk, partial(ask_custodian, world.server.config.socket),
-                              store or world.store)
+        gateway = LedgerGateway(ledger, partial(ask_custodian, world.server.config.socket), store or world.store)
+        requester = Requester(gateway, name, key, rk)
         return Person(name, role, key, rk, ledger, requester)
 
     yield make
@@ -161,8 +161,7 @@ def test_a_fetch_signed_by_another_principals_key_is_refused(world, person, tmp_
     assert reply.items == () and "signature does not verify" in reply.error
     assert world.server.counts["fetches refused"] == before + 1
     # and through mallory's own requester, naming alice: the same refusal, no file
-    imposter = Requester(mallory.ledger, alice.name, mallory.key, mallory.recipient,
-                         partial(ask_custodian, world.server.config.socket), world.store)
+    imposter = Requester(mallory.requester.gateway, alice.name, mallory.key, mallory.recipient)
     with pytest.raises(AccessRefused, match="signature"):
         imposter.fetch([(a, d.audit_id)], "diagnosis", tmp_path / "out")
     assert not (tmp_path / "out").exists()
