@@ -19,6 +19,7 @@ __all__ = [
     "CustodianError",
     "CustodianRefused",
     "AccessRefused",
+    "ApiUnauthorized",
 ]
 
 
@@ -77,3 +78,8 @@ class CustodianRefused(CustodianError):
 class AccessRefused(CloudError):
     """A person's fetch was refused as a whole by the custodian (a signature that does not
     verify, a replayed or stale request, a principal without a recipient key)."""
+
+
+class ApiUnauthorized(CloudError):
+    """An API request is not signed by an active principal, or is stale or replayed. Says
+    which check failed, never the key or the signature."""

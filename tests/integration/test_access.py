@@ -6,118 +6,24 @@ none yields plaintext, and each attempt that reaches the ledger is audited there
 
 from __future__ import annotations
 
-import io
 import os
 import time
-from dataclasses import dataclass
-from functools import partial
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cloud.access import LedgerGateway, Requester, latest_grants
+from cloud.access import Requester, latest_grants
 from cloud.access_protocol import FetchReply, FetchRequest
 from cloud.custodian_access import NO_GRANT
-from cloud.custodian_service import CustodianConfig, CustodianServer, ask_custodian
+from cloud.custodian_service import ask_custodian
 from cloud.errors import AccessRefused
-from cloud.objectstore import LocalObjectStore
-from ledger.client import LedgerClient
-from ledger.transactions import AccessRequested, ConsentSet, DeviceEnrolled, ImageRegistered, PrincipalSet
+from ledger.transactions import AccessRequested, ConsentSet, PrincipalSet
 from medchain.identity import RecipientKey, SigningKey
 from medchain.protocol import Envelope
-from medchain.sealing import new_object_key, package
 
 pytestmark = pytest.mark.slow
 
-DEVICE = SigningKey.generate()
-DEVICE_ID = "dev-access"
-_seq = iter(range(1, 1_000_000))
-
-
-def dicom_bytes(text: str) -> bytes:
-    ds = Dataset()
-    ds.PatientID, ds.StudyDescription = "tok-pseudonym", text
-    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-@dataclass
-class World:
-    cluster: object
-    server: CustodianServer
-    store: LocalObjectStore
-    ingest: LedgerClient
-    operator: LedgerClient
-    public: object
-
-    def image(self, consent=("diagnosis",), patient=None) -> tuple[str, str, bytes]:
-        """Seal, store and register one image; (envelope id, patient token, DICOM bytes)."""
-        data = dicom_bytes(f"image {os.urandom(4).hex()}")
-        env = package({"dicom": data}, new_object_key(self.public), device_id=DEVICE_ID,
-                      sequence=next(_seq), signer=DEVICE, created_ms=0)
-        self.store.put(env)
-        h = env.header
-        patient = patient or f"tok-{os.urandom(4).hex()}"
-        r = self.ingest.submit(ImageRegistered(h.object_id, h.merkle_root, patient, "st", "se", "in",
-                                               "CR", consent, "default", DEVICE_ID, h.sequence))
-        assert r.committed, r.reason
-        return env.envelope_id, patient, data
-
-
-@pytest.fixture(scope="module")
-def world(ledger_cluster, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("access")
-    key = RecipientKey.generate()
-    key.save(tmp / "custodian.key")
-    config = CustodianConfig(socket=tmp / "c.sock", key=tmp / "custodian.key",
-                             genesis=ledger_cluster.genesis_path,
-                             ledger_key=ledger_cluster.key_path("custodian"), store_url=str(tmp / "store"))
-    with ledger_cluster.client("operator") as operator, ledger_cluster.client("ingest") as ingest, \
-            CustodianServer(config) as server:
-        assert operator.submit(DeviceEnrolled(DEVICE_ID, DEVICE.public.raw, "site", "cr")).committed
-        yield World(ledger_cluster, server, LocalObjectStore(tmp / "store"), ingest, operator, key.public)
-
-
-@dataclass
-class Person:
-    name: str
-    role: str
-    key: SigningKey
-    recipient: RecipientKey
-    ledger: LedgerClient
-    requester: Requester
-
-
-@pytest.fixture
-def person(world, tmp_path):
-    """``person(role)``: a principal registered by the operator, with its Requester."""
-    made = []
-
-    def make(role: str, *, recipient: bool = True, store=None) -> Person:
-        name = f"{role}-{os.urandom(3).hex()}"
-        key, rk = SigningKey.generate(), RecipientKey.generate()
-        r = world.operator.submit(PrincipalSet(name, role, key.public.raw, True,
-                                               rk.public.raw if recipient else None))
-        assert r.committed, r.reason
-        ledger = LedgerClient(world.cluster.genesis_path, key, name)
-        ledger.start()
-        made.append(ledger)
-        gateway = LedgerGateway(ledger, partial(ask_custodian, world.server.config.socket), store or world.store)
-        requester = Requester(gateway, name, key, rk)
-        return Person(name, role, key, rk, ledger, requester)
-
-    yield make
-    for ledger in made:
-        ledger.close()
-
-
-def audit_of(world, person: Person) -> list[dict]:
+def audit_of(world, person) -> list[dict]:
     with world.cluster.client("operator") as op:  # read back as an auditor would
         return op.audit(user=person.name)
 
