@@ -24,6 +24,10 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
+from cloud.access_protocol import FetchReply, FetchRequest
+from cloud.custodian_access import REQUEST_ACTION
+from cloud.errors import AccessRefused
+from cloud.objectstore import ObjectStore
 from ledger.client import LedgerClient
 from medchain.durable import durable_write
 from medchain.errors import MedChainError
@@ -31,13 +35,17 @@ from medchain.identity import RecipientKey, SigningKey, VerifyKey
 from medchain.protocol import Envelope
 from medchain.sealing import open_with_data_key, unwrap_key_for_principal
 
-from cloud.access_protocol import FetchReply, FetchRequest
-from cloud.custodian_access import REQUEST_ACTION
-from cloud.errors import AccessRefused
-from cloud.objectstore import ObjectStore
-
-__all__ = ["Requester", "Gateway", "LedgerGateway", "Decision", "Fetched", "latest_grants", "AccessConfig", "load_access_config",
-           "open_requester"]
+__all__ = [
+    "AccessConfig",
+    "Decision",
+    "Fetched",
+    "Gateway",
+    "LedgerGateway",
+    "Requester",
+    "latest_grants",
+    "load_access_config",
+    "open_requester",
+]
 
 
 @dataclass(frozen=True)

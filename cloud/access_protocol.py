@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from cloud.errors import CustodianError, CustodianRefused
 from medchain.canonical import canonical_bytes, decode
 from medchain.errors import EncodingError
 from medchain.identity import SigningKey
 
-from cloud.errors import CustodianError, CustodianRefused
-
-__all__ = ["FetchRequest", "FetchItem", "FetchReply", "FETCH_DOMAIN", "FETCH_KIND", "parse_fetch"]
+__all__ = ["FETCH_DOMAIN", "FETCH_KIND", "FetchItem", "FetchReply", "FetchRequest", "parse_fetch"]
 
 VERSION = 1
 FETCH_DOMAIN = "medchain/v1/access-fetch"

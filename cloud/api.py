@@ -20,17 +20,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from ledger.errors import LedgerError
-from medchain.errors import MedChainError
-from medchain.protocol import encode
 
 from cloud.access import LedgerGateway
 from cloud.access_protocol import FETCH_KIND, FetchReply
@@ -38,11 +35,16 @@ from cloud.api_auth import SignedBy, verify_request
 from cloud.custodian_access import REQUEST_ACTION
 from cloud.custodian_protocol import ReplayGuard
 from cloud.errors import ApiUnauthorized, CustodianError, ObjectStoreError
+from ledger.errors import LedgerError
+from medchain.errors import MedChainError
+from medchain.protocol import encode
 
-__all__ = ["create_app", "ApiServer", "Problem"]
+__all__ = ["ApiServer", "Problem", "create_app"]
 
 log = logging.getLogger("medchain.api")
-EnvelopeId = Field(pattern="^[0-9a-f]{32}$")
+ID_PATTERN = "^[0-9a-f]{32}$"
+EnvelopeId = Annotated[str, Field(pattern=ID_PATTERN, description="an envelope id: 32 lowercase hex digits")]
+ImageParam = Annotated[str, PathParam(pattern=ID_PATTERN, description="an envelope id: 32 lowercase hex digits")]
 Purpose = Literal["diagnosis", "research", "training", "sharing"]
 
 
@@ -64,7 +66,7 @@ class Problem(Exception):
 # -- bodies ---------------------------------------------------------------------------------
 
 class AccessRequestBody(BaseModel):
-    images: list[str] = Field(min_length=1, max_length=1000)
+    images: list[EnvelopeId] = Field(min_length=1, max_length=1000)
     purpose: Purpose
 
 
@@ -141,13 +143,15 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
             return verify_request(request.headers, request.method, target, body,
                                   lookup=gateway.ledger.principal, now_ms=int(clock() * 1000), guard=guard)
 
+    WHO = Depends(signer)  # the verified signer of every call
+
     def granted(who: SignedBy, image: str) -> None:
         if not any(e["granted"] and e["action"] == REQUEST_ACTION and e["image"].hex() == image
                    for e in gateway.audit(who.name)):
             raise Problem(403, "no-grant", "No grant", "the ledger has granted this image to you for no purpose")
 
     @app.post("/v1/access/requests", response_model=DecisionsOut)
-    def request_access(body: AccessRequestBody, who: SignedBy = Depends(signer)) -> DecisionsOut:
+    def request_access(body: AccessRequestBody, who: SignedBy = WHO) -> DecisionsOut:
         """Ask for images for a purpose: the ledger decides per image and audits each."""
         for image in body.images:
             _check_id(image)
@@ -156,12 +160,12 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
                                                    audit=d.audit_id) for d in decisions])
 
     @app.get("/v1/access/status", response_model=StatusOut)
-    def status(who: SignedBy = Depends(signer)) -> StatusOut:
+    def status(who: SignedBy = WHO) -> StatusOut:
         """Your requests and fetches, as the ledger's audit trail holds them."""
         return StatusOut(entries=[_entry(e) for e in gateway.audit(who.name)])
 
     @app.post("/v1/access/fetch", response_model=FetchOut)
-    def fetch(body: FetchBody, who: SignedBy = Depends(signer)) -> FetchOut:
+    def fetch(body: FetchBody, who: SignedBy = WHO) -> FetchOut:
         """Forward your signed fetch to the custodian; the data keys it re-wrapped to you."""
         try:
             inner = base64.b64decode(body.request, validate=True)
@@ -178,14 +182,14 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
 
     @app.get("/v1/images/{image}/envelope", response_class=Response,
              responses={200: {"content": {"application/cbor": {}}, "description": "the sealed envelope"}})
-    def envelope(image: str, who: SignedBy = Depends(signer)) -> Response:
+    def envelope(image: ImageParam, who: SignedBy = WHO) -> Response:
         """The sealed envelope (ciphertext) of an image the ledger granted you."""
         _check_id(image)
         granted(who, image)
         return Response(encode(gateway.envelope(image)), media_type="application/cbor")
 
     @app.get("/v1/images/{image}/record", response_model=RecordOut)
-    def record(image: str, who: SignedBy = Depends(signer)) -> RecordOut:
+    def record(image: ImageParam, who: SignedBy = WHO) -> RecordOut:
         """The ledger's registered Merkle root and device key for an image granted to you."""
         _check_id(image)
         granted(who, image)

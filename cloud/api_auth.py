@@ -17,14 +17,13 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from cloud.custodian_protocol import ReplayGuard
+from cloud.errors import ApiUnauthorized, CustodianRefused
 from medchain.canonical import canonical_bytes
 from medchain.errors import SignatureInvalid
 from medchain.identity import SigningKey, VerifyKey
 
-from cloud.custodian_protocol import ReplayGuard
-from cloud.errors import ApiUnauthorized, CustodianRefused
-
-__all__ = ["API_DOMAIN", "HEADERS", "sign_request", "verify_request", "SignedBy"]
+__all__ = ["API_DOMAIN", "HEADERS", "SignedBy", "sign_request", "verify_request"]
 
 API_DOMAIN = "medchain/v1/api-request"
 PRINCIPAL, TIME, NONCE, SIGNATURE = ("X-MedChain-Principal", "X-MedChain-Time", "X-MedChain-Nonce",

@@ -13,15 +13,14 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
-from medchain.identity import SigningKey
-from medchain.protocol import Envelope, decode_message
-
 from cloud.access import Decision
 from cloud.access_protocol import FetchItem, FetchReply
 from cloud.api_auth import sign_request
 from cloud.errors import CloudError
+from medchain.identity import SigningKey
+from medchain.protocol import Envelope, decode_message
 
-__all__ = ["HttpGateway", "ApiProblem"]
+__all__ = ["ApiProblem", "HttpGateway"]
 
 
 class ApiProblem(CloudError):

@@ -25,18 +25,23 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from cloud.access_protocol import (
+    FETCH_DOMAIN,
+    FetchItem,
+    FetchReply,
+    FetchRequest,
+    parse_fetch,
+)
+from cloud.custodian_protocol import ReplayGuard
+from cloud.errors import CustodianRefused, ObjectMismatch
+from cloud.objectstore import ObjectStore
 from ledger.client import LedgerClient
 from ledger.errors import LedgerError
 from medchain.errors import MedChainError, SignatureInvalid
 from medchain.identity import RecipientPublicKey, VerifyKey
 from medchain.sealing import KeyUnwrapper, verify, wrap_key_for_principal
 
-from cloud.access_protocol import FETCH_DOMAIN, FetchItem, FetchReply, FetchRequest, parse_fetch
-from cloud.custodian_protocol import ReplayGuard
-from cloud.errors import CustodianRefused, ObjectMismatch
-from cloud.objectstore import ObjectStore
-
-__all__ = ["AccessGate", "NO_GRANT", "FETCH_ACTION", "REQUEST_ACTION"]
+__all__ = ["FETCH_ACTION", "NO_GRANT", "REQUEST_ACTION", "AccessGate"]
 
 REQUEST_ACTION = "request"
 FETCH_ACTION = "fetch"
