@@ -234,5 +234,8 @@ def test_the_cli_registers_a_principal_requests_fetches_and_revokes(world, tmp_p
     # revoked: the validators no longer admit its connection, so nothing reaches the custodian
     # (the custodian's own refusal of a revoked principal is test_a_revoked_principal_...)
     rc, out = run("access", "fetch", *me, "--out", tmp_path / "out2", "--purpose", "diagnosis", "--image", a)
-    assert rc == 2 and out == [] and "validators reachable" in run.err
+    # (which refusal comes first depends on how far each validator has executed the revocation:
+    # the connection, or the queries over it)
+    assert rc == 2 and out == [] and run.err.startswith("medchain access fetch: error:")
+    assert "Traceback" not in run.err
     assert not (tmp_path / "out2").exists()
