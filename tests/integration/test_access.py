@@ -239,3 +239,49 @@ def test_the_cli_registers_a_principal_requests_fetches_and_revokes(world, tmp_p
     assert rc == 2 and out == [] and run.err.startswith("medchain access fetch: error:")
     assert "Traceback" not in run.err
     assert not (tmp_path / "out2").exists()
+
+
+def test_through_the_custodian_as_its_own_os_process(world, person, tmp_path):
+    """`medchain cloud custodian --config custodian.toml` as an operator runs it: a granted
+    image is fetched through it, a grant for another image opens nothing, and a forged fetch
+    is refused; its exit line counts them."""
+    import json
+    import subprocess
+    import sys
+    from functools import partial
+
+    from cloud.access import LedgerGateway
+
+    cluster = world.cluster
+    key = RecipientKey.load(world.server.config.key)  # the same custodian key, in its own process
+    key.save(tmp_path / "custodian.key")
+    (tmp_path / "custodian.toml").write_text(
+        f'[custodian]\nsocket = "{tmp_path / "c.sock"}"\nkey = "custodian.key"\n\n'
+        f'[ledger]\ngenesis = "{cluster.genesis_path}"\nkey = "{cluster.key_path("custodian")}"\n\n'
+        f'[store]\nurl = "{world.store.root}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "medchain_app.cli", "cloud", "custodian", "--config",
+                             str(tmp_path / "custodian.toml")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [proc.stdout.readline()]
+        while "custodian ready" not in lines[-1]:
+            assert lines[-1], "".join(lines)  # the process ended before it was ready
+            lines.append(proc.stdout.readline())
+        dr, mallory = person("clinician"), person("clinician")
+        a, _, data = world.image()
+        b, _, _ = world.image()
+        ask = partial(ask_custodian, tmp_path / "c.sock")
+        me = Requester(LedgerGateway(dr.ledger, ask, world.store), dr.name, dr.key, dr.recipient)
+        [grant] = [(a, d.audit_id) for d in me.request([a], "diagnosis")]
+        [fa] = me.fetch([grant], "diagnosis", tmp_path / "out")
+        assert fa.path.read_bytes() == data
+        [fb] = me.fetch([(b, grant[1])], "diagnosis", tmp_path / "out")
+        assert fb.path is None and fb.refused == NO_GRANT
+        forged = FetchRequest.new(dr.name, "diagnosis", [grant], now_ms=int(time.time() * 1000))
+        assert "signature" in FetchReply.decode(ask(forged.signed(mallory.key))).error
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=20)[0]
+    counts = json.loads(rest.split("custodian stopped: ", 1)[1].splitlines()[0])
+    assert counts["keys re-wrapped"] == 1 and counts["keys refused"] == 1 and counts["fetches refused"] == 1
+    assert sorted(os.listdir(tmp_path / "out")) == [f"{a}.dcm"]
