@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["register"]
+__all__ = ["register", "operator_client"]
 
 
 def _print(obj) -> None:
@@ -57,12 +57,17 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _operator(args):
+    return operator_client(args.config)
+
+
+def operator_client(config_path: Path):
+    """A ledger client (not started) signing as the operator, from cloud.toml."""
     from cloud.config import load_config
     from ledger.client import LedgerClient
     from medchain.errors import ConfigError
     from medchain.identity import SigningKey
 
-    config = load_config(args.config, state_dir=args.config.resolve().parent)
+    config = load_config(config_path, state_dir=config_path.resolve().parent)
     if config.operator_key is None:
         raise ConfigError("[ledger] operator_key is not set: principal commands are signed by the operator")
     return LedgerClient(config.genesis, SigningKey.load(config.operator_key), "operator")

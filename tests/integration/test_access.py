@@ -285,3 +285,33 @@ def test_through_the_custodian_as_its_own_os_process(world, person, tmp_path):
     counts = json.loads(rest.split("custodian stopped: ", 1)[1].splitlines()[0])
     assert counts["keys re-wrapped"] == 1 and counts["keys refused"] == 1 and counts["fetches refused"] == 1
     assert sorted(os.listdir(tmp_path / "out")) == [f"{a}.dcm"]
+
+
+def test_consent_set_revoke_history_from_the_cli_decide_the_next_request(world, person, tmp_path, capsys):
+    import json
+
+    from medchain_app.cli import main
+
+    cluster = world.cluster
+    (tmp_path / "cloud.toml").write_text(
+        f'[broker]\n\n[ledger]\ngenesis = "{cluster.genesis_path}"\ningest_key = "{cluster.key_path("ingest")}"\n'
+        f'operator_key = "{cluster.key_path("operator")}"\n\n[store]\nurl = "{world.store.root}"\n\n'
+        f'[database]\nurl = "sqlite:///unused.sqlite"\n\n[keys]\ncustodian = "c.pub"\nmodel = "m.key"\n')
+
+    def consent(*argv) -> tuple[int, list[dict]]:
+        capsys.readouterr()
+        rc = main(["consent", *argv, "--config", str(tmp_path / "cloud.toml")])
+        return rc, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    dr = person("clinician")
+    a, patient, _ = world.image(consent=("diagnosis",))  # the acquisition flag grants at first
+    assert dr.requester.request([a], "diagnosis")[0].granted
+    rc, [out] = consent("revoke", "--patient", patient, "--purpose", "diagnosis")
+    assert rc == 0 and out["committed"] and out["granted"] is False
+    assert dr.requester.request([a], "diagnosis")[0].reason == "consent revoked"
+    rc, [out] = consent("set", "--patient", patient, "--purpose", "diagnosis", "--days", "1")
+    assert rc == 0 and out["committed"] and out["expires_ms"] > time.time() * 1000
+    assert dr.requester.request([a], "diagnosis")[0].granted
+    rc, out = consent("history", "--patient", patient)
+    assert rc == 0 and [(h["purpose"], h["granted"], h["by"]) for h in out] == [
+        ("diagnosis", False, "operator"), ("diagnosis", True, "operator")]
