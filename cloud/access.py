@@ -95,6 +95,8 @@ class Gateway(Protocol):
 
     def registered(self, envelope_id: str) -> tuple[bytes | None, bytes | None]: ...
 
+    def studies(self, **filters: str) -> list[dict]: ...
+
 
 class LedgerGateway:
     """The ledger (the client of the principal itself, or of one that acts on behalf of
@@ -127,6 +129,9 @@ class LedgerGateway:
             return None, None
         return proof.record["merkle_root"], self.ledger.device(proof.record["device_id"]).public_key
 
+    def studies(self, **filters: str) -> list[dict]:
+        return self.ledger.studies(**filters)
+
 
 class Requester:
     """One principal's side: ``key`` signs its fetches, ``recipient`` opens the keys the
@@ -139,6 +144,11 @@ class Requester:
 
     def request(self, envelope_ids: Sequence[str], purpose: str) -> list[Decision]:
         return self.gateway.decide(self.name, list(envelope_ids), purpose)
+
+    def request_study(self, study: str, purpose: str) -> list[Decision]:
+        """Every image of a study (all its series), each decided and audited on its own."""
+        ids = [e for s in self.gateway.studies(study=study) for series in s["series"].values() for e in series]
+        return self.request(ids, purpose) if ids else []
 
     def status(self) -> list[dict]:
         """This principal's audit entries (requests and fetches), oldest first."""

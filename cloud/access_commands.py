@@ -20,11 +20,15 @@ def _print(obj) -> None:
 def _request(args: argparse.Namespace) -> int:
     from cloud.access import load_access_config, open_requester
 
+    if not args.image and not args.study:
+        raise SystemExit("access request: name --image ID... or --study UID")
     with open_requester(load_access_config(args.config), args.key) as requester:
-        decisions = requester.request(args.image, args.purpose)
+        decisions = requester.request(args.image, args.purpose) if args.image else []
+        for study in args.study or []:
+            decisions += requester.request_study(study, args.purpose)
     for d in decisions:
         _print({"image": d.envelope_id, "granted": d.granted, "reason": d.reason, "audit": d.audit_id})
-    return 0 if all(d.granted for d in decisions) else 3
+    return 0 if decisions and all(d.granted for d in decisions) else 3
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -127,7 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("request", help="ask the ledger for images for a purpose; one decision per image")
     common(p)
-    p.add_argument("--image", nargs="+", required=True, help="envelope ids (32 hex digits)")
+    p.add_argument("--image", nargs="+", help="envelope ids (32 hex digits)")
+    p.add_argument("--study", nargs="+", help="study uids: every image of each study")
     p.add_argument("--purpose", required=True, choices=["diagnosis", "research", "training", "sharing"])
     p.set_defaults(func=_request)
     p = actions.add_parser("status", help="your requests and fetches, as the ledger's audit trail has them")

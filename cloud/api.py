@@ -112,6 +112,25 @@ class FetchOut(BaseModel):
     items: list[FetchItemOut]
 
 
+class StudyOut(BaseModel):
+    patient: str = Field(description="the patient's pseudonym token")
+    study: str
+    modalities: list[str]
+    registered_t: int = Field(description="ledger block time of the first registration, ms")
+    policies: list[str]
+    consented: list[str] = Field(description="purposes with valid consent now")
+    open_to_you: list[str] = Field(description="purposes your role could be granted now")
+    series: dict[str, list[str]] = Field(description="series uid -> envelope ids")
+
+
+class StudiesOut(BaseModel):
+    studies: list[StudyOut]
+
+
+# roles that may list studies (metadata only): those who could ask for them, and who oversee
+LISTING_ROLES = frozenset({"clinician", "radiologist", "researcher", "auditor", "operator"})
+
+
 class RecordOut(BaseModel):
     image: str
     merkle_root: str
@@ -179,6 +198,19 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
             image=i.envelope_id, audit=i.audit_id, refused=i.refused,
             wrapped_key=None if i.wrapped_key is None else base64.b64encode(i.wrapped_key).decode())
             for i in reply.items])
+
+    @app.get("/v1/studies", response_model=StudiesOut)
+    def studies(who: SignedBy = WHO, modality: str | None = None, patient: str | None = None,
+                study: str | None = None) -> StudiesOut:
+        """Registered studies by pseudonymous patient and modality: metadata only, no pixels;
+        for the roles of :data:`LISTING_ROLES`."""
+        if who.role not in LISTING_ROLES:
+            raise Problem(403, "role-not-allowed", "Role not allowed", f"role {who.role!r} may not list studies")
+        found = gateway.studies(modality=modality, patient=patient, study=study)
+        policies = {name: gateway.ledger.policy(name) or {} for name in {p for s in found for p in s["policies"]}}
+        return StudiesOut(studies=[StudyOut(**s, open_to_you=[
+            p for p in s["consented"] if all(who.role in policies[name].get(p, ()) for name in s["policies"])])
+            for s in found])
 
     @app.get("/v1/images/{image}/envelope", response_class=Response,
              responses={200: {"content": {"application/cbor": {}}, "description": "the sealed envelope"}})

@@ -103,6 +103,16 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _studies(args: argparse.Namespace) -> int:
+    from cloud.access_commands import operator_client
+
+    with operator_client(args.config) as ledger:
+        found = ledger.studies(modality=args.modality, patient=args.patient, study=args.study)
+    for s in found:
+        print(json.dumps(s, sort_keys=True), flush=True)
+    return 0
+
+
 def _broker(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -330,6 +340,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", type=Path, help="certificate (PEM): required off loopback")
     p.add_argument("--tls-key", type=Path)
     p.set_defaults(func=_api)
+
+    p = actions.add_parser("studies", help="registered studies by pseudonymous patient, modality, series "
+                                           "and the purposes consented now: metadata only (JSON lines)")
+    p.add_argument("--config", type=Path, required=True, help="cloud.toml (its [ledger] operator_key reads)")
+    p.add_argument("--modality")
+    p.add_argument("--patient", help="a patient's pseudonym token")
+    p.add_argument("--study", help="a study uid (as registered: the edge's pseudonym)")
+    p.set_defaults(func=_studies)
 
     p = actions.add_parser("run", help="run ingest and the heartbeat monitor until SIGTERM")
     _with_config(p)

@@ -400,6 +400,13 @@ class AsyncLedgerClient:
     async def principal(self, name: str) -> dict | None:
         return await self.query("principal", {"name": name})
 
+    async def studies(self, *, modality: str | None = None, patient: str | None = None,
+                      study: str | None = None) -> list[dict]:
+        """Registered studies (metadata only), filtered; see :meth:`Contracts.studies`."""
+        args = {k: v for k, v in (("modality", modality), ("patient", patient), ("study", study))
+                if v is not None}
+        return await self.query("studies", args)
+
     async def principals(self) -> list[dict]:
         """Every registered principal (name, role, active, public keys), by name."""
         return await self.query("principals", {})
@@ -517,6 +524,9 @@ class LedgerClient:
 
     def principals(self) -> list[dict]:
         return self._run(self._async.principals())
+
+    def studies(self, **filters) -> list[dict]:
+        return self._run(self._async.studies(**filters))
 
     def policy(self, policy_id: str) -> dict | None:
         return self._run(self._async.policy(policy_id))

@@ -315,3 +315,31 @@ def test_consent_set_revoke_history_from_the_cli_decide_the_next_request(world, 
     rc, out = consent("history", "--patient", patient)
     assert rc == 0 and [(h["purpose"], h["granted"], h["by"]) for h in out] == [
         ("diagnosis", False, "operator"), ("diagnosis", True, "operator")]
+
+
+def test_a_study_is_listed_by_metadata_and_requested_whole(world, person, tmp_path, capsys):
+    import json
+
+    from medchain_app.cli import main
+
+    dr = person("radiologist")
+    study = f"1.2.826.0.1.{os.urandom(3).hex()}"
+    a, patient, _ = world.image(consent=("diagnosis", "research"), study=study, series="s1")
+    b, _, _ = world.image(consent=("diagnosis", "research"), patient=patient, study=study, series="s2")
+    [listed] = dr.requester.gateway.studies(study=study)
+    assert listed == {"patient": patient, "study": study, "modalities": ["CR"], "registered_t": listed["registered_t"],
+                      "policies": ["default"], "consented": ["diagnosis", "research"],
+                      "series": {"s1": [a], "s2": [b]}}
+    decisions = dr.requester.request_study(study, "diagnosis")
+    assert sorted((d.envelope_id, d.granted) for d in decisions) == sorted([(a, True), (b, True)])
+    assert dr.requester.request_study("no-such-study", "diagnosis") == []
+    # `medchain cloud studies` prints the same record; metadata only (no key, no pixels)
+    cluster = world.cluster
+    (tmp_path / "cloud.toml").write_text(
+        f'[broker]\n\n[ledger]\ngenesis = "{cluster.genesis_path}"\ningest_key = "{cluster.key_path("ingest")}"\n'
+        f'operator_key = "{cluster.key_path("operator")}"\n\n[store]\nurl = "{world.store.root}"\n\n'
+        f'[database]\nurl = "sqlite:///unused.sqlite"\n\n[keys]\ncustodian = "c.pub"\nmodel = "m.key"\n')
+    capsys.readouterr()
+    assert main(["cloud", "studies", "--config", str(tmp_path / "cloud.toml"), "--study", study]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert json.loads(line) == listed

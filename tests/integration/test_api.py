@@ -187,3 +187,22 @@ def test_medchain_cloud_api_serves_on_loopback(world, person, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_studies_are_listed_by_role_metadata_only(world, person, client):
+    import os
+
+    study = f"1.2.826.0.2.{os.urandom(3).hex()}"
+    a, patient, _ = world.image(consent=("research",), study=study)
+    researcher, clinician, service = person("researcher"), person("clinician"), person("training")
+    [s] = HttpGateway(client, researcher.name, researcher.key).studies(study=study)
+    assert (s["patient"], s["series"], s["consented"], s["open_to_you"]) == (patient, {"se": [a]}, ["research"],
+                                                                              ["research"])
+    [s] = HttpGateway(client, clinician.name, clinician.key).studies(study=study)
+    assert s["open_to_you"] == []  # consented for research only; clinicians are allowed diagnosis
+    with pytest.raises(ApiProblem) as exc:
+        HttpGateway(client, service.name, service.key).studies()
+    assert (exc.value.status, exc.value.code) == (403, "role-not-allowed")
+    # and a whole study requested over the API
+    me = over_http(client, researcher)
+    assert [(d.envelope_id, d.granted) for d in me.request_study(study, "research")] == [(a, True)]
