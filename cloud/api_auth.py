@@ -3,8 +3,8 @@
 Each request carries four headers: ``X-MedChain-Principal`` (the ledger principal's name),
 ``X-MedChain-Time`` (milliseconds since the epoch), ``X-MedChain-Nonce`` (16 random bytes,
 hex) and ``X-MedChain-Signature`` (hex): the principal's Ed25519 signature, under domain
-``"medchain/v1/api-request"``, over the canonical CBOR of ``[method, path with query,
-SHA-256(body), time, nonce]``. The server verifies it against the key the ledger holds for
+``"medchain/v1/api-request"``, over the canonical CBOR of ``[principal, method, path with
+query, SHA-256(body), time, nonce]``. The server verifies it against the key the ledger holds for
 that principal (active principals only), refuses a time outside the window and a nonce
 already seen (:class:`~cloud.custodian_protocol.ReplayGuard`). Why not mutual TLS:
 docs/access.md.
@@ -31,15 +31,15 @@ PRINCIPAL, TIME, NONCE, SIGNATURE = ("X-MedChain-Principal", "X-MedChain-Time", 
 HEADERS = (PRINCIPAL, TIME, NONCE, SIGNATURE)
 
 
-def _message(method: str, target: str, body: bytes, time_ms: int, nonce: bytes) -> bytes:
-    return canonical_bytes([method.upper(), target, hashlib.sha256(body).digest(), time_ms, nonce])
+def _message(principal: str, method: str, target: str, body: bytes, time_ms: int, nonce: bytes) -> bytes:
+    return canonical_bytes([principal, method.upper(), target, hashlib.sha256(body).digest(), time_ms, nonce])
 
 
 def sign_request(key: SigningKey, principal: str, method: str, target: str, body: bytes, *,
                  now_ms: int, nonce: bytes | None = None) -> dict[str, str]:
     """The headers that authenticate one request (``target``: path and query string)."""
     nonce = nonce or os.urandom(16)
-    sig = key.sign_encoded(API_DOMAIN, _message(method, target, body, now_ms, nonce))
+    sig = key.sign_encoded(API_DOMAIN, _message(principal, method, target, body, now_ms, nonce))
     return {PRINCIPAL: principal, TIME: str(now_ms), NONCE: nonce.hex(), SIGNATURE: sig.hex()}
 
 
@@ -69,7 +69,7 @@ def verify_request(headers: Mapping[str, str], method: str, target: str, body: b
     if principal is None or not principal["active"]:
         raise ApiUnauthorized(f"principal {name!r} is unknown or revoked")
     try:
-        VerifyKey(principal["key"]).verify_encoded(API_DOMAIN, _message(method, target, body, time_ms, nonce),
+        VerifyKey(principal["key"]).verify_encoded(API_DOMAIN, _message(name, method, target, body, time_ms, nonce),
                                                    sig)
     except SignatureInvalid:
         raise ApiUnauthorized(f"request of {name!r}: signature does not verify") from None

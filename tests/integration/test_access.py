@@ -29,9 +29,17 @@ def audit_of(world, person) -> list[dict]:
 
 
 def assert_signed(entries: list[dict], world) -> None:
-    """Every entry carries at least f + 1 validators' signatures."""
+    """Every entry carries at least f + 1 validators' signatures, each valid under its
+    validator's key over the entry's canonical CBOR."""
+    from ledger.execution import AUDIT_DOMAIN
+    from medchain.canonical import canonical_bytes
+
     for e in entries:
         assert len(e["signatures"]) >= world.cluster.genesis.f + 1, e
+        body = canonical_bytes({k: v for k, v in e.items() if k != "signatures"})
+        for vid, sig in e["signatures"].items():
+            key = SigningKey.load(world.cluster.key_path(f"validator-{vid}")).public
+            key.verify_encoded(AUDIT_DOMAIN, body, sig)
 
 
 def test_request_grant_fetch_writes_the_dicom_and_a_denial_returns_only_the_reason(world, person, tmp_path):
@@ -106,6 +114,7 @@ def test_a_revoked_principal_gets_no_key_and_the_attempt_is_audited(world, perso
     fetch = audit_of(world, dr)[-1]
     assert (fetch["action"], fetch["granted"], fetch["reason"], fetch["by"]) == (
         "fetch", False, "unknown or inactive user", "custodian")
+    assert_signed([fetch], world)
 
 
 def test_consent_revoked_between_request_and_fetch(world, person, tmp_path):
@@ -120,6 +129,7 @@ def test_consent_revoked_between_request_and_fetch(world, person, tmp_path):
     entries = audit_of(world, dr)
     assert [(e["action"], e["granted"], e["reason"]) for e in entries] == [
         ("request", True, "granted"), ("fetch", False, "consent revoked")]
+    assert_signed(entries, world)
     with world.cluster.client("operator") as op:  # also on the patient's trail
         assert [e["action"] for e in op.audit(patient=patient)] == ["request", "fetch"]
 
@@ -139,6 +149,7 @@ def test_a_grant_for_image_a_does_not_fetch_image_b(world, person, tmp_path):
     assert not (tmp_path / "out").exists()
     fetches = [e for e in audit_of(world, dr) if e["action"] == "fetch"]
     assert [e["image"].hex() for e in fetches] == [b, b]  # the attempts are on the trail
+    assert_signed(fetches, world)
 
 
 class TamperingStore:
