@@ -6,8 +6,9 @@ Run inside the custodian process (the only holder of the custodian key). For a
 1. looks the principal up on the ledger (f + 1 validators agree) and checks the request's
    signature against the Ed25519 key the ledger holds for it; refuses stale and replayed
    requests;
-2. per image, checks that the audit entry the request names is a committed grant of that
-   image, to that principal, for that purpose (a grant for image A never opens image B);
+2. per image, reads the audit entry the request names (by id, f + 1 validators agree) and
+   checks it is a committed grant of that image, to that principal, for that purpose (a
+   grant for image A never opens image B, nor another principal's grant anything);
 3. files ``ACCESS_REQUESTED`` (action ``fetch``) on behalf of the principal for every image
    asked for, so the attempt is audited and decided under the consent and principal status
    in force *now* (consent revoked, or the principal revoked, since the grant: refused);
@@ -99,7 +100,8 @@ class AccessGate:
         return request, principal
 
     def _items(self, request: FetchRequest, principal: dict) -> list[FetchItem]:
-        grants = {e["id"]: e for e in self.ledger.audit(user=request.principal)}
+        wanted = sorted({grant_id for _, grant_id in request.items if grant_id >= 0})
+        grants = {e["id"]: e for e in self.ledger.audit_entries(wanted) if e is not None}
         ids = [bytes.fromhex(e) for e, _ in request.items]
         decisions = self.ledger.access_many(request.principal, ids, request.purpose,
                                             FETCH_ACTION)
@@ -109,7 +111,7 @@ class AccessGate:
             audit_id = int(decision.audit["id"])
             grant = grants.get(grant_id)
             if not (grant and grant["granted"] and grant["action"] == REQUEST_ACTION
-                    and grant["image"].hex() == envelope_id
+                    and grant["user"] == request.principal and grant["image"].hex() == envelope_id
                     and grant["purpose"] == request.purpose):
                 out.append(FetchItem(envelope_id, audit_id=audit_id, refused=NO_GRANT))
             elif not decision.granted:

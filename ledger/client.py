@@ -407,6 +407,10 @@ class AsyncLedgerClient:
                 if v is not None}
         return await self.query("studies", args)
 
+    async def audit_entries(self, ids: Iterable[int]) -> list[dict | None]:
+        """Audit entries by id (None where there is none), as f + 1 validators agree."""
+        return await self.query("audit_entries", {"ids": list(ids)})
+
     async def principals(self) -> list[dict]:
         """Every registered principal (name, role, active, public keys), by name."""
         return await self.query("principals", {})
@@ -524,6 +528,9 @@ class LedgerClient:
 
     def principals(self) -> list[dict]:
         return self._run(self._async.principals())
+
+    def audit_entries(self, ids: Iterable[int]) -> list[dict | None]:
+        return self._run(self._async.audit_entries(ids))
 
     def studies(self, **filters) -> list[dict]:
         return self._run(self._async.studies(**filters))

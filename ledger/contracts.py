@@ -346,6 +346,10 @@ class Contracts:
                                  start, min(limit, MAX_LIST)),
                 "total": self.state.get(f"consent_n/{patient}", 0)}
 
+    def audit_entries(self, ids: list[int]) -> list[dict | None]:
+        """The audit entries with these ids (None for an id not yet written), in order."""
+        return [self.state.get(f"audit/{i}") for i in ids[:MAX_LIST]]
+
     def audit(self, by: str, key: str | bytes, start: int = 0, limit: int = MAX_LIST) -> dict:
         """Audit entries for one user, patient token or image (envelope id), oldest first."""
         if by not in AUDIT_INDEXES:
