@@ -382,14 +382,18 @@ class AsyncLedgerClient:
         the signatures of the f + 1 validators that vouched for it."""
         (by, key), = [(b, k) for b, k in (("user", user), ("patient", patient),
                                            ("image", image)) if k is not None]
-        answers = await self._ask("audit", {"by": by, "key": key})
-        entries = [dict(e, signatures={}) for e in answers[0].answer["entries"]]
-        by_id = {e["id"]: e for e in entries}
-        for qr in answers:
-            for audit_id, sig in qr.attestation.get("signatures", []):
-                if audit_id in by_id:
-                    by_id[audit_id]["signatures"][qr.sender] = sig
-        return entries
+        entries: list[dict] = []
+        while True:  # a page per query, oldest first, until the index's total
+            answers = await self._ask("audit", {"by": by, "key": key, "start": len(entries)})
+            page = [dict(e, signatures={}) for e in answers[0].answer["entries"]]
+            by_id = {e["id"]: e for e in page}
+            for qr in answers:
+                for audit_id, sig in qr.attestation.get("signatures", []):
+                    if audit_id in by_id:
+                        by_id[audit_id]["signatures"][qr.sender] = sig
+            entries += page
+            if not page or len(entries) >= answers[0].answer["total"]:
+                return entries
 
     async def model(self, model_hash: bytes) -> dict | None:
         return await self.query("model", {"model_hash": model_hash})
