@@ -7,7 +7,9 @@ by a principal it serves (``training`` by default). For each, the
 :class:`~cloud.custodian.Custodian` inside this process files ``ACCESS_REQUESTED`` on the
 ledger as the ``custodian`` principal on behalf of the asking one and releases only what
 the ledger grants and whose object id and Merkle root match the ledger's record; every
-release and refusal is logged and counted (:attr:`CustodianServer.counts`). The coordinator,
+release and refusal is logged and counted (:attr:`CustodianServer.counts`). People's fetches
+(``"kind": "fetch"``) are answered by :mod:`cloud.custodian_access`: data keys re-wrapped to
+the requester after its committed grant and a fresh decision. The coordinator,
 ingest, enrolment and the training service hold the custodian's public key only.
 
 The configuration (TOML, relative paths against its folder)::
