@@ -354,3 +354,39 @@ def test_a_study_is_listed_by_metadata_and_requested_whole(world, person, tmp_pa
     assert main(["cloud", "studies", "--config", str(tmp_path / "cloud.toml"), "--study", study]) == 0
     [line] = capsys.readouterr().out.splitlines()
     assert json.loads(line) == listed
+
+
+
+def test_a_direct_read_of_the_store_opens_nothing(world, person):
+    """Whoever reads the object store — a principal with its own keys included — holds
+    ciphertext sealed for the custodian's key only."""
+    from medchain.errors import DecryptionError
+    from medchain.identity import VerifyKey
+    from medchain.sealing import open_envelope, unwrap_key_for_principal
+
+    dr = person("clinician")
+    a, _, _ = world.image()
+    envelope = world.store.get(a)
+    device = VerifyKey(world.operator.device("dev-access").public_key)
+    with pytest.raises(DecryptionError):
+        open_envelope(envelope, dr.recipient, device)
+    with pytest.raises(DecryptionError):  # nor is the stored wrapped key one for the principal
+        unwrap_key_for_principal(envelope.header.wrapped_key, envelope.header.object_id, dr.name, dr.recipient)
+
+
+def test_an_operator_gets_no_key_without_a_grant_of_its_own(world, person, tmp_path):
+    """An operator (it may file requests on others' behalf) fetching for itself: a grant id of
+    someone else's opens nothing, and the ledger's fresh decision denies its role; audited."""
+    dr, op = person("clinician"), person("operator")
+    a, _, _ = world.image()
+    [d] = dr.requester.request([a], "diagnosis")
+    [f] = op.requester.fetch([(a, d.audit_id)], "diagnosis", tmp_path / "out")
+    assert f.path is None and f.refused == NO_GRANT
+    # nor does a request the operator files for itself grant: its role is in no policy
+    [own] = op.requester.request([a], "diagnosis")
+    assert not own.granted and own.reason == "role not allowed for purpose"
+    [g] = op.requester.fetch([(a, own.audit_id)], "diagnosis", tmp_path / "out")
+    assert g.path is None and g.refused == NO_GRANT
+    assert not (tmp_path / "out").exists()
+    assert [(e["action"], e["granted"]) for e in audit_of(world, op)] == [
+        ("fetch", False), ("request", False), ("fetch", False)]
