@@ -27,6 +27,7 @@ VERSION = 1
 FETCH_DOMAIN = "medchain/v1/access-fetch"
 FETCH_KIND = "fetch"
 MAX_ITEMS = 1000
+_HEX = set("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ def parse_fetch(outer: dict) -> tuple[FetchRequest, bytes, bytes]:
         items = tuple((str(e), int(a)) for e, a in body["items"])
         if not 0 < len(items) <= MAX_ITEMS:
             raise CustodianRefused(f"a fetch names 1 to {MAX_ITEMS} images")
+        if not all(len(e) == 32 and set(e) <= _HEX and a >= 0 for e, a in items):
+            raise CustodianRefused("malformed fetch request: an image id or grant id")
         request = FetchRequest(str(body["principal"]), str(body["purpose"]), items,
                                int(body["time_ms"]), bytes(body["nonce"]))
     except CustodianRefused:

@@ -108,6 +108,9 @@ def test_fetch_request_and_reply_round_trip_and_malformed_ones_are_refused():
     key.public.verify_encoded("medchain/v1/access-fetch", body, sig)
     with pytest.raises(CustodianRefused, match="malformed"):
         parse_fetch({"kind": "fetch", "body": b"\xa0", "sig": b""})
+    for bad in ([("zz" * 16, 1)], [("ab" * 16, -1)], [("ab", 1)]):
+        with pytest.raises(CustodianRefused, match="malformed"):
+            parse_fetch(decode(FetchRequest.new("dr", "diagnosis", bad, now_ms=NOW).signed(key)))
     empty = FetchRequest.new("dr", "diagnosis", [], now_ms=NOW)
     with pytest.raises(CustodianRefused, match="1 to"):
         parse_fetch(decode(empty.signed(key)))
