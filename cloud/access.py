@@ -17,6 +17,7 @@ and an X25519 recipient key, both registered by an operator with ``PRINCIPAL_SET
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ class LedgerGateway:
 
     def __init__(self, ledger: LedgerClient, custodian: Callable[[bytes], bytes], store: ObjectStore):
         self.ledger, self._custodian, self.store = ledger, custodian, store
+        self._devices: dict[str, bytes | None] = {}
 
     def decide(self, name: str, envelope_ids: Sequence[str], purpose: str) -> list[Decision]:
         decisions = self.ledger.access_many(name, [bytes.fromhex(e) for e in envelope_ids],
@@ -127,7 +129,10 @@ class LedgerGateway:
         proof = self.ledger.image(bytes.fromhex(envelope_id))
         if proof is None:
             return None, None
-        return proof.record["merkle_root"], self.ledger.device(proof.record["device_id"]).public_key
+        device_id = proof.record["device_id"]
+        if device_id not in self._devices:  # the key that signed what the ledger registered
+            self._devices[device_id] = self.ledger.device(device_id).public_key
+        return proof.record["merkle_root"], self._devices[device_id]
 
     def studies(self, **filters: str) -> list[dict]:
         return self.ledger.studies(**filters)
@@ -138,9 +143,9 @@ class Requester:
     custodian re-wraps to it."""
 
     def __init__(self, gateway: Gateway, name: str, key: SigningKey, recipient: RecipientKey, *,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, workers: int = 8):
         self.gateway, self.name, self._key, self._recipient = gateway, name, key, recipient
-        self._clock = clock
+        self._clock, self.workers = clock, workers
 
     def request(self, envelope_ids: Sequence[str], purpose: str) -> list[Decision]:
         return self.gateway.decide(self.name, list(envelope_ids), purpose)
@@ -164,21 +169,20 @@ class Requester:
         reply = FetchReply.decode(self.gateway.custodian(request.signed(self._key)))
         if reply.error is not None:
             raise AccessRefused(f"custodian: {reply.error}")
-        out = []
-        for item in reply.items:
-            if item.wrapped_key is None:
-                out.append(Fetched(item.envelope_id, refused=item.refused, audit_id=item.audit_id))
-                continue
-            try:
-                data = self._open(item.envelope_id, item.wrapped_key, part)
-            except (MedChainError, KeyError) as exc:
-                out.append(Fetched(item.envelope_id, refused=f"failed verification "
-                                   f"({type(exc).__name__})", audit_id=item.audit_id))
-                continue
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            path = durable_write(Path(out_dir) / f"{item.envelope_id}.dcm", data, mode=0o600)
-            out.append(Fetched(item.envelope_id, path, audit_id=item.audit_id))
-        return out
+        with ThreadPoolExecutor(self.workers) as pool:  # each image waits on ledger proofs
+            return list(pool.map(lambda item: self._one(item, Path(out_dir), part), reply.items))
+
+    def _one(self, item, out_dir: Path, part: str) -> Fetched:
+        if item.wrapped_key is None:
+            return Fetched(item.envelope_id, refused=item.refused, audit_id=item.audit_id)
+        try:
+            data = self._open(item.envelope_id, item.wrapped_key, part)
+        except (MedChainError, KeyError) as exc:
+            return Fetched(item.envelope_id, refused=f"failed verification ({type(exc).__name__})",
+                           audit_id=item.audit_id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = durable_write(out_dir / f"{item.envelope_id}.dcm", data, mode=0o600)
+        return Fetched(item.envelope_id, path, audit_id=item.audit_id)
 
     def _open(self, envelope_id: str, wrapped: bytes, part: str) -> bytes:
         envelope = self.gateway.envelope(envelope_id)

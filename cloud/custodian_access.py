@@ -59,6 +59,7 @@ class AccessGate:
                  guard: ReplayGuard):
         self.ledger, self.store, self._key, self._guard = ledger, store, key, guard
         self.counts: Counter = Counter()
+        self._devices: dict[str, bytes | None] = {}  # as cloud/custodian.py: a key per device
 
     def answer(self, outer: dict, now_ms: int) -> FetchReply:
         try:
@@ -139,11 +140,13 @@ class AccessGate:
             raise _Refused("stored object is another image's")
         if root is None or header.merkle_root != root:
             raise _Refused("stored object is not the one the ledger registered")
-        device = self.ledger.device(header.device_id)
-        if device.public_key is None:
+        if header.device_id not in self._devices:
+            self._devices[header.device_id] = self.ledger.device(header.device_id).public_key
+        device = self._devices[header.device_id]
+        if device is None:
             raise _Refused("device unknown on the ledger")
         try:
-            verify(envelope, VerifyKey(device.public_key))
+            verify(envelope, VerifyKey(device))
             data_key = self._key.unwrap(header.wrapped_key, header.object_id)
         except MedChainError:
             raise _Refused("stored object failed verification") from None
