@@ -72,6 +72,47 @@ def _custodian(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from functools import partial
+
+    from cloud.access import LedgerGateway
+    from cloud.api import ApiServer, create_app
+    from cloud.custodian_service import ask_custodian
+    from cloud.objectstore import open_store
+    from ledger.client import LedgerClient
+    from medchain.errors import ConfigError
+    from medchain.identity import SigningKey
+
+    config = _config(args)
+    if config.operator_key is None or config.custodian_socket is None:
+        raise ConfigError("cloud api: cloud.toml needs [ledger] operator_key (the API files access requests "
+                          "on behalf of the signer) and [custodian] socket")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with LedgerClient(config.genesis, SigningKey.load(config.operator_key), "operator") as ledger:
+        gateway = LedgerGateway(ledger, partial(ask_custodian, config.custodian_socket), open_store(config.store_url))
+        with ApiServer(create_app(gateway), host=args.host, port=args.port, tls=tls) as server:
+            print(f"cloud api ready: {server.url} (schema at {server.url}/openapi.json)", flush=True)
+            while not stop.wait(0.5):
+                pass
+    print("cloud api stopped", flush=True)
+    return 0
+
+
+def _studies(args: argparse.Namespace) -> int:
+    from cloud.access_commands import operator_client
+
+    with operator_client(args.config) as ledger:
+        found = ledger.studies(modality=args.modality, patient=args.patient, study=args.study)
+    for s in found:
+        print(json.dumps(s, sort_keys=True), flush=True)
+    return 0
+
+
 def _broker(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -290,6 +331,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                                              "requests as the ledger grants them")
     p.add_argument("--config", required=True, type=Path, help="custodian.toml (written by cloud init)")
     p.set_defaults(func=_custodian)
+
+    p = actions.add_parser("api", help="serve the access API (signed requests of ledger principals) "
+                                       "until SIGTERM; loopback unless TLS files are given")
+    _with_config(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=port(any_free=True), default=8443, help="0: any free port")
+    p.add_argument("--tls-cert", type=Path, help="certificate (PEM): required off loopback")
+    p.add_argument("--tls-key", type=Path)
+    p.set_defaults(func=_api)
+
+    p = actions.add_parser("studies", help="registered studies by pseudonymous patient, modality, series "
+                                           "and the purposes consented now: metadata only (JSON lines)")
+    p.add_argument("--config", type=Path, required=True, help="cloud.toml (its [ledger] operator_key reads)")
+    p.add_argument("--modality")
+    p.add_argument("--patient", help="a patient's pseudonym token")
+    p.add_argument("--study", help="a study uid (as registered: the edge's pseudonym)")
+    p.set_defaults(func=_studies)
 
     p = actions.add_parser("run", help="run ingest and the heartbeat monitor until SIGTERM")
     _with_config(p)

@@ -7,7 +7,9 @@ by a principal it serves (``training`` by default). For each, the
 :class:`~cloud.custodian.Custodian` inside this process files ``ACCESS_REQUESTED`` on the
 ledger as the ``custodian`` principal on behalf of the asking one and releases only what
 the ledger grants and whose object id and Merkle root match the ledger's record; every
-release and refusal is logged and counted (:attr:`CustodianServer.counts`). The coordinator,
+release and refusal is logged and counted (:attr:`CustodianServer.counts`). People's fetches
+(``"kind": "fetch"``) are answered by :mod:`cloud.custodian_access`: data keys re-wrapped to
+the requester after its committed grant and a fresh decision. The coordinator,
 ingest, enrolment and the training service hold the custodian's public key only.
 
 The configuration (TOML, relative paths against its folder)::
@@ -34,12 +36,15 @@ from pathlib import Path
 
 from ledger.client import LedgerClient
 from ledger.genesis import Genesis
-from medchain.errors import ConfigError, MedChainError
+from medchain.canonical import decode
+from medchain.errors import ConfigError, EncodingError, MedChainError
 from medchain.identity import SigningKey, VerifyKey
 from medchain.settings import Section, read_toml
 
+from cloud.access_protocol import FETCH_KIND
 from cloud.catalog import CatalogEntry
 from cloud.custodian import AccessFailed, AccessReport, Custodian, Released
+from cloud.custodian_access import AccessGate
 from cloud.custodian_protocol import (
     ReleasedItem,
     ReleaseReply,
@@ -52,7 +57,7 @@ from cloud.errors import CustodianError, CustodianRefused
 from cloud.keybackend import KeyBackend, Pkcs11Settings, open_backend
 from cloud.objectstore import open_store
 
-__all__ = ["CustodianConfig", "load_custodian_config", "CustodianServer", "RemoteCustodian"]
+__all__ = ["CustodianConfig", "load_custodian_config", "CustodianServer", "RemoteCustodian", "ask_custodian"]
 
 log = logging.getLogger("medchain.custodian")
 
@@ -126,6 +131,7 @@ class CustodianServer:
             raise ConfigError(f"custodian: principal(s) {missing} to serve are not in the genesis")
         self._keys = {name: VerifyKey.from_hex(principals[name].public_key) for name in config.serve}
         self._custodians: dict[str, Custodian] = {}
+        self._gate: AccessGate | None = None
 
     def __enter__(self) -> CustodianServer:
         try:
@@ -149,6 +155,7 @@ class CustodianServer:
         self._ledger.start()
         store = open_store(c.store_url)
         self._custodians = {name: Custodian(self._ledger, store, self.backend, user=name) for name in c.serve}
+        self._gate = AccessGate(self._ledger, store, self.backend, self._guard)
         c.socket.parent.mkdir(parents=True, exist_ok=True)
         if c.socket.exists():
             c.socket.unlink()  # a stale socket of a previous run
@@ -176,6 +183,20 @@ class CustodianServer:
             self._ledger = None
         if self.backend is not None:
             self.backend.close()
+
+    def respond(self, data: bytes) -> bytes:
+        """One frame in, one frame out: a person's fetch (:mod:`cloud.custodian_access`)
+        or a service's release request."""
+        try:
+            outer = decode(data)
+        except EncodingError:
+            outer = None
+        if isinstance(outer, dict) and outer.get("kind") == FETCH_KIND:
+            reply = self._gate.answer(outer, int(self._clock() * 1000))
+            self.counts.update(self._gate.counts)
+            self._gate.counts.clear()
+            return reply.encode()
+        return self.answer(data).encode()
 
     def answer(self, data: bytes) -> ReleaseReply:
         """One request in, one reply out (the pure part of serving, locks aside)."""
@@ -246,8 +267,8 @@ def _handler(server: CustodianServer):
             try:
                 while (data := _read_frame(self.request)) is not None:
                     with server._lock:
-                        reply = server.answer(data)
-                    self.request.sendall(frame(reply.encode()))
+                        reply = server.respond(data)
+                    self.request.sendall(frame(reply))
             except (CustodianError, OSError, MedChainError) as exc:  # a bad client, never a dead server
                 log.warning("custodian: connection dropped: %s", exc)
     return Handler
@@ -281,15 +302,20 @@ class RemoteCustodian:
         return released, report
 
     def _ask(self, data: bytes) -> bytes:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(self.timeout)
-                sock.connect(str(self.path))
-                sock.sendall(frame(data))
-                answer = _read_frame(sock)
-        except OSError as exc:
-            raise CustodianError(f"custodian at {self.path} not reachable: {exc.strerror or exc} "
-                                 "(is `medchain cloud custodian` running?)") from None
-        if answer is None:
-            raise CustodianError(f"custodian at {self.path} closed the connection")
-        return answer
+        return ask_custodian(self.path, data, self.timeout)
+
+
+def ask_custodian(path: Path, data: bytes, timeout: float = 600.0) -> bytes:
+    """Send one request frame to the custodian's socket; its reply frame."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(frame(data))
+            answer = _read_frame(sock)
+    except OSError as exc:
+        raise CustodianError(f"custodian at {path} not reachable: {exc.strerror or exc} "
+                             "(is `medchain cloud custodian` running?)") from None
+    if answer is None:
+        raise CustodianError(f"custodian at {path} closed the connection")
+    return answer

@@ -18,6 +18,8 @@ __all__ = [
     "KeyBackendError",
     "CustodianError",
     "CustodianRefused",
+    "AccessRefused",
+    "ApiUnauthorized",
 ]
 
 
@@ -71,3 +73,13 @@ class CustodianError(CloudError):
 class CustodianRefused(CustodianError):
     """The custodian refused a request: bad signature, a principal it does not serve, a
     stale or replayed request. Says which, never more."""
+
+
+class AccessRefused(CloudError):
+    """A person's fetch was refused as a whole by the custodian (a signature that does not
+    verify, a replayed or stale request, a principal without a recipient key)."""
+
+
+class ApiUnauthorized(CloudError):
+    """An API request is not signed by an active principal, or is stale or replayed. Says
+    which check failed, never the key or the signature."""

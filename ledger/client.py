@@ -382,14 +382,18 @@ class AsyncLedgerClient:
         the signatures of the f + 1 validators that vouched for it."""
         (by, key), = [(b, k) for b, k in (("user", user), ("patient", patient),
                                            ("image", image)) if k is not None]
-        answers = await self._ask("audit", {"by": by, "key": key})
-        entries = [dict(e, signatures={}) for e in answers[0].answer["entries"]]
-        by_id = {e["id"]: e for e in entries}
-        for qr in answers:
-            for audit_id, sig in qr.attestation.get("signatures", []):
-                if audit_id in by_id:
-                    by_id[audit_id]["signatures"][qr.sender] = sig
-        return entries
+        entries: list[dict] = []
+        while True:  # a page per query, oldest first, until the index's total
+            answers = await self._ask("audit", {"by": by, "key": key, "start": len(entries)})
+            page = [dict(e, signatures={}) for e in answers[0].answer["entries"]]
+            by_id = {e["id"]: e for e in page}
+            for qr in answers:
+                for audit_id, sig in qr.attestation.get("signatures", []):
+                    if audit_id in by_id:
+                        by_id[audit_id]["signatures"][qr.sender] = sig
+            entries += page
+            if not page or len(entries) >= answers[0].answer["total"]:
+                return entries
 
     async def model(self, model_hash: bytes) -> dict | None:
         return await self.query("model", {"model_hash": model_hash})
@@ -399,6 +403,21 @@ class AsyncLedgerClient:
 
     async def principal(self, name: str) -> dict | None:
         return await self.query("principal", {"name": name})
+
+    async def studies(self, *, modality: str | None = None, patient: str | None = None,
+                      study: str | None = None) -> list[dict]:
+        """Registered studies (metadata only), filtered; see :meth:`Contracts.studies`."""
+        args = {k: v for k, v in (("modality", modality), ("patient", patient), ("study", study))
+                if v is not None}
+        return await self.query("studies", args)
+
+    async def audit_entries(self, ids: Iterable[int]) -> list[dict | None]:
+        """Audit entries by id (None where there is none), as f + 1 validators agree."""
+        return await self.query("audit_entries", {"ids": list(ids)})
+
+    async def principals(self) -> list[dict]:
+        """Every registered principal (name, role, active, public keys), by name."""
+        return await self.query("principals", {})
 
     async def policy(self, policy_id: str) -> dict | None:
         return await self.query("policy", {"policy": policy_id})
@@ -510,6 +529,15 @@ class LedgerClient:
 
     def principal(self, name: str) -> dict | None:
         return self._run(self._async.principal(name))
+
+    def principals(self) -> list[dict]:
+        return self._run(self._async.principals())
+
+    def audit_entries(self, ids: Iterable[int]) -> list[dict | None]:
+        return self._run(self._async.audit_entries(ids))
+
+    def studies(self, **filters) -> list[dict]:
+        return self._run(self._async.studies(**filters))
 
     def policy(self, policy_id: str) -> dict | None:
         return self._run(self._async.policy(policy_id))

@@ -137,8 +137,10 @@ class Contracts:
         old = self.principal(tx.name)
         if old is not None and old["key"] != tx.public_key:
             self.state.delete(f"principal_key/{old['key'].hex()}")
-        self.state.put(f"principal/{tx.name}",
-                       {"role": tx.role, "key": tx.public_key, "active": tx.active})
+        record = {"role": tx.role, "key": tx.public_key, "active": tx.active}
+        if tx.recipient_key is not None:
+            record["recipient"] = tx.recipient_key
+        self.state.put(f"principal/{tx.name}", record)
         self.state.put(f"principal_key/{tx.public_key.hex()}", tx.name)
         return {"principal": tx.name, "role": tx.role, "active": tx.active}
 
@@ -288,6 +290,41 @@ class Contracts:
     def device(self, device_id: str) -> dict | None:
         return self.state.get(f"device/{device_id}")
 
+    def studies(self, *, modality: str | None = None, patient: str | None = None,
+                study: str | None = None, limit: int = MAX_LIST) -> list[dict]:
+        """Registered studies, metadata only: pseudonymous patient, study, modality, series
+        with their envelope ids, and the purposes for which consent is valid now. A scan of
+        the state (image records), filtered; at most ``limit`` studies."""
+        found: dict[tuple[str, str], dict] = {}
+        for key, rec in self.state.items():
+            if not key.startswith("image/") or (modality and rec["modality"] != modality) or (
+                    patient and rec["patient"] != patient) or (study and rec["study_uid"] != study):
+                continue
+            s = found.setdefault((rec["patient"], rec["study_uid"]), {
+                "patient": rec["patient"], "study": rec["study_uid"], "modalities": set(),
+                "series": {}, "registered_t": rec["t"], "flags": set(), "policies": set()})
+            s["modalities"].add(rec["modality"])
+            s["series"].setdefault(rec["series_uid"], []).append(rec["envelope_id"].hex())
+            s["registered_t"] = min(s["registered_t"], rec["t"])
+            s["flags"].update(rec["consent"])
+            s["policies"].add(rec["policy"])
+        out = []
+        for (patient_token, _), s in sorted(found.items())[:limit]:
+            consented = [p for p in ("diagnosis", "research", "training", "sharing")
+                         if self.consent_valid(patient_token, p, sorted(s["flags"]), self.now)[0]]
+            out.append({"patient": s["patient"], "study": s["study"],
+                        "modalities": sorted(s["modalities"]), "registered_t": s["registered_t"],
+                        "policies": sorted(s["policies"]), "consented": consented,
+                        "series": {k: sorted(v) for k, v in sorted(s["series"].items())}})
+        return out
+
+    def principals(self, limit: int = MAX_LIST) -> list[dict]:
+        """Every principal (name, role, active, keys), by name; a scan of the state."""
+        found = sorted((k[len("principal/"):], v) for k, v in self.state.items()
+                       if k.startswith("principal/"))
+        return [{"name": n, "role": v["role"], "key": v["key"], "active": v["active"],
+                 "recipient": v.get("recipient")} for n, v in found[:limit]]
+
     def image(self, envelope_id: bytes) -> dict | None:
         return self.state.get(f"image/{envelope_id.hex()}")
 
@@ -308,6 +345,10 @@ class Contracts:
                 "history": _list(self.state, f"consent_n/{patient}", f"consent_h/{patient}",
                                  start, min(limit, MAX_LIST)),
                 "total": self.state.get(f"consent_n/{patient}", 0)}
+
+    def audit_entries(self, ids: list[int]) -> list[dict | None]:
+        """The audit entries with these ids (None for an id not yet written), in order."""
+        return [self.state.get(f"audit/{i}") for i in ids[:MAX_LIST]]
 
     def audit(self, by: str, key: str | bytes, start: int = 0, limit: int = MAX_LIST) -> dict:
         """Audit entries for one user, patient token or image (envelope id), oldest first."""

@@ -24,7 +24,7 @@ from ledger.store import BlockStore
 
 __all__ = ["answer_query", "QUERY_KINDS"]
 
-QUERY_KINDS = ("status", "headers", "principal", "device", "image", "consent", "audit",
+QUERY_KINDS = ("status", "headers", "principal", "principals", "studies", "device", "audit_entries", "image", "consent", "audit",
                "model", "inference", "policy")
 
 
@@ -75,7 +75,20 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
     if what == "principal":
         p = c.principal(_arg(args, "name", str))
         return (None if p is None else {"role": p["role"], "key": p["key"],
-                                        "active": p["active"]}), {}
+                                        "active": p["active"],
+                                        "recipient": p.get("recipient")}), {}
+    if what == "principals":
+        return c.principals(), {}
+    if what == "audit_entries":
+        ids = args.get("ids")
+        if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+            raise QueryFailed("audit_entries: 'ids' must be a list of entry ids")
+        return c.audit_entries(ids), {}
+    if what == "studies":
+        filters = {k: args.get(k) for k in ("modality", "patient", "study")}
+        if not all(v is None or isinstance(v, str) for v in filters.values()):
+            raise QueryFailed("studies: filters are text")
+        return c.studies(**filters), {}
     if what == "device":
         return c.device(_arg(args, "device_id", str)), {}
     if what == "image":

@@ -112,15 +112,18 @@ class Transaction:
 
 @dataclass(frozen=True, slots=True)
 class PrincipalSet(Transaction):
-    """Add, re-key, change the role of, or deactivate a principal (operator only)."""
+    """Add, re-key, change the role of, or deactivate a principal (operator only).
+    ``recipient_key``: the principal's X25519 public key, to which the custodian re-wraps
+    the data keys of images granted to it (people fetching images need one)."""
 
     TYPE: ClassVar[str] = "PRINCIPAL_SET"
     CHECKS: ClassVar[dict] = {"name": _name, "role": _name, "public_key": _hash32,
-                              "active": _bool}
+                              "active": _bool, "recipient_key": _opt_hash32}
     name: str
     role: str
     public_key: bytes
     active: bool = True
+    recipient_key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,9 @@ __all__ = [
     "decrypt_chunk",
     "chunk_digest",
     "KeyUnwrapper",
+    "wrap_key_for_principal",
+    "unwrap_key_for_principal",
+    "open_with_data_key",
 ]
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
@@ -109,6 +112,29 @@ def unwrap_key(wrapped: bytes, object_id: bytes, recipient: RecipientKey) -> byt
         raise DecryptionError(f"data key of object {object_id.hex()} failed to unwrap") from None
     if len(key) != KEY_SIZE:
         raise DecryptionError(f"data key of object {object_id.hex()} has the wrong size")
+    return key
+
+
+def _grant_info(object_id: bytes, principal: str) -> bytes:
+    return canonical_bytes(["medchain/v1/granted-data-key", object_id, principal])
+
+
+def wrap_key_for_principal(data_key: bytes, object_id: bytes, principal: str,
+                           recipient: RecipientPublicKey) -> bytes:
+    """HPKE-seal an object's data key for one ledger principal (the custodian's re-wrap of
+    a granted image). ``info`` binds the object id and the principal's name, so the wrapped
+    key opens neither another object nor under another principal's name."""
+    return _SUITE.encrypt(data_key, recipient.to_crypto(), info=_grant_info(object_id, principal))
+
+
+def unwrap_key_for_principal(wrapped: bytes, object_id: bytes, principal: str,
+                             recipient: RecipientKey) -> bytes:
+    try:
+        key = _SUITE.decrypt(wrapped, recipient.to_crypto(), info=_grant_info(object_id, principal))
+    except (InvalidTag, ValueError):
+        raise DecryptionError(f"granted data key of object {object_id.hex()} failed to unwrap") from None
+    if len(key) != KEY_SIZE:
+        raise DecryptionError(f"granted data key of object {object_id.hex()} has the wrong size")
     return key
 
 
@@ -292,6 +318,20 @@ def open_envelope(
         data_key = unwrap_key(header.wrapped_key, header.object_id, recipient)
     else:
         data_key = recipient.unwrap(header.wrapped_key, header.object_id)
+    return _decrypt_parts(envelope, data_key, names)
+
+
+def open_with_data_key(envelope: Envelope, data_key: bytes, device_key: VerifyKey,
+                       names: Iterable[str] | None = None) -> dict[str, bytes]:
+    """Verify and decrypt with a data key already unwrapped (a requester's, from the key
+    the custodian re-wrapped for it)."""
+    verify(envelope, device_key)
+    return _decrypt_parts(envelope, data_key, names)
+
+
+def _decrypt_parts(envelope: Envelope, data_key: bytes,
+                   names: Iterable[str] | None) -> dict[str, bytes]:
+    header = envelope.header
     aead = AESGCM(data_key)
     count = len(header.chunks)
     wanted = set(names) if names is not None else {p.name for p in header.parts}

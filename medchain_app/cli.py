@@ -16,7 +16,8 @@ __all__ = ["main", "COMMAND_MODULES"]
 
 # module -> its register(subparsers) adds one or more subcommands
 COMMAND_MODULES = ("medchain_app.keys", "medchain_app.demo", "edge_agent.commands", "scanner_sim.commands",
-                   "models.cli", "ledger.commands", "cloud.commands")
+                   "models.cli", "ledger.commands", "cloud.commands", "cloud.access_commands",
+                   "cloud.consent_commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ def smoke(name: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("name", ["crypto", "ingest", "ledger", "pipeline", "burned_in"])
+@pytest.mark.parametrize("name", ["crypto", "ingest", "ledger", "pipeline", "burned_in", "access"])
 def test_benchmark_smoke(name):
     smoke(name)
 

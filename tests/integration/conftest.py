@@ -442,3 +442,117 @@ def model_runs(tmp_path_factory):
         dc.replace(card, data={**card.data, "modality": "CR"}).save(out / "model_card.json")
         runs.append(out)
     return runs
+
+
+# -- access for people: a custodian server beside the module's ledger, principals on demand ----
+
+ACCESS_DEVICE = SigningKey.generate()
+ACCESS_DEVICE_ID = "dev-access"
+_access_seq = iter(range(1, 1_000_000))
+
+
+def dicom_bytes(text: str) -> bytes:
+    """A small DICOM file (Part 10) with ``text`` as its study description."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.PatientID, ds.StudyDescription = "tok-pseudonym", text
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@dataclasses.dataclass
+class AccessWorld:
+    cluster: LocalCluster
+    server: object  # CustodianServer
+    store: object   # LocalObjectStore
+    ingest: object  # LedgerClient
+    operator: object
+    public: object
+
+    def image(self, consent=("diagnosis",), patient=None, study="st", series="se") -> tuple[str, str, bytes]:
+        """Seal, store and register one image; (envelope id, patient token, DICOM bytes)."""
+        import os
+
+        from ledger.transactions import ImageRegistered
+        from medchain.sealing import new_object_key, package
+
+        data = dicom_bytes(f"image {os.urandom(4).hex()}")
+        env = package({"dicom": data}, new_object_key(self.public), device_id=ACCESS_DEVICE_ID,
+                      sequence=next(_access_seq), signer=ACCESS_DEVICE, created_ms=0)
+        self.store.put(env)
+        h = env.header
+        patient = patient or f"tok-{os.urandom(4).hex()}"
+        r = self.ingest.submit(ImageRegistered(h.object_id, h.merkle_root, patient, study, series, "in",
+                                               "CR", consent, "default", ACCESS_DEVICE_ID, h.sequence))
+        assert r.committed, r.reason
+        return env.envelope_id, patient, data
+
+
+@pytest.fixture(scope="module")
+def world(ledger_cluster, tmp_path_factory):
+    """The module's ledger with an enrolled device, a custodian server (file key) on a Unix
+    socket, its store, and operator and ingest clients."""
+    from cloud.custodian_service import CustodianConfig, CustodianServer
+    from cloud.objectstore import LocalObjectStore
+    from ledger.transactions import DeviceEnrolled
+
+    tmp = tmp_path_factory.mktemp("access")
+    key = RecipientKey.generate()
+    key.save(tmp / "custodian.key")
+    config = CustodianConfig(socket=tmp / "c.sock", key=tmp / "custodian.key",
+                             genesis=ledger_cluster.genesis_path,
+                             ledger_key=ledger_cluster.key_path("custodian"), store_url=str(tmp / "store"))
+    with ledger_cluster.client("operator") as operator, ledger_cluster.client("ingest") as ingest, \
+            CustodianServer(config) as server:
+        enrolled = operator.submit(DeviceEnrolled(ACCESS_DEVICE_ID, ACCESS_DEVICE.public.raw, "site", "cr"))
+        assert enrolled.committed
+        yield AccessWorld(ledger_cluster, server, LocalObjectStore(tmp / "store"), ingest, operator, key.public)
+
+
+@dataclasses.dataclass
+class Person:
+    name: str
+    role: str
+    key: SigningKey
+    recipient: RecipientKey
+    ledger: object    # LedgerClient
+    requester: object  # Requester (direct: ledger, custodian socket, store)
+
+
+@pytest.fixture
+def person(world):
+    """``person(role, recipient=True, store=None)``: a principal the operator registered,
+    with its own ledger client and a direct Requester."""
+    import os
+    from functools import partial
+
+    from cloud.access import LedgerGateway, Requester
+    from cloud.custodian_service import ask_custodian
+    from ledger.client import LedgerClient
+    from ledger.transactions import PrincipalSet
+
+    made = []
+
+    def make(role: str, *, recipient: bool = True, store=None) -> Person:
+        name = f"{role}-{os.urandom(3).hex()}"
+        key, rk = SigningKey.generate(), RecipientKey.generate()
+        r = world.operator.submit(PrincipalSet(name, role, key.public.raw, True,
+                                               rk.public.raw if recipient else None))
+        assert r.committed, r.reason
+        ledger = LedgerClient(world.cluster.genesis_path, key, name)
+        ledger.start()
+        made.append(ledger)
+        gateway = LedgerGateway(ledger, partial(ask_custodian, world.server.config.socket), store or world.store)
+        return Person(name, role, key, rk, ledger, Requester(gateway, name, key, rk))
+
+    yield make
+    for ledger in made:
+        ledger.close()
