@@ -13,7 +13,10 @@ Scanner -> edge -> broker -> cloud -> ledger -> training -> rollout -> inference
    training (each read decided and audited by the ledger), exports and checks ONNX;
 5. the model is signed, recorded (``MODEL_RELEASED``) and rolled out, canary first;
 6. newly sent studies get predictions at the edge, which travel with the images and are
-   committed in ``INFERENCE_RECORDED`` batches; one is proven from the ledger.
+   committed in ``INFERENCE_RECORDED`` batches; one is proven from the ledger;
+7. a clinician, registered on the ledger, asks for two images for diagnosis: one granted
+   (fetched through the custodian, verified, opened in pydicom), one denied because its
+   patient has just withdrawn consent; both audit entries are shown.
 
 Everything lands in ``--workdir`` (default ``.medchain-demo``), which a new run replaces.
 """
@@ -154,6 +157,55 @@ def _wait(predicate, timeout: float, every: float = 0.2) -> bool:
     return True
 
 
+def _access(workdir: Path, config, config_path: Path, studies: list, edges: list, catalog, cli, out) -> dict:
+    """A clinician asks for two images for diagnosis through the ledger: one whose patient
+    consents (granted: the custodian re-wraps its data key to the clinician, who decrypts,
+    checks it against the ledger and opens the DICOM file) and one whose patient has just
+    withdrawn consent (denied: the contract's reason only); then the audit entries of both."""
+    import pydicom
+
+    from medchain.identity import RecipientKey, SigningKey
+
+    keys = workdir / "dr-demo"
+    keys.mkdir()
+    key, recipient = SigningKey.generate(), RecipientKey.generate()
+    key.save(keys / "dr-demo.key")
+    recipient.save(keys / "dr-demo.x25519")
+    if cli(["principal", "add", "--config", str(config_path), "--name", "dr-demo", "--role", "clinician",
+            "--public-key", key.public.raw.hex(), "--recipient-key", recipient.public.raw.hex()]) != 0:
+        raise SystemExit("demo: the clinician could not be registered")
+    (keys / "access.toml").write_text(
+        f'[principal]\nname = "dr-demo"\nkey = "dr-demo.key"\nrecipient = "dr-demo.x25519"\n\n'
+        f'[ledger]\ngenesis = "{config.genesis}"\n\n[custodian]\nsocket = "{config.custodian_socket}"\n\n'
+        f'[store]\nurl = "{config.store_url}"\n')
+    by_token = {e.meta["patient_token"]: e.envelope_id for e in catalog.entries()}
+
+    def image_of(study) -> str | None:
+        return next((by_token[e.token(study.patient)] for e in edges if e.token(study.patient) in by_token), None)
+
+    consenting = [(st, image_of(st)) for st in studies if st.consent.get("diagnosis") and image_of(st)]
+    (_, granted), (withdrawn, denied) = consenting[:2]
+    token = next(e.token(withdrawn.patient) for e in edges if e.token(withdrawn.patient) in by_token)
+    if cli(["consent", "revoke", "--config", str(config_path), "--patient", token, "--purpose", "diagnosis"]) != 0:
+        raise SystemExit("demo: the consent could not be revoked")
+    out(f"consent   patient {token[:12]}… withdrew consent for diagnosis (medchain consent revoke)")
+    asked = [granted, denied]
+    out("access    clinician dr-demo (registered on the ledger with PRINCIPAL_SET) asks for two images for "
+        "diagnosis; the ledger decides each by role and consent:")
+    cli(["access", "request", "--config", str(keys / "access.toml"), "--image", *asked, "--purpose", "diagnosis"])
+    if cli(["access", "fetch", "--config", str(keys / "access.toml"), "--out", str(keys / "fetched"),
+            "--purpose", "diagnosis"]) != 0:
+        raise SystemExit("demo: the granted image could not be fetched")
+    files = sorted((keys / "fetched").glob("*.dcm"))
+    ds = pydicom.dcmread(files[0])
+    out(f"access    fetched {files[0].name}: re-wrapped by the custodian to dr-demo's key after it checked the "
+        f"committed grant; Merkle root checked against the ledger; opens in pydicom: {ds.Modality} "
+        f"{ds.Rows}x{ds.Columns}, patient {str(ds.PatientID)[:12]}… (pseudonym)")
+    out("access    dr-demo's audit trail (each entry signed by the validators that executed it):")
+    cli(["access", "status", "--config", str(keys / "access.toml")])
+    return {"access_fetched": len(files)}
+
+
 def run(workdir: Path, *, studies: int = 150, new_studies: int = 6, epochs: int = 30,
         out=print) -> dict:
     from cloud.config import load_config
@@ -273,6 +325,7 @@ def run(workdir: Path, *, studies: int = 150, new_studies: int = 6, epochs: int 
         rc = cli(["cloud", "prediction", "--config", str(config_path), "--envelope", new[0].envelope_id])
         if rc != 0:
             raise SystemExit("demo: the prediction proof did not verify")
+        access = _access(workdir, config, config_path, batch, edges, coordinator.catalog, cli, out)
         with LedgerClient(config.genesis, SigningKey.load(config.training_key), "training") as tr:
             audit = tr.audit(user="training")
         granted = sum(1 for a in audit if a["granted"])
@@ -281,7 +334,7 @@ def run(workdir: Path, *, studies: int = 150, new_studies: int = 6, epochs: int 
             "model": card["model_version"], "val_accuracy": round(val["accuracy"], 4),
             "new_studies": len(new), "predicted_correctly": correct,
             "training_reads_audited": len(audit), "training_reads_granted": granted,
-            "seconds": round(time.perf_counter() - t_start, 1),
+            **access, "seconds": round(time.perf_counter() - t_start, 1),
         }
         out("summary   " + json.dumps(summary, sort_keys=True))
     return summary

@@ -28,6 +28,9 @@ def test_demo_runs_the_whole_system_end_to_end(tmp_path, capsys, monkeypatch):
     assert "inclusion proof and commit certificate" in out
     # training read through the custodian process; the coordinator holds its public key only
     assert "custodian its own process" in out
+    # one granted access (fetched, opened in pydicom) and one denied, both on the audit trail
+    assert summary["access_fetched"] == 1 and "opens in pydicom: CR" in out
+    assert '"granted": false' in out and "consent" in out.split("asks for two images")[1]
     assert (workdir / "cloud" / "keys" / "custodian.pub").exists()
     assert not (workdir / "cloud" / "keys" / "custodian.key").exists()
     for key in (workdir / "edge-1" / "keys").iterdir():  # secrets; certificates (ca.pem) are public
