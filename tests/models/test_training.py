@@ -49,7 +49,10 @@ def test_early_stopping_on_validation(tiny_model):
     res = _fit(Recipe(epochs=12, batch_size=16, patience=2, lr=5e-3, model=tiny_model), tiny_model,
                labels=noise)
     assert res.stopped_early and len(res.history) < 12
-    assert res.best_epoch == min(res.history, key=lambda h: h.val_loss).epoch
+    assert res.best_epoch == min(res.history, key=lambda h: h.val_criterion).epoch
+    raw = _fit(Recipe(epochs=12, batch_size=16, patience=2, lr=5e-3, model=tiny_model, smoothing=0.0,
+                      ema=False), tiny_model, labels=noise)
+    assert raw.best_epoch == min(raw.history, key=lambda h: h.val_loss).epoch
 
 
 def test_checkpoints_and_resume(tmp_path, tiny_model):
@@ -104,6 +107,19 @@ def test_on_cuda_an_interrupted_run_resumes_and_its_checkpoints_load_on_cpu(tmp_
 def test_recipe_is_validated():
     with pytest.raises(ModelError):
         Recipe(epochs=0)
+    with pytest.raises(ModelError):
+        Recipe(threshold="best")
+
+
+def test_the_schedule_scales_with_the_number_of_images():
+    r = Recipe()
+    small, large = r.schedule(350), r.schedule(3700)
+    assert small.epochs * small.steps_per_epoch >= r.min_steps and small.epochs > large.epochs
+    assert large.epochs == 20 and small.patience > large.patience >= 5
+    assert 0.9 <= small.ema_decay < large.ema_decay <= 0.998
+    fixed = Recipe(epochs=7, patience=3).schedule(350)
+    assert (fixed.epochs, fixed.patience) == (7, 3)
+    assert Recipe(ema=False).schedule(350).ema_decay == 0.0
 
 
 def _free_port() -> int:
