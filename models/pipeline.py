@@ -4,7 +4,8 @@ and under acquisition shifts, scored once -> run folder with metrics, table, fig
 
 Run folder (``out``)::
 
-    model.onnx  model_card.json  metrics.json  results.md  curves.png  split.json
+    model.onnx  model.fp16.onnx  model.int8.onnx  model_card.json  metrics.json  results.md
+    curves.png  split.json
     confusion_matrix.png  config.json  data_manifest.json  checkpoints/{last,best}.pt
 
 Under ``torchrun`` every rank trains; rank 0 alone writes the folder.
@@ -30,7 +31,8 @@ from models.errors import ModelError
 from models.export import OPSET, check_parity, export_onnx
 from models.hybrid import HybridConfig, build_model
 from models.metrics import classification_metrics, fit_temperature, softmax
-from models.report import plot_confusion, plot_curves, results_table, shift_table
+from models.quantize import make_variants
+from models.report import plot_confusion, plot_curves, results_table, shift_table, variant_table
 from models.shifts import SHIFTS, apply_shift
 from models.splits import HOLDOUT, SplitPlan, carve_source, image_digests
 from models.training import Recipe, fit, predict_logits, setup_distributed, teardown_distributed
@@ -204,6 +206,12 @@ def _finish(net, arch, card_chain, chain, source, split_record, out, recipe, res
     log.info("hybrid: val accuracy %.4f, held-out accuracy %.4f, under shifts %.4f (worst: %s)",
              hybrid["val"]["accuracy"], hybrid[HOLDOUT]["accuracy"], hybrid["shifted"]["accuracy"],
              hybrid["shifted"]["worst"])
+    calibration = x_train[np.random.default_rng(recipe.seed).permutation(len(x_train))[:256]]
+    variants = {k: v.to_dict() for k, v in make_variants(
+        onnx_path, calibration, apply_batch(chain, hold.images), hold.labels, decision).items()}
+    log.info("variants on the held-out split: %s", ", ".join(
+        f"{k} accuracy {v['holdout_accuracy']:.4f}, agrees {v['agreement_with_fp32']:.4f}, "
+        f"{v['latency_ms']:.2f} ms" for k, v in variants.items()))
     metrics = {"hybrid": hybrid}
     notes = {"hybrid": f"epoch {result.best_epoch}, T={temperature:.2f}"
              + (f", threshold {decision['threshold']:.3f}" if binary else "")}
@@ -228,14 +236,15 @@ def _finish(net, arch, card_chain, chain, source, split_record, out, recipe, res
         f"validation was drawn; epoch, temperature and threshold chosen on validation only; the "
         f"held-out split scored once, at the end.\n\n" + results_table(rows)
         + "\n## Held-out accuracy under acquisition shifts (test time only)\n\n"
-        + shift_table({n: metrics[n] for n in metrics}))
+        + shift_table({n: metrics[n] for n in metrics})
+        + "\n## Exported precisions (held-out split)\n\n" + variant_table(variants))
     history = [asdict(h) for h in result.history]
     plot_curves(history, result.best_epoch, out / "curves.png")
     plot_confusion({n: metrics[n]["val"]["confusion_matrix"] for n in metrics},
                    source.class_names, out / "confusion_matrix.png")
     wall = wall_before + time.perf_counter() - t0
     schedule = asdict(result.schedule) if result.schedule else None
-    summary = {**metrics, "parity": parity.to_dict(), "temperature": temperature, "decision": decision,
+    summary = {**metrics, "variants": variants, "parity": parity.to_dict(), "temperature": temperature, "decision": decision,
                "split": split_record, "schedule": schedule,
                "best_epoch": result.best_epoch, "epochs_run": len(history),
                "stopped_early": result.stopped_early, "history": history,
@@ -252,7 +261,7 @@ def _finish(net, arch, card_chain, chain, source, split_record, out, recipe, res
               "counts": {s: len(source.splits[s]) for s in source.splits}, "split": split_record,
               # the edge runs a model only on images of the modality it learned from
               **({"modality": source.manifest["modality"]} if "modality" in source.manifest else {})},
-        metrics={"hybrid": hybrid, **{n: {k: metrics[n][k] for k in ("val", HOLDOUT, "shifted", "test")
+        metrics={"hybrid": hybrid, "variants": variants, **{n: {k: metrics[n][k] for k in ("val", HOLDOUT, "shifted", "test")
                                           if k in metrics[n]} for n in BASELINES}},
         architecture={"name": "cnn-transformer-hybrid", **arch.to_dict(), "onnx_opset": OPSET},
         training={"recipe": recipe.to_dict(), "schedule": schedule, "best_epoch": result.best_epoch,

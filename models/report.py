@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["results_table", "shift_table", "plot_curves", "plot_confusion"]
+__all__ = ["results_table", "shift_table", "variant_table", "plot_curves", "plot_confusion"]
 
 _COLUMNS = ("accuracy", "precision", "recall", "f1", "auc")
 
@@ -42,6 +42,20 @@ def shift_table(metrics: dict[str, dict]) -> str:
     lines.append("| mean | " + " | ".join(
         f"{_fmt(metrics[n]['shifted']['accuracy'])} ({-100 * metrics[n]['shifted']['mean_drop']:+.1f})"
         for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def variant_table(variants: dict[str, dict]) -> str:
+    """Markdown table of the exported precisions: held-out accuracy, agreement with FP32,
+    single-thread batch-1 latency and its ratio to FP32's."""
+    if not variants:
+        return ""
+    base = variants["fp32"]["latency_ms"]
+    lines = ["| precision | file | held-out accuracy | agrees with fp32 | latency (ms, 1 thread) | vs fp32 |",
+             "|---|---|---|---|---|---|"]
+    for k, v in variants.items():
+        lines.append(f"| {k} | {v['file']} | {_fmt(v['holdout_accuracy'])} | {_fmt(v['agreement_with_fp32'])} "
+                     f"| {v['latency_ms']:.3f} | {v['latency_ms'] / base:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
