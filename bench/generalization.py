@@ -9,7 +9,7 @@ benchmark resumes. Prints a markdown table (mean and min..max over seeds) and wr
 ``summary.json`` under ``--out``.
 
     nice -n 19 python bench/generalization.py --data pneumoniamnist_trainval.npz \\
-        --out /tmp/gen --seeds 0 1 2 [--subsample 500] [--recipes old new]
+        --out /tmp/gen --seeds 0 1 2 [--subsample 500] [--recipes old new] [--report-only]
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--recipes", nargs="+", default=["old", "new"], choices=list(RECIPES))
     ap.add_argument("--subsample", type=int)
+    ap.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -118,13 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in args.seeds:
         for recipe in args.recipes:
+            if args.report_only and not (args.out / f"{recipe}-s{seed}" / "bench.json").exists():
+                continue
             rows.append(run_one(data, args.out, recipe, seed))
             r = rows[-1]
             print(f"{recipe} seed {seed}: val {r['hybrid.val.acc']:.4f} held-out {r['hybrid.holdout.acc']:.4f} "
                   f"shifted {r['hybrid.shifted.acc']:.4f}; knn {r['knn.holdout.acc']:.4f} "
                   f"svm {r['svm.holdout.acc']:.4f}; epoch {r['best_epoch']}/{r['epochs_run']}, "
                   f"{r['wall_s']:.0f} s", flush=True)
-    (args.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if not args.report_only:
+        (args.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     label = f"{args.subsample}-image subsample" if args.subsample else args.data.name
     print(table(rows, label))
     return 0
