@@ -39,6 +39,7 @@ RECIPES = {
                 augment=[{"name": "RandomAffine", "degrees": 10.0, "scale": 0.1, "translate": 0.08, "p": 1.0}]),
     "new": {},
     "new-no-ema": dict(ema=False),
+    "new-ema": dict(ema=True),
     "new-val-threshold": dict(threshold="validation"),
 }
 MODELS = ("hybrid", "knn", "svm")

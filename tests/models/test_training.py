@@ -112,7 +112,7 @@ def test_recipe_is_validated():
 
 
 def test_the_schedule_scales_with_the_number_of_images():
-    r = Recipe()
+    r = Recipe(ema=True)
     small, large = r.schedule(350), r.schedule(3700)
     assert small.epochs * small.steps_per_epoch >= r.min_steps and small.epochs > large.epochs
     assert large.epochs == 20 and small.patience > large.patience >= 5
@@ -147,3 +147,12 @@ def test_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_model):
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports and writes
     assert (out / "model.onnx").is_file() and (out / "metrics.json").is_file()
     shutil.rmtree(out)
+
+
+def test_weight_averaging_is_what_is_kept_and_it_resumes(tmp_path, tiny_model):
+    r = Recipe(epochs=3, batch_size=16, model=tiny_model, ema=True)
+    plain = _fit(Recipe(epochs=3, batch_size=16, model=tiny_model), tiny_model)
+    avg = _fit(r, tiny_model, tmp_path)
+    assert not all(torch.equal(plain.best_state[k], avg.best_state[k]) for k in avg.best_state)
+    again = _fit(r, tiny_model, tmp_path, resume=True)
+    assert all(torch.equal(avg.best_state[k], again.best_state[k]) for k in avg.best_state)
