@@ -20,11 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--data", required=True, help="MedMNIST-layout .npz, or a folder of DICOM files")
     tr.add_argument("--out", required=True, help="run folder to create")
     tr.add_argument("--labels", help="labels CSV for a DICOM folder (default FOLDER/labels.csv)")
-    tr.add_argument("--epochs", type=int, help="maximum epochs (default from the recipe: 20)")
+    tr.add_argument("--epochs", type=int, help="maximum epochs (default: scaled to the data's size)")
     tr.add_argument("--batch-size", type=int, help="global batch size (default 64)")
     tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
-    tr.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 6)")
-    tr.add_argument("--seed", type=int, help="seed of everything random (default 0)")
+    tr.add_argument("--patience", type=int, help="early-stopping patience in epochs (default: a "
+                    "quarter of the epoch budget, at least 5)")
+    tr.add_argument("--seed", type=int, help="seed of training (default 0)")
+    tr.add_argument("--split-seed", type=int, default=0, help="seed of the carved held-out and "
+                    "validation splits (default 0; recorded in the card)")
     tr.add_argument("--max-image-size", type=int, help="longest side fed to the model (default 64; "
                     "smaller data keeps its own size)")
     tr.add_argument("--model", metavar="JSON", help='architecture overrides, e.g. \'{"depth": 1}\'')
@@ -41,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "confusion matrix as JSON on stdout.")
     ev.add_argument("--model", required=True, help="model.onnx (its model_card.json beside it)")
     ev.add_argument("--data", required=True, help="MedMNIST-layout .npz, or a folder of DICOM files")
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--split", default="test", choices=["train", "val", "test", "holdout"],
+                    help="holdout: the split carved from the model's own training data "
+                         "(rebuilt from its card); train and val of that data are refused")
     ev.add_argument("--card", help="model card (default: model_card.json beside the model)")
     ev.add_argument("--labels", help="labels CSV for a DICOM folder")
     ev.set_defaults(func=_evaluate)
@@ -64,14 +69,18 @@ def _train(args: argparse.Namespace) -> int:
         if not isinstance(model, dict):
             raise ModelError("--model must be a JSON object")
         overrides["model"] = model
+    from models.splits import SplitPlan
+
     summary = train_run(args.data, args.out, Recipe(**overrides), labels_csv=args.labels,
-                        device=args.device, progress=not args.no_progress, resume=args.resume)
+                        device=args.device, progress=not args.no_progress, resume=args.resume,
+                        split_plan=SplitPlan(seed=args.split_seed))
     if summary is not None:
-        h = summary["hybrid"]["val"]
-        print(f"validation: accuracy {h['accuracy']:.4f}, auc {h['auc'] if h['auc'] is None else round(h['auc'], 4)}, "
-              f"f1 {h['f1']:.4f} (epoch {summary['best_epoch']}); "
-              f"knn accuracy {summary['knn']['val']['accuracy']:.4f}, svm accuracy {summary['svm']['val']['accuracy']:.4f}; "
-              f"{summary['timings']['total_seconds']:.0f} s")
+        for split, what in (("val", "validation"), ("holdout", "held-out (carved, never chosen on)"),
+                            ("shifted", "held-out under acquisition shifts (mean)")):
+            h = summary["hybrid"][split]
+            print(f"{what}: accuracy {h['accuracy']:.4f}, auc {h['auc'] if h['auc'] is None else round(h['auc'], 4)}; "
+                  f"knn {summary['knn'][split]['accuracy']:.4f}, svm {summary['svm'][split]['accuracy']:.4f}")
+        print(f"epoch {summary['best_epoch']} of {summary['epochs_run']}; {summary['timings']['total_seconds']:.0f} s")
         print(f"run folder: {args.out}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _leave_as_torchrun_worker()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["results_table", "plot_curves", "plot_confusion"]
+__all__ = ["results_table", "shift_table", "variant_table", "plot_curves", "plot_confusion"]
 
 _COLUMNS = ("accuracy", "precision", "recall", "f1", "auc")
 
@@ -23,6 +23,39 @@ def results_table(rows: list[tuple[str, str, dict, str]]) -> str:
     for model, split, m, note in rows:
         cells = " | ".join(_fmt(m.get(c)) for c in _COLUMNS)
         lines.append(f"| {model} | {split} | {m['n']} | {cells} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def shift_table(metrics: dict[str, dict]) -> str:
+    """Markdown table: held-out accuracy of each model plain and under each shift (with
+    the drop in points); ``metrics[model]`` holds ``holdout`` and ``shifted`` results."""
+    names = [n for n in metrics if "shifted" in metrics[n]]
+    if not names:
+        return ""
+    shifts = list(metrics[names[0]]["shifted"]["per_shift"])
+    lines = ["| shift | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| none | " + " | ".join(_fmt(metrics[n]["holdout"]["accuracy"]) for n in names) + " |"]
+    for s in shifts:
+        cells = [metrics[n]["shifted"]["per_shift"][s] for n in names]
+        lines.append(f"| {s} | " + " | ".join(f"{_fmt(c['accuracy'])} ({-100 * c['drop']:+.1f})"
+                                              for c in cells) + " |")
+    lines.append("| mean | " + " | ".join(
+        f"{_fmt(metrics[n]['shifted']['accuracy'])} ({-100 * metrics[n]['shifted']['mean_drop']:+.1f})"
+        for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def variant_table(variants: dict[str, dict]) -> str:
+    """Markdown table of the exported precisions: held-out accuracy, agreement with FP32,
+    single-thread batch-1 latency and its ratio to FP32's."""
+    if not variants:
+        return ""
+    base = variants["fp32"]["latency_ms"]
+    lines = ["| precision | file | held-out accuracy | agrees with fp32 | latency (ms, 1 thread) | vs fp32 |",
+             "|---|---|---|---|---|---|"]
+    for k, v in variants.items():
+        lines.append(f"| {k} | {v['file']} | {_fmt(v['holdout_accuracy'])} | {_fmt(v['agreement_with_fp32'])} "
+                     f"| {v['latency_ms']:.3f} | {v['latency_ms'] / base:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

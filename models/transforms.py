@@ -39,6 +39,7 @@ __all__ = [
     "ToChannelsFirst",
     "RandomAffine",
     "RandomFlip",
+    "RandomIntensity",
     "from_config",
     "apply_batch",
     "channel_stats",
@@ -287,6 +288,40 @@ class RandomFlip(Transform):
         if _need_random(self, rng).random() < self.p:
             return np.ascontiguousarray(np.flip(image, axis=self.axis))
         return image
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RandomIntensity(Transform):
+    """Augmentation on ``(C, H, W)``, with probability ``p``: another detector's look. A
+    gamma curve ``u ** exp(U(-gamma, gamma))`` on the image's own min..max, then contrast
+    ``1 +- contrast`` about its mean and a brightness offset of ``+- brightness`` of its
+    std; works on normalised values, so it needs no knowledge of the raw range."""
+
+    contrast: float = 0.2
+    brightness: float = 0.1
+    gamma: float = 0.3
+    p: float = 0.8
+    name: ClassVar[str] = "RandomIntensity"
+    is_random: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.contrast < 1 or self.brightness < 0 or not 0 <= self.gamma <= 1 or not 0 <= self.p <= 1:
+            raise TransformError("RandomIntensity: need 0 <= contrast < 1, brightness >= 0, "
+                                 "0 <= gamma <= 1, 0 <= p <= 1")
+
+    def __call__(self, image, rng=None):
+        rng = _need_random(self, rng)
+        g, c, b = (np.exp(rng.uniform(-self.gamma, self.gamma)), rng.uniform(1 - self.contrast, 1 + self.contrast),
+                   rng.uniform(-self.brightness, self.brightness))
+        if rng.random() >= self.p:
+            return image
+        img = np.asarray(image, np.float32)
+        lo, hi = float(img.min()), float(img.max())
+        if hi > lo:
+            img = np.power((img - lo) / (hi - lo), np.float32(g)) * (hi - lo) + lo
+        mean, std = float(img.mean()), float(img.std())
+        return (mean + np.float32(c) * (img - mean) + np.float32(b * std)).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True, init=False)

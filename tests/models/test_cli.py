@@ -9,6 +9,7 @@ import pytest
 from medchain.canonical import canonical_bytes
 from medchain_app.cli import main
 from models.card import ModelCard
+from models.shifts import SHIFTS
 from models.synthetic import write_synthetic_npz
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -16,7 +17,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_train_leaves_a_complete_run_folder(trained_run):
     data, out = trained_run
-    for name in ("model.onnx", "model_card.json", "metrics.json", "results.md", "curves.png",
+    for name in ("model.onnx", "model_card.json", "metrics.json", "results.md", "curves.png", "split.json",
                  "confusion_matrix.png", "config.json", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (out / name).is_file(), name
     for png in ("curves.png", "confusion_matrix.png"):
@@ -24,7 +25,12 @@ def test_train_leaves_a_complete_run_folder(trained_run):
     card = ModelCard.load(out / "model_card.json")
     assert card.input_shape == (1, 28, 28) and card.class_names == ("class_0", "class_1")
     assert card.decision["rule"] == "threshold" and 0 <= card.decision["threshold"] <= 1
-    assert card.data["manifest_sha256"] and card.data["counts"] == {"train": 240, "val": 80, "test": 80}
+    # train+val pooled, 15 % held out first, then 15 % validation; the file's own test kept
+    assert card.data["manifest_sha256"] and card.data["counts"] == {
+        "train": 224, "val": 48, "holdout": 48, "test": 80}
+    assert card.data["split"]["plan"] == {"holdout": 0.15, "val": 0.15, "seed": 0}
+    assert {"val", "holdout", "shifted", "test"} <= set(card.metrics["hybrid"])
+    assert set(card.metrics["hybrid"]["shifted"]["per_shift"]) == {s.label for s in SHIFTS}
     assert [t["name"] for t in card.preprocessing["transforms"]] == [
         "EnsureChannels", "ScaleIntensity", "Resize", "Normalize", "ToChannelsFirst"]
     assert card.model_version == "hybrid-" + card.onnx_sha256[:12]
@@ -33,11 +39,13 @@ def test_train_leaves_a_complete_run_folder(trained_run):
     assert hashlib.sha256(canonical_bytes(manifest)).hexdigest() == card.data["manifest_sha256"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"hybrid", "knn", "svm", "parity", "history", "timings"}
-    assert metrics["parity"]["n"] == 80 and metrics["parity"]["max_abs_diff"] <= 1e-4
+    assert metrics["parity"]["n"] == 48 and metrics["parity"]["max_abs_diff"] <= 1e-4
     assert metrics["parity"]["labels_identical"]
     assert metrics["hybrid"]["val"]["accuracy"] >= 0.9  # the synthetic task is easy
     table = (out / "results.md").read_text()
-    assert all(f"| {m} | val |" in table and f"| {m} | test |" in table for m in ("hybrid", "knn", "svm"))
+    assert all(f"| {m} | {split} |" in table for m in ("hybrid", "knn", "svm")
+               for split in ("val", "held-out (carved)", "held-out, shifted (mean)", "test (file's own)"))
+    assert "| gamma 1.5 |" in table
 
 
 def test_evaluate_prints_the_metrics_of_the_exported_model(trained_run, capsys):
@@ -51,6 +59,31 @@ def test_evaluate_prints_the_metrics_of_the_exported_model(trained_run, capsys):
     expected = json.loads((out / "metrics.json").read_text())["hybrid"]["test"]
     assert result["confusion_matrix"] == expected["confusion_matrix"]
     assert result["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+
+
+def test_evaluate_scores_the_carved_split_and_refuses_what_training_saw(trained_run, tmp_path, capsys):
+    data, out = trained_run
+    model = str(out / "model.onnx")
+    assert main(["evaluate", "--model", model, "--data", str(data), "--split", "holdout"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = json.loads((out / "metrics.json").read_text())["hybrid"]["holdout"]
+    assert result["n"] == 48 and result["confusion_matrix"] == expected["confusion_matrix"]
+    for split in ("train", "val"):
+        assert main(["evaluate", "--model", model, "--data", str(data), "--split", split]) == 2
+        assert "trained and selected on" in capsys.readouterr().err
+    # other data holding some training images: those are left out of the score
+    seen = json.loads((out / "split.json").read_text())["indices"]["train"][:10]  # into train+val
+    with np.load(data) as f:
+        pooled_x = np.concatenate([f["train_images"], f["val_images"]])
+        pooled_y = np.concatenate([f["train_labels"], f["val_labels"]])
+        mixed = np.concatenate([pooled_x[seen], f["test_images"]])
+        labels = np.concatenate([pooled_y[seen], f["test_labels"]])
+    np.savez(tmp_path / "mixed.npz", test_images=mixed, test_labels=labels)
+    assert main(["evaluate", "--model", model, "--data", str(tmp_path / "mixed.npz")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["excluded_seen_in_training"] == 10 and result["n"] == 80
+    assert main(["evaluate", "--model", model, "--data", str(tmp_path / "mixed.npz"), "--split", "holdout"]) == 2
+    assert "not that data" in capsys.readouterr().err
 
 
 def test_evaluate_runs_on_data_it_never_saw(trained_run, tmp_path, capsys):
@@ -109,6 +142,7 @@ def test_train_refuses_to_overwrite(trained_run, tmp_path, capsys):
     with np.load(one_class) as f:
         arrays = dict(f)
     arrays["train_labels"][:] = 0
+    arrays["val_labels"][:] = 0  # train and val are pooled before the split is carved
     np.savez(one_class, **arrays)
     assert main(["train", "--data", str(one_class), "--out", str(tmp_path / "w")]) == 2
     assert "single class" in capsys.readouterr().err

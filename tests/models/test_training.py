@@ -49,7 +49,10 @@ def test_early_stopping_on_validation(tiny_model):
     res = _fit(Recipe(epochs=12, batch_size=16, patience=2, lr=5e-3, model=tiny_model), tiny_model,
                labels=noise)
     assert res.stopped_early and len(res.history) < 12
-    assert res.best_epoch == min(res.history, key=lambda h: h.val_loss).epoch
+    assert res.best_epoch == min(res.history, key=lambda h: h.val_criterion).epoch
+    raw = _fit(Recipe(epochs=12, batch_size=16, patience=2, lr=5e-3, model=tiny_model, smoothing=0.0,
+                      ema=False), tiny_model, labels=noise)
+    assert raw.best_epoch == min(raw.history, key=lambda h: h.val_loss).epoch
 
 
 def test_checkpoints_and_resume(tmp_path, tiny_model):
@@ -104,6 +107,19 @@ def test_on_cuda_an_interrupted_run_resumes_and_its_checkpoints_load_on_cpu(tmp_
 def test_recipe_is_validated():
     with pytest.raises(ModelError):
         Recipe(epochs=0)
+    with pytest.raises(ModelError):
+        Recipe(threshold="best")
+
+
+def test_the_schedule_scales_with_the_number_of_images():
+    r = Recipe(ema=True)
+    small, large = r.schedule(350), r.schedule(3700)
+    assert small.epochs * small.steps_per_epoch >= r.min_steps and small.epochs > large.epochs
+    assert large.epochs == 20 and small.patience > large.patience >= 5
+    assert 0.9 <= small.ema_decay < large.ema_decay <= 0.998
+    fixed = Recipe(epochs=7, patience=3).schedule(350)
+    assert (fixed.epochs, fixed.patience) == (7, 3)
+    assert Recipe(ema=False).schedule(350).ema_decay == 0.0
 
 
 def _free_port() -> int:
@@ -131,3 +147,12 @@ def test_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_model):
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports and writes
     assert (out / "model.onnx").is_file() and (out / "metrics.json").is_file()
     shutil.rmtree(out)
+
+
+def test_weight_averaging_is_what_is_kept_and_it_resumes(tmp_path, tiny_model):
+    r = Recipe(epochs=3, batch_size=16, model=tiny_model, ema=True)
+    plain = _fit(Recipe(epochs=3, batch_size=16, model=tiny_model), tiny_model)
+    avg = _fit(r, tiny_model, tmp_path)
+    assert not all(torch.equal(plain.best_state[k], avg.best_state[k]) for k in avg.best_state)
+    again = _fit(r, tiny_model, tmp_path, resume=True)
+    assert all(torch.equal(avg.best_state[k], again.best_state[k]) for k in avg.best_state)

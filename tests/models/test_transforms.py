@@ -14,7 +14,7 @@ from hypothesis.extra.numpy import arrays
 
 from models.errors import TransformError
 from models.transforms import (TRANSFORMS, Compose, EnsureChannels, Normalize, PercentileScale,
-                               RandomAffine, RandomFlip, Resize, ScaleIntensity, ToChannelsFirst,
+                               RandomAffine, RandomFlip, RandomIntensity, Resize, ScaleIntensity, ToChannelsFirst,
                                Transform, apply_batch, channel_stats, from_config, register)
 
 pos = st.floats(0.01, 100, allow_nan=False)
@@ -28,6 +28,7 @@ TRANSFORM_STRATEGY = st.one_of(
     st.builds(ToChannelsFirst),
     st.builds(RandomAffine, st.floats(0, 45), st.floats(0, 0.5), st.floats(0, 0.5), st.floats(0, 1)),
     st.builds(RandomFlip, st.sampled_from([1, 2]), st.floats(0, 1)),
+    st.builds(RandomIntensity, st.floats(0, 0.9), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)),
 )
 
 
@@ -77,7 +78,7 @@ def test_intensity_scaling():
 
 def test_random_transforms_repeat_with_the_same_seed_only():
     x = np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32)
-    aug = Compose([RandomAffine(20, 0.2, 0.1), RandomFlip(2, 0.5)])
+    aug = Compose([RandomAffine(20, 0.2, 0.1), RandomFlip(2, 0.5), RandomIntensity(p=1.0)])
     a = aug(x, np.random.default_rng(5))
     assert np.array_equal(a, aug(x, np.random.default_rng(5)))
     assert not np.array_equal(a, aug(x, np.random.default_rng(6)))
@@ -96,6 +97,7 @@ def test_random_transforms_repeat_with_the_same_seed_only():
     ({"transforms": []}, "'name'"),
     ("Resize", "'name'"),
     ({"name": "ScaleIntensity", "low": 1, "high": 1}, "must exceed"),
+    ({"name": "RandomIntensity", "contrast": 1.5}, "contrast < 1"),
 ])
 def test_bad_configs_are_refused_clearly(config, match):
     with pytest.raises(TransformError, match=match):
@@ -139,8 +141,17 @@ def test_channel_stats():
     assert mean == (2.0, 5.0) and std[0] == 1.0 and std[1] == 1e-6
 
 
+def test_intensity_jitter_keeps_order_and_stays_finite():
+    x = np.linspace(-2, 3, 64, dtype=np.float32).reshape(1, 8, 8)
+    for seed in range(20):
+        y = RandomIntensity(0.2, 0.1, 0.3, 1.0)(x, np.random.default_rng(seed))
+        assert y.dtype == np.float32 and np.all(np.isfinite(y))
+        assert np.all(np.diff(y.ravel()) > 0)  # monotone: what is brighter stays brighter
+    assert np.array_equal(RandomIntensity(p=0.0)(x, np.random.default_rng(0)), x)
+
+
 def test_edge_side_modules_do_not_import_torch():
     code = ("import sys, models, models.transforms, models.card, models.runtime, models.datasets, "
-            "models.evaluate, edge_agent.inference; "
+            "models.evaluate, models.splits, models.shifts, edge_agent.inference; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
