@@ -30,7 +30,7 @@ from cloud.fleet import FleetRegistry
 from cloud.keybackend import Pkcs11Settings, provision_pkcs11
 from ledger.client import LedgerClient
 from medchain.durable import durable_write
-from medchain.identity import RecipientKey, RecipientPublicKey, SigningKey, VerifyKey
+from medchain.identity import RecipientKey, SigningKey, VerifyKey
 from medchain.pki import CertificateAuthority, Identity
 
 __all__ = ["Kit", "init_deployment", "broker_security", "rewrite_acl", "issue_kit", "revoke_device",

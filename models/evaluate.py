@@ -68,7 +68,7 @@ def _split(card: ModelCard, source, split: str, where: str) -> Split:
     if not (trained_here and record):
         raise DatasetError(f"{where}: '{HOLDOUT}' is carved from the data a model was trained on, "
                            "and this is not that data")
-    carved, _, again = carve_source(source, SplitPlan(**record["plan"]))
+    carved, _, again = carve_source(source, SplitPlan(**record["plan"]) if record["plan"] else SplitPlan())
     if again["holdout_sha256"] != record["holdout_sha256"]:
         raise DatasetError(f"{where}: the held-out split rebuilt from the card differs from the one "
                            "training carved")

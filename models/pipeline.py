@@ -232,9 +232,10 @@ def _finish(net, arch, card_chain, chain, source, split_record, out, recipe, res
             for split in names for name in metrics if split in metrics[name]]
     (out / "results.md").write_text(
         f"# Results: hybrid vs baselines\n\nData: {source.kind}, manifest {source.manifest_sha256[:16]}; "
-        f"held-out split carved by {split_record['by']} (seed {split_record['plan']['seed']}) before "
-        f"validation was drawn; epoch, temperature and threshold chosen on validation only; the "
-        f"held-out split scored once, at the end.\n\n" + results_table(rows)
+        + (f"held-out split carved by {split_record['by']} (seed {split_record['plan']['seed']}) before "
+           if split_record["plan"] else f"held-out split: {split_record['rule']}, fixed before ")
+        + "validation was drawn; epoch, temperature and threshold chosen on validation only; the "
+        "held-out split scored once, at the end.\n\n" + results_table(rows)
         + "\n## Held-out accuracy under acquisition shifts (test time only)\n\n"
         + shift_table({n: metrics[n] for n in metrics})
         + "\n## Exported precisions (held-out split)\n\n" + variant_table(variants))

@@ -131,9 +131,27 @@ def _pool(source: DataSource) -> tuple[object, np.ndarray, tuple[str, ...] | Non
     return images, labels, patients
 
 
+def _kept_split(source: DataSource) -> tuple[DataSource, Carve, dict]:
+    """The cloud store's own split (by patient, from a hash of each pseudonym: the same in
+    every model version) kept as it is, its test split held out: carving again would move
+    patients between versions, and a small store has too few images to cut twice."""
+    sizes = [len(source.splits[k]) for k in ("train", "val", "test")]
+    ends = np.cumsum(sizes)
+    cut = Carve(np.arange(0, ends[0]), np.arange(ends[0], ends[1]), np.arange(ends[1], ends[2]), "patient")
+    splits = {"train": source.splits["train"], "val": source.splits["val"],
+              HOLDOUT: replace(source.splits["test"], name=HOLDOUT)}
+    record = {"rule": "the store's split by patient, stable across model versions; its test split held out",
+              "by": cut.by, "plan": None, "counts": {k: len(v) for k, v in splits.items()},
+              "holdout_sha256": indices_digest(cut.holdout)}
+    return replace(source, splits=splits), cut, record
+
+
 def carve_source(source: DataSource, plan: SplitPlan) -> tuple[DataSource, Carve, dict]:
     """``source`` with its train and val replaced by the carved train, val and holdout
-    (its own test split kept), the carve, and the record the card and run folder keep."""
+    (its own test split kept), the carve, and the record the card and run folder keep. The
+    cloud store's stable patient split is kept instead (:func:`_kept_split`)."""
+    if source.kind == "store" and all(len(source.splits.get(k, ())) for k in ("train", "val", "test")):
+        return _kept_split(source)
     images, labels, patients = _pool(source)
     digests = image_digests(images)
     groups = list(patients) if patients is not None else digests

@@ -88,8 +88,9 @@ def test_store_training_decrypts_only_consented_images_audits_all_and_card_repro
                "--out", str(run), "--epochs", "3", "--model", json.dumps(TINY_MODEL),
                "--no-progress"])
     seconds = time.perf_counter() - t0
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert rc == 0, printed + captured.err
     assert seconds < 60, f"a demo-size store run took {seconds:.0f} s"
     print(f"cloud train on the store: {seconds:.1f} s")
 

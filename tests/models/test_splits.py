@@ -95,3 +95,20 @@ def test_the_held_out_split_never_influences_a_choice(tmp_path, tiny_model):
     assert a["hybrid"]["val"] == b["hybrid"]["val"]
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
     assert a["hybrid"][HOLDOUT] != b["hybrid"][HOLDOUT]  # the held-out split did change
+
+
+def test_the_cloud_stores_patient_split_is_kept_with_its_test_split_held_out():
+    """The store splits by a hash of each pseudonym, the same in every model version: carving
+    its train+val again would move patients between versions (and a small store has too few
+    images to cut twice), so its test split is the held-out one, as it is."""
+
+    def split(name, n, first):
+        return Split(name, np.zeros((n, 4, 4), np.float32), np.arange(n) % 2,
+                     tuple(f"P{first + i // 2}" for i in range(n)))
+
+    source = DataSource("store", {"train": split("train", 6, 0), "val": split("val", 2, 10),
+                                  "test": split("test", 2, 20)}, ("a", "b"), 1, (4, 4), (0.0, 1.0), {})
+    kept, cut, record = carve_source(source, SplitPlan())
+    assert kept.split("train") is source.splits["train"] and kept.split("val") is source.splits["val"]
+    assert kept.split(HOLDOUT).patients == source.splits["test"].patients and "test" not in kept.splits
+    assert record["plan"] is None and cut.by == "patient" and list(cut.holdout) == [8, 9]
