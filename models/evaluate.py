@@ -32,9 +32,10 @@ def card_path_for(model_path: str | Path) -> Path:
 
 def evaluate(model_path: str | Path, data: str | Path, split: str = "test", *,
              card_path: str | Path | None = None, labels_csv: str | Path | None = None,
-             providers: tuple[str, ...] = ("cpu",)) -> dict:
+             providers: tuple[str, ...] = ("cpu",), per_image: bool = False) -> dict:
     """Metrics of ``model_path`` on ``split`` of ``data`` (accuracy, precision, recall, f1,
-    auc, confusion matrix), with the decision rule its card fixed on validation."""
+    auc, confusion matrix), with the decision rule its card fixed on validation;
+    ``per_image`` adds each image's decided label, in the split's order (``predicted``)."""
     card_path = Path(card_path or card_path_for(model_path))
     card = ModelCard.load(card_path)
     card.check_model_file(model_path)
@@ -50,10 +51,11 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", *,
         raise ModelFileError(f"preprocessing gives {tuple(x.shape[1:])}, the card says {card.input_shape}")
     probs = OnnxModel.load(model_path, providers=providers).predict_proba(x)
     metrics = classification_metrics(part.labels, probs, card.decision)
-    return {"model_version": card.model_version, "data": str(data), "split": split,
+    decided = card.decide(probs)
+    return {**({"predicted": decided.tolist()} if per_image else {}),"model_version": card.model_version, "data": str(data), "split": split,
             "data_manifest_sha256": source.manifest_sha256, "decision": card.decision,
             "class_names": list(card.class_names), "excluded_seen_in_training": excluded, **metrics,
-            "predicted_counts": np.bincount(card.decide(probs), minlength=card.num_classes).tolist()}
+            "predicted_counts": np.bincount(decided, minlength=card.num_classes).tolist()}
 
 
 def _split(card: ModelCard, source, split: str, where: str) -> Split:

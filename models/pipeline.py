@@ -267,6 +267,7 @@ def _finish(net, arch, card_chain, chain, source, split_record, out, recipe, res
         architecture={"name": "cnn-transformer-hybrid", **arch.to_dict(), "onnx_opset": OPSET},
         training={"recipe": recipe.to_dict(), "schedule": schedule, "best_epoch": result.best_epoch,
                   "epochs_run": len(history), "device": dist.device, "world_size": dist.world,
+                  **({"ranks_agree": result.ranks_agree} if result.ranks_agree is not None else {}),
                   "wall_seconds": round(wall, 1), "torch": torch.__version__,
                   "python": platform.python_version()},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -169,6 +169,8 @@ class FitResult:
     stopped_early: bool
     seconds: float
     schedule: Schedule | None = None
+    # under DDP: whether every rank ended with the same weights (None with one process)
+    ranks_agree: bool | None = None
 
 
 @torch.no_grad()
@@ -344,4 +346,27 @@ def fit(net: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: n
                 log.info("early stop: smoothed validation loss has not improved for %d epochs",
                          plan.patience)
             break
-    return FitResult(best_state, best_epoch, tuple(history), stopped, time.perf_counter() - t_fit, plan)
+    agree = _ranks_agree(net, dist) if dist.world > 1 else None
+    return FitResult(best_state, best_epoch, tuple(history), stopped, time.perf_counter() - t_fit, plan,
+                     agree)
+
+
+def _ranks_agree(net: torch.nn.Module, dist) -> bool:
+    """Whether every rank holds the same weights: each hashes its parameters and the digests
+    are gathered (DDP keeps replicas equal only if every rank took every step; a rank that
+    skipped one would train on silently). Buffers are left out: DDP re-sends rank 0's at
+    each forward, so after the last step each rank's batch-norm statistics are its own."""
+    import hashlib
+
+    import torch.distributed as td
+
+    h = hashlib.sha256()
+    for name, t in sorted(net.named_parameters()):
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    mine = torch.tensor([int.from_bytes(h.digest()[:7], "big")], dtype=torch.int64, device=dist.device)
+    every = [torch.zeros_like(mine) for _ in range(dist.world)]
+    td.all_gather(every, mine)
+    agree = len({int(t.item()) for t in every}) == 1
+    if not agree:
+        log.error("the %d ranks ended with different weights", dist.world)
+    return agree

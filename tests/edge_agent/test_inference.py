@@ -42,7 +42,9 @@ def test_predicts_raw_images_like_evaluation_does(run, caplog):
                for p in preds)
     from models.evaluate import evaluate
 
-    result = evaluate(out / "model.onnx", data, "test")
+    result = evaluate(out / "model.onnx", data, "test", per_image=True)
+    assert result["excluded_seen_in_training"] == 0
+    assert [p.label for p in preds] == result["predicted"]  # image by image, not only in total
     assert np.bincount([p.label for p in preds], minlength=2).tolist() == result["predicted_counts"]
     one = model.predict(test.images[0])
     assert one.label == preds[0].label and np.allclose(one.probabilities, preds[0].probabilities, atol=1e-6)

@@ -144,6 +144,7 @@ def test_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_model):
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = ModelCard.load(out / "model_card.json")
     assert card.training["world_size"] == 2 and card.training["device"] == "cpu"
+    assert card.training["ranks_agree"] is True  # both ranks ended with identical weights
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports and writes
     assert (out / "model.onnx").is_file() and (out / "metrics.json").is_file()
     shutil.rmtree(out)
