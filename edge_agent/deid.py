@@ -77,7 +77,7 @@ _DUMMY_TEXT = "ANONYMIZED"
 _DUMMIES = {
     "AE": "ANON", "AS": "000Y", "CS": "ANON", "DA": "19000101", "DS": "0", "DT": "19000101000000",
     "IS": "0", "LO": _DUMMY_TEXT, "LT": _DUMMY_TEXT, "PN": _DUMMY_TEXT, "SH": _DUMMY_TEXT,
-    "ST": _DUMMY_TEXT, "TM": "000000", "UC": _DUMMY_TEXT, "UR": "", "UT": _DUMMY_TEXT,
+    "ST": _DUMMY_TEXT, "TM": "000000", "UC": _DUMMY_TEXT, "UR": "urn:anonymized", "UT": _DUMMY_TEXT,
     "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0,
     "OB": b"\x00\x00", "OW": b"\x00\x00", "OD": b"\x00" * 8, "OF": b"\x00" * 4, "OL": b"\x00" * 4,
     "OV": b"\x00" * 8, "AT": 0,

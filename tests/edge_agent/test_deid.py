@@ -14,7 +14,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.datadict import DicomDictionary
@@ -216,8 +216,15 @@ def test_every_output_attribute_is_on_the_allow_list(ds, options):
             (path, hex(tag))
 
 
+def _one_element(tag: int, vr: str, value) -> Dataset:
+    ds = Dataset()
+    ds.add_new(tag, vr, value)
+    return ds
+
+
 @SETTINGS
 @given(datasets())
+@example(_one_element(0x00720071, "UR", "http://phi.example/00001"))  # D on a UR gave an empty value
 def test_listed_attributes_get_their_action(ds):
     options = DeidOptions()
     out, _ = deidentify(ds, PZ, options)
