@@ -18,7 +18,6 @@ missed. ``--smoke``: 20 envelopes of 16 KiB, one round, target not enforced.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import MosquittoProcess  # noqa: E402  (tests/conftest.py)
+from integration.conftest import SecureBroker  # noqa: E402  (the generated set-up, as the suite runs it)
 from verdict import Verdict, add_smoke  # noqa: E402  (bench/verdict.py)
 
 from edge_agent.outbox import Outbox, Sealed  # noqa: E402
@@ -40,56 +40,7 @@ from medchain.protocol import encode, envelope_subscription  # noqa: E402
 from medchain.sealing import seal, verify  # noqa: E402
 
 
-DEVICE, COORDINATOR = "bench-edge", "cloud-coordinator"
-
-
-class DeploymentBroker:
-    """Mosquitto from the generated configuration; ``endpoints()``: the device's and the
-    coordinator's TLS endpoints."""
-
-    def __init__(self, workdir: Path):
-        from cloud.broker import free_port
-        from cloud.brokerconf import write_broker_files
-        from medchain.pki import CertificateAuthority
-
-        ca = CertificateAuthority.create(workdir / "pki", "MedChain bench")
-        server = ca.issue("broker", workdir / "pki", client=False, server=True, hosts=("127.0.0.1",), stem="broker")
-        self.ca, self.port = ca, free_port()
-        self.device, self.coordinator = (ca.issue(cn, workdir / "pki") for cn in (DEVICE, COORDINATOR))
-        self.files = write_broker_files(workdir / "mosquitto", host="127.0.0.1", port=self.port, ca=ca.cert_path,
-                                        cert=server.cert, key=server.key, crl=ca.crl_path, devices=[DEVICE],
-                                        coordinator=COORDINATOR, as_root=os.geteuid() == 0)
-        self.proc = None
-
-    def start(self) -> None:
-        import socket
-        import subprocess
-
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.files.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("mosquitto from the generated configuration did not start") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def endpoints(self):
-        from medchain.mqtt import MqttEndpoint
-
-        def of(identity):
-            return MqttEndpoint(host="127.0.0.1", port=self.port, max_message_bytes=8 * 1024 * 1024,
-                                tls_ca=str(self.ca.cert_path), tls_cert=str(identity.cert), tls_key=str(identity.key))
-
-        return of(self.device), of(self.coordinator)
+DEVICE = "bench-edge"
 
 
 def one_round(endpoint, cloud_endpoint, n: int, size: int, workdir: Path) -> float:
@@ -134,13 +85,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plain = MosquittoProcess(tmp / "plain")
-        tls = DeploymentBroker(tmp / "tls")
+        tls = SecureBroker(tmp / "tls", "mosquitto")
         plain.start()
         tls.start()
         try:
             transports = {
                 "plain": (plain.endpoint, plain.endpoint),
-                "tls": tls.endpoints(),
+                "tls": (tls.endpoint_for(tls.admit(DEVICE)), tls.coordinator_endpoint),
             }
             rates: dict[str, list[float]] = {k: [] for k in transports}
             for r in range(args.rounds):

@@ -222,17 +222,10 @@ class AccessConfig:
 
 def load_access_config(path: str | Path) -> AccessConfig:
     from medchain.errors import ConfigError
-    from medchain.settings import Section, read_toml
+    from medchain.settings import ConfigFile
 
-    path = Path(path)
-    raw = read_toml(path, ConfigError, "access configuration")
-    base, origin = path.resolve().parent, str(path)
-
-    def section(name: str) -> Section:
-        if name not in raw:
-            raise ConfigError(f"{origin}: section [{name}] missing")
-        return Section(origin, name, raw.pop(name), base, ConfigError)
-
+    f = ConfigFile(path, ConfigError, "access configuration")
+    section = f.section
     p = section("principal")
     name, key, recipient = p.str("name"), p.path("key"), p.path("recipient")
     p.done()
@@ -245,10 +238,8 @@ def load_access_config(path: str | Path) -> AccessConfig:
     s = section("store")
     url = s.str("url")
     s.done()
-    if raw:
-        raise ConfigError(f"{origin}: unknown section(s): {', '.join(sorted(raw))}")
-    return AccessConfig(name, key, recipient, genesis, sock,
-                        url if "://" in url else str(base / url))
+    f.done()
+    return AccessConfig(name, key, recipient, genesis, sock, f.url(url))
 
 
 @contextmanager

@@ -39,7 +39,7 @@ from ledger.genesis import Genesis
 from medchain.canonical import decode
 from medchain.errors import ConfigError, EncodingError, MedChainError
 from medchain.identity import SigningKey, VerifyKey
-from medchain.settings import Section, read_toml
+from medchain.settings import ConfigFile
 
 from cloud.access_protocol import FETCH_KIND
 from cloud.catalog import CatalogEntry
@@ -74,15 +74,8 @@ class CustodianConfig:
 
 
 def load_custodian_config(path: str | Path) -> CustodianConfig:
-    path = Path(path)
-    raw = read_toml(path, ConfigError, "custodian configuration")
-    base, origin = path.resolve().parent, str(path)
-
-    def section(name: str) -> Section:
-        if name not in raw:
-            raise ConfigError(f"{origin}: section [{name}] missing")
-        return Section(origin, name, raw.pop(name), base, ConfigError)
-
+    f = ConfigFile(path, ConfigError, "custodian configuration")
+    section, origin = f.section, f.origin
     c = section("custodian")
     sock = c.path("socket", "custodian.sock")
     serve = tuple(c.list("serve", str, ["training"], min_len=1))
@@ -105,10 +98,8 @@ def load_custodian_config(path: str | Path) -> CustodianConfig:
     s = section("store")
     url = s.str("url")
     s.done()
-    if raw:
-        raise ConfigError(f"{origin}: unknown section(s): {', '.join(sorted(raw))}")
-    return CustodianConfig(sock, key, genesis, ledger_key, url if "://" in url else str(base / url),
-                           principal, serve)
+    f.done()
+    return CustodianConfig(sock, key, genesis, ledger_key, f.url(url), principal, serve)
 
 
 class CustodianServer:

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Section", "read_toml"]
+__all__ = ["Section", "ConfigFile", "read_toml"]
 
 
 def read_toml(path: str | Path, error: type[Exception], what: str = "configuration") -> dict:
@@ -105,3 +105,26 @@ class Section:
     def done(self) -> None:
         if self.table:
             raise self.error(f"{self.origin}: [{self.name}] unknown key(s): {', '.join(sorted(self.table))}")
+
+
+class ConfigFile:
+    """A TOML file's tables, each taken once as a :class:`Section` (paths relative to the
+    file's folder); ``done()`` refuses a table nobody took, as a section refuses a key."""
+
+    def __init__(self, path: str | Path, error: type[Exception], what: str = "configuration") -> None:
+        path = Path(path)
+        self.raw, self.error = read_toml(path, error, what), error
+        self.origin, self.base = str(path), path.resolve().parent
+
+    def section(self, name: str) -> Section:
+        if name not in self.raw:
+            raise self.error(f"{self.origin}: section [{name}] missing")
+        return Section(self.origin, name, self.raw.pop(name), self.base, self.error)
+
+    def url(self, value: str) -> str:
+        """A store URL: a scheme's as it is, a bare path relative to the file's folder."""
+        return value if "://" in value else str(self.base / value)
+
+    def done(self) -> None:
+        if self.raw:
+            raise self.error(f"{self.origin}: unknown section(s): {', '.join(sorted(self.raw))}")
