@@ -33,14 +33,16 @@ from models.training import Recipe  # noqa: E402
 
 # the recipe before issue 19: 20 epochs, patience 6 on the raw validation loss, no weight
 # averaging, affine augmentation only, label smoothing 0.05, threshold chosen on validation
+AFFINE = [{"name": "RandomAffine", "degrees": 10.0, "scale": 0.1, "translate": 0.08, "p": 1.0}]
 RECIPES = {
     "old": dict(epochs=20, patience=6, label_smoothing=0.05, ema=False, smoothing=0.0,
-                threshold="validation",
-                augment=[{"name": "RandomAffine", "degrees": 10.0, "scale": 0.1, "translate": 0.08, "p": 1.0}]),
+                threshold="validation", augment=AFFINE),
     "new": {},
     "new-no-ema": dict(ema=False),
     "new-ema": dict(ema=True),
     "new-val-threshold": dict(threshold="validation"),
+    "new-no-intensity": dict(augment=AFFINE),
+    "new-desc": dict(model={"descriptors": True}),  # the HOG + wavelet branch (models/descriptors.py)
 }
 MODELS = ("hybrid", "knn", "svm")
 SPLITS = ("val", "holdout", "shifted")

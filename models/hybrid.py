@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from models.descriptors import DescriptorBranch
+
 __all__ = ["HybridConfig", "HybridNet", "Probabilities", "build_model"]
 
 
@@ -35,6 +37,8 @@ class HybridConfig:
     dropout: float = 0.1
     head_hidden: int = 128
     max_tokens: int = 64
+    descriptors: bool = False  # the HOG + wavelet branch (models.descriptors)
+    descriptor_dim: int = 32
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.num_classes < 2:
@@ -108,7 +112,8 @@ class _EncoderLayer(nn.Module):
 
 
 class HybridNet(nn.Module):
-    """CNN stem -> tokens + positions -> transformer encoder; ``[F_cnn || F_trans]`` -> FC."""
+    """CNN stem -> tokens + positions -> transformer encoder; ``[F_cnn || F_trans]``, with
+    the descriptor branch ``[F_cnn || F_trans || F_desc]``, -> FC."""
 
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
@@ -130,8 +135,11 @@ class HybridNet(nn.Module):
             for _ in range(config.depth)
         ])
         self.norm = nn.LayerNorm(config.embed_dim)
+        self.descriptors = (DescriptorBranch(config.in_channels, config.descriptor_dim)
+                            if config.descriptors else None)
+        z_width = width + config.embed_dim + (config.descriptor_dim if config.descriptors else 0)
         self.head = nn.Sequential(
-            nn.Linear(width + config.embed_dim, config.head_hidden), nn.ReLU(inplace=True),
+            nn.Linear(z_width, config.head_hidden), nn.ReLU(inplace=True),
             nn.Dropout(config.dropout), nn.Linear(config.head_hidden, config.num_classes),
         )
         self._init_weights()
@@ -146,13 +154,15 @@ class HybridNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``Z = [F_cnn || F_trans]`` for a batch ``(N, C, H, W)``."""
+        """``Z = [F_cnn || F_trans (|| F_desc)]`` for a batch ``(N, C, H, W)``."""
         fmap = self.stem(x)
         f_cnn = fmap.mean(dim=(2, 3))
         tokens = self.token_pool(fmap).flatten(2).transpose(1, 2)
         tokens = self.encoder(self.embed(tokens) + self.pos)
         f_trans = self.norm(tokens).mean(dim=1)
-        return torch.cat([f_cnn, f_trans], dim=1)
+        if self.descriptors is None:
+            return torch.cat([f_cnn, f_trans], dim=1)
+        return torch.cat([f_cnn, f_trans, self.descriptors(x)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
