@@ -37,7 +37,7 @@ def _status(args: argparse.Namespace) -> int:
     with open_requester(load_access_config(args.config), args.key) as requester:
         entries = requester.status()
     for e in entries:
-        _print({"audit": e["id"], "image": e["image"].hex(), "purpose": e["purpose"], "action": e["action"],
+        _print({"audit": e["id"], "image": e["image"].hex() if e["image"] else None, "purpose": e["purpose"], "action": e["action"],
                 "granted": e["granted"], "reason": e["reason"], "t": e["t"], "by": e["by"],
                 "validators": len(e["signatures"])})
     return 0

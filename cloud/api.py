@@ -83,8 +83,8 @@ class DecisionsOut(BaseModel):
 
 class AuditEntryOut(BaseModel):
     audit: int
-    image: str
-    purpose: str
+    image: str | None = Field(description="envelope id; null for a read of a patient's history")
+    purpose: str | None = Field(description="null for a read of a patient's history")
     action: str
     granted: bool
     reason: str
@@ -138,7 +138,7 @@ class RecordOut(BaseModel):
 
 
 def _entry(e: dict) -> AuditEntryOut:
-    return AuditEntryOut(audit=e["id"], image=e["image"].hex(), purpose=e["purpose"], action=e["action"],
+    return AuditEntryOut(audit=e["id"], image=e["image"].hex() if e["image"] else None, purpose=e["purpose"], action=e["action"],
                          granted=e["granted"], reason=e["reason"], t=e["t"], by=e["by"],
                          validators=len(e.get("signatures", {})))
 

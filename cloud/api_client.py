@@ -59,7 +59,7 @@ class HttpGateway:
 
     def audit(self, name: str) -> list[dict]:
         entries = self.call("GET", "/v1/access/status").json()["entries"]
-        return [{"id": e["audit"], "image": bytes.fromhex(e["image"]), "purpose": e["purpose"],
+        return [{"id": e["audit"], "image": bytes.fromhex(e["image"]) if e["image"] else None, "purpose": e["purpose"],
                  "action": e["action"], "granted": e["granted"], "reason": e["reason"], "t": e["t"],
                  "by": e["by"], "validators": e["validators"]} for e in entries]
 

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medchain.canonical import canonical_bytes
-from ledger.errors import CertificateInvalid, LedgerError, LedgerUnavailable, MessageInvalid, QueryFailed, SubmitTimeout
+from ledger.errors import (
+    CertificateInvalid,
+    LedgerError,
+    LedgerUnavailable,
+    MessageInvalid,
+    QueryFailed,
+    ReadRefused,
+    SubmitTimeout,
+)
 from medchain.errors import ProofInvalid
 from ledger.genesis import Genesis
 from medchain.identity import SigningKey
@@ -50,7 +58,7 @@ from ledger.messages import (
 )
 from ledger.quorum import Keyring
 from ledger.receipts import TxReceipt
-from ledger.transactions import AccessRequested, Transaction, parse
+from ledger.transactions import AccessRequested, AuditRead, Transaction, parse
 from ledger.tls import client_context, validator_cn
 from ledger.transport import Link
 from medchain.pki import Identity
@@ -372,19 +380,39 @@ class AsyncLedgerClient:
         return await self._proven("inference", {"batch_root": batch_root, "proof": True},
                                   lambda tx, rec: tx.get("batch_root") == batch_root)
 
-    async def consent(self, patient: str) -> dict:
-        """Current consent per purpose and its full history for one patient token."""
-        return await self.query("consent", {"patient": patient})
+    async def read(self, query: str, by: str, key: str | bytes) -> int:
+        """File ``AUDIT_READ``: the ledger decides by role and puts the read on the patient's
+        trail; the audit id to name in the query, or :class:`ReadRefused` (audited too)."""
+        key = key.hex() if isinstance(key, bytes) else key
+        result = await self.submit(AuditRead(query, by, key))
+        if not result.committed:
+            raise QueryFailed(f"read of {query} by {by} rejected: {result.reason}")
+        if not result.output["granted"]:
+            raise ReadRefused(f"read of {query} by {by} refused: {result.output['reason']} "
+                              f"(audit entry {result.output['audit']['id']})")
+        return result.output["audit"]["id"]
+
+    async def consent(self, patient: str, *, read: int | None = None) -> dict:
+        """Current consent per purpose and its full history for one patient token, as of
+        the granted read ``read`` (by default one filed now: :meth:`read`)."""
+        if read is None:
+            read = await self.read("consent", "patient", patient)
+        return dict(await self.query("consent", {"patient": patient, "read": read}), read=read)
 
     async def audit(self, *, user: str | None = None, patient: str | None = None,
-                    image: bytes | None = None) -> list[dict]:
+                    image: bytes | None = None, read: int | None = None) -> list[dict]:
         """Audit entries (oldest first) for one user, patient token or image; each carries
-        the signatures of the f + 1 validators that vouched for it."""
+        the signatures of the f + 1 validators that vouched for it. A patient token's or
+        an image's trail is read through a granted read (``read``, by default one filed
+        now), which is itself the trail's last entry."""
         (by, key), = [(b, k) for b, k in (("user", user), ("patient", patient),
                                            ("image", image)) if k is not None]
+        args = {"by": by, "key": key}
+        if by != "user":
+            args["read"] = read if read is not None else await self.read("audit", by, key)
         entries: list[dict] = []
         while True:  # a page per query, oldest first, until the index's total
-            answers = await self._ask("audit", {"by": by, "key": key, "start": len(entries)})
+            answers = await self._ask("audit", dict(args, start=len(entries)))
             page = [dict(e, signatures={}) for e in answers[0].answer["entries"]]
             by_id = {e["id"]: e for e in page}
             for qr in answers:
@@ -514,12 +542,15 @@ class LedgerClient:
     def inference_receipt(self, batch_root: bytes) -> TxReceipt | None:
         return self._run(self._async.inference_receipt(batch_root))
 
-    def consent(self, patient: str) -> dict:
-        return self._run(self._async.consent(patient))
+    def read(self, query: str, by: str, key: str | bytes) -> int:
+        return self._run(self._async.read(query, by, key))
+
+    def consent(self, patient: str, *, read: int | None = None) -> dict:
+        return self._run(self._async.consent(patient, read=read))
 
     def audit(self, *, user: str | None = None, patient: str | None = None,
-              image: bytes | None = None) -> list[dict]:
-        return self._run(self._async.audit(user=user, patient=patient, image=image))
+              image: bytes | None = None, read: int | None = None) -> list[dict]:
+        return self._run(self._async.audit(user=user, patient=patient, image=image, read=read))
 
     def model(self, model_hash: bytes) -> dict | None:
         return self._run(self._async.model(model_hash))

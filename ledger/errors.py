@@ -13,6 +13,7 @@ __all__ = [
     "LedgerUnavailable",
     "SubmitTimeout",
     "QueryFailed",
+    "ReadRefused",
 ]
 
 
@@ -57,3 +58,8 @@ class SubmitTimeout(LedgerUnavailable):
 
 class QueryFailed(LedgerError):
     """A query was refused by the validators (unknown kind, bad arguments, not allowed)."""
+
+
+class ReadRefused(QueryFailed):
+    """The ledger refused (and audited) a read of a patient token's history: the reader's
+    role may not read it."""

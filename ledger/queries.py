@@ -11,12 +11,22 @@ check it against the validator keys alone.
 
 ``answer`` is what clients compare; ``attestation`` carries what legitimately differs per
 validator (its own signatures on audit entries, its local status).
+
+Queries are authorized by the asker's role as the ledger holds it (the asker is the
+principal whose signed ``Hello`` opened the connection and who signed the query):
+
+* ``audit`` by user: one's own trail; anyone's for an auditor or a role that acts on behalf
+  of others (the API, the custodian). ``audit_entries`` likewise, entry by entry.
+* a patient token's history — ``consent``, ``audit`` by patient or by image — only for a
+  query naming (``read``) a granted ``AUDIT_READ`` of the asker for that subject: the read is
+  on the trail *before* anything is answered, and the answer stops where the trail says the
+  reader saw (:meth:`Contracts.read_upto`). Consent: registrar and auditor; audit: auditor.
 """
 
 from __future__ import annotations
 
 from ledger.blocks import outcome, results_tree
-from ledger.contracts import AUDIT_INDEXES, MAX_LIST
+from ledger.contracts import AUDIT_INDEXES, MAX_LIST, Contracts, Rejected
 from ledger.errors import QueryFailed
 from ledger.messages import request_digest
 from ledger.pbft import Replica
@@ -62,8 +72,17 @@ def _status(replica: Replica, store: BlockStore) -> dict:
             "counters": dict(replica.counters)}
 
 
-def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> tuple[object, dict]:
-    """``(answer, attestation)`` for one query; :class:`QueryFailed` for a bad one."""
+def _read_upto(c: Contracts, asker: str, query: str, by: str, key, args: dict) -> int:
+    try:
+        return c.read_upto(asker, query, by, key, args.get("read"))
+    except Rejected as exc:
+        raise QueryFailed(f"not authorized: {exc.reason}") from None
+
+
+def answer_query(what: str, args: dict, replica: Replica, store: BlockStore,
+                 asker: str) -> tuple[object, dict]:
+    """``(answer, attestation)`` for one query of the principal ``asker``;
+    :class:`QueryFailed` for a bad or unauthorized one."""
     ledger = replica.ledger
     c = ledger.contracts
     if what == "status":
@@ -83,7 +102,10 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
         ids = args.get("ids")
         if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
             raise QueryFailed("audit_entries: 'ids' must be a list of entry ids")
-        return c.audit_entries(ids), {}
+        entries = c.audit_entries(ids)
+        if not c.oversees(asker) and any(e is not None and e["user"] != asker for e in entries):
+            raise QueryFailed("not authorized: audit entries of another principal")
+        return entries, {}
     if what == "studies":
         filters = {k: args.get(k) for k in ("modality", "patient", "study")}
         if not all(v is None or isinstance(v, str) for v in filters.values()):
@@ -94,8 +116,10 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
     if what == "image":
         return _proven(replica, store, c.image(_arg(args, "envelope_id", bytes, 16)))
     if what == "consent":
-        return c.consent(_arg(args, "patient", str), int(args.get("start", 0)),
-                         int(args.get("limit", MAX_LIST))), {}
+        patient = _arg(args, "patient", str)
+        upto = _read_upto(c, asker, "consent", "patient", patient, args)
+        return c.consent(patient, int(args.get("start", 0)), int(args.get("limit", MAX_LIST)),
+                         upto), {}
     if what == "audit":
         by = _arg(args, "by", str)
         if by not in AUDIT_INDEXES:
@@ -103,7 +127,14 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
         key = args.get("key")
         if not isinstance(key, (str, bytes)):
             raise QueryFailed("query argument 'key' is missing or malformed")
-        result = c.audit(by, key, int(args.get("start", 0)), int(args.get("limit", MAX_LIST)))
+        if by != "user":
+            upto = _read_upto(c, asker, "audit", by, key, args)
+        elif key == asker or c.oversees(asker):
+            upto = None
+        else:
+            raise QueryFailed("not authorized: another principal's audit trail")
+        result = c.audit(by, key, int(args.get("start", 0)), int(args.get("limit", MAX_LIST)),
+                         upto)
         sigs = store.attestations(e["id"] for e in result["entries"])
         return result, {"signatures": [[i, s] for i, s in sorted(sigs.items())]}
     if what in ("model", "inference"):

@@ -262,7 +262,8 @@ class Validator:
             self.replica.dropped["bad_signature"] += 1
             return
         try:
-            answer, attestation = answer_query(q.what, q.args, self.replica, self.store)
+            answer, attestation = answer_query(q.what, q.args, self.replica, self.store,
+                                              q.client)
             result = QueryResult(self.id, q.client, q.qid, True, answer, attestation)
         except QueryFailed as exc:
             result = QueryResult(self.id, q.client, q.qid, False, str(exc), {})

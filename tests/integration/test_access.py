@@ -17,6 +17,7 @@ from cloud.access_protocol import FetchReply, FetchRequest
 from cloud.custodian_access import NO_GRANT
 from cloud.custodian_service import ask_custodian
 from cloud.errors import AccessRefused
+from ledger.errors import QueryFailed
 from ledger.transactions import AccessRequested, ConsentSet, PrincipalSet
 from medchain.identity import RecipientKey, SigningKey
 from medchain.protocol import Envelope
@@ -130,8 +131,8 @@ def test_consent_revoked_between_request_and_fetch(world, person, tmp_path):
     assert [(e["action"], e["granted"], e["reason"]) for e in entries] == [
         ("request", True, "granted"), ("fetch", False, "consent revoked")]
     assert_signed(entries, world)
-    with world.cluster.client("operator") as op:  # also on the patient's trail
-        assert [e["action"] for e in op.audit(patient=patient)] == ["request", "fetch"]
+    auditor = person("auditor")  # also on the patient's trail (the auditor's read of it last)
+    assert [e["action"] for e in auditor.ledger.audit(patient=patient)] == ["request", "fetch", "read-audit"]
 
 
 def test_a_grant_for_image_a_does_not_fetch_image_b(world, person, tmp_path):
@@ -312,20 +313,31 @@ def test_consent_set_revoke_history_from_the_cli_decide_the_next_request(world, 
     def consent(*argv) -> tuple[int, list[dict]]:
         capsys.readouterr()
         rc = main(["consent", *argv, "--config", str(tmp_path / "cloud.toml")])
-        return rc, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        captured = capsys.readouterr()
+        consent.err = captured.err
+        return rc, [json.loads(line) for line in captured.out.splitlines()]
 
     dr = person("clinician")
+    registrar = person("registrar")
+    registrar.key.save(tmp_path / "registrar.key")
+    me = ("--name", registrar.name, "--key", str(tmp_path / "registrar.key"))
     a, patient, _ = world.image(consent=("diagnosis",))  # the acquisition flag grants at first
     assert dr.requester.request([a], "diagnosis")[0].granted
-    rc, [out] = consent("revoke", "--patient", patient, "--purpose", "diagnosis")
+    rc, [out] = consent("revoke", "--patient", patient, "--purpose", "diagnosis")  # the operator's key
     assert rc == 0 and out["committed"] and out["granted"] is False
     assert dr.requester.request([a], "diagnosis")[0].reason == "consent revoked"
-    rc, [out] = consent("set", "--patient", patient, "--purpose", "diagnosis", "--days", "1")
+    rc, [out] = consent("set", "--patient", patient, "--purpose", "diagnosis", "--days", "1", *me)
     assert rc == 0 and out["committed"] and out["expires_ms"] > time.time() * 1000
     assert dr.requester.request([a], "diagnosis")[0].granted
-    rc, out = consent("history", "--patient", patient)
+    rc, out = consent("history", "--patient", patient, *me)  # the registrar's key
     assert rc == 0 and [(h["purpose"], h["granted"], h["by"]) for h in out] == [
-        ("diagnosis", False, "operator"), ("diagnosis", True, "operator")]
+        ("diagnosis", False, "operator"), ("diagnosis", True, registrar.name)]
+    rc, out = consent("history", "--patient", patient)  # the operator's: refused, and audited
+    assert rc == 2 and out == [] and "role may not read consent history" in consent.err
+    trail = person("auditor").ledger.audit(patient=patient)
+    assert [(e["user"], e["action"], e["granted"]) for e in trail if e["action"].startswith("read")] == [
+        (registrar.name, "read-consent", True), ("operator", "read-consent", False),
+        (trail[-1]["user"], "read-audit", True)]
 
 
 def test_a_study_is_listed_by_metadata_and_requested_whole(world, person, tmp_path, capsys):
@@ -390,3 +402,53 @@ def test_an_operator_gets_no_key_without_a_grant_of_its_own(world, person, tmp_p
     assert not (tmp_path / "out").exists()
     assert [(e["action"], e["granted"]) for e in audit_of(world, op)] == [
         ("fetch", False), ("request", False), ("fetch", False)]
+
+
+def test_a_researcher_reads_neither_anothers_trail_nor_a_patients_history(world, person):
+    """The attack: a researcher (any principal) asks the validators directly for another
+    principal's audit trail and entries, a patient's consent history and the patient's and
+    an image's trails. Before queries were authorized by role (up to commit 9910fcc) every
+    one of these was answered — this test failed there on its first query — and nothing of
+    it was audited."""
+    alice, eve = person("clinician"), person("researcher")
+    a, patient, _ = world.image(consent=("diagnosis",))
+    [d] = alice.requester.request([a], "diagnosis")
+    assert world.operator.submit(ConsentSet(patient, "research", False, int(time.time() * 1000))).committed
+    for what, args in [("audit", {"by": "user", "key": alice.name}),
+                       ("audit_entries", {"ids": [d.audit_id]}),
+                       ("consent", {"patient": patient}),
+                       ("audit", {"by": "patient", "key": patient}),
+                       ("audit", {"by": "image", "key": bytes.fromhex(a)})]:
+        with pytest.raises(QueryFailed, match="not authorized"):
+            eve.ledger.query(what, args)
+    # through the front door, AUDIT_READ: refused by role, and the attempt is on the trail
+    from ledger.errors import ReadRefused
+
+    with pytest.raises(ReadRefused, match="role may not read consent history"):
+        eve.ledger.consent(patient)
+    with pytest.raises(ReadRefused, match="role may not read audit history"):
+        eve.ledger.audit(image=bytes.fromhex(a))
+    tried = [(e["action"], e["granted"], e["patient"]) for e in eve.ledger.audit(user=eve.name)]
+    assert tried == [("read-consent", False, patient), ("read-audit", False, patient)]
+
+
+def test_a_registrars_read_of_a_consent_history_is_on_the_patients_trail(world, person):
+    """Nobody reads a patient token's history unaudited: the registrar's consent read and the
+    auditor's trail read are entries of the patient's trail, signed by f + 1 validators, and
+    a read sees the trail only as it stood when it was filed."""
+    registrar, auditor, dr = person("registrar"), person("auditor"), person("clinician")
+    a, patient, _ = world.image(consent=("diagnosis",))
+    dr.requester.request([a], "diagnosis")
+    assert registrar.ledger.submit(ConsentSet(patient, "research", True, int(time.time() * 1000))).committed
+    consent = registrar.ledger.consent(patient)
+    assert consent["current"]["research"]["granted"] and consent["total"] == 1
+    trail = auditor.ledger.audit(patient=patient)
+    assert [(e["user"], e["action"], e["granted"]) for e in trail] == [
+        (dr.name, "request", True), (registrar.name, "read-consent", True), (auditor.name, "read-audit", True)]
+    assert trail[1]["id"] == consent["read"] and trail[1]["patient"] == patient
+    assert_signed(trail, world)
+    dr.requester.request([a], "diagnosis")  # after the read: not in it
+    again = auditor.ledger.audit(patient=patient, read=trail[-1]["id"])
+    assert [e["id"] for e in again] == [e["id"] for e in trail]
+    with pytest.raises(QueryFailed, match="not authorized"):  # nor is the read anyone else's
+        registrar.ledger.audit(patient=patient, read=trail[-1]["id"])

@@ -124,21 +124,32 @@ def test_consent_access_and_audit_trail(world):
     assert not denied.granted and denied.reason == "no consent for purpose"
     assert op.submit(ConsentSet("tok-audit", "research", True, 1)).committed
     assert op.access("res-y", eid, "research", "download").granted
-    consent = op.consent("tok-audit")
-    assert consent["current"]["research"]["granted"] is True and consent["total"] == 1
-    trail = op.audit(patient="tok-audit")
-    assert [e["granted"] for e in trail] == [True, False, True]
-    assert [e["user"] for e in trail] == ["dr-x", "res-y", "res-y"]
+    from ledger.errors import ReadRefused
+
+    with pytest.raises(ReadRefused, match="role may not read consent history"):
+        op.consent("tok-audit")  # the operator files consent; reading a patient's history is not its job
+    c = world[0]
+    auditor = SigningKey.generate()
+    assert op.submit(PrincipalSet("aud-z", "auditor", auditor.public.raw)).committed
+    with LedgerClient(c.genesis_path, auditor, "aud-z") as aud:
+        consent = aud.consent("tok-audit")
+        assert consent["current"]["research"]["granted"] is True and consent["total"] == 1
+        trail = aud.audit(patient="tok-audit")
+        by_image = aud.audit(image=eid)
+    assert [(e["user"], e["action"], e["granted"]) for e in trail] == [
+        ("dr-x", "view", True), ("res-y", "download", False), ("res-y", "download", True),
+        ("operator", "read-consent", False), ("aud-z", "read-consent", True),
+        ("aud-z", "read-audit", True)]  # every read of the token's history is on it, this one last
     assert all(len(e["signatures"]) >= 2 for e in trail)
     from medchain.canonical import canonical_bytes
     from ledger.execution import AUDIT_DOMAIN
-    c = world[0]
     entry = {k: v for k, v in trail[0].items() if k != "signatures"}
     for vid, sig in trail[0]["signatures"].items():
         key = SigningKey.load(c.key_path(f"validator-{vid}")).public
         key.verify_encoded(AUDIT_DOMAIN, canonical_bytes(entry), sig)
-    assert [e["id"] for e in op.audit(image=eid)] == [e["id"] for e in trail]
-    assert len(op.audit(user="res-y")) >= 2
+    assert [e["id"] for e in by_image[:3]] == [e["id"] for e in trail[:3]]
+    assert by_image[-1]["action"] == "read-audit" and by_image[-1]["image"] == eid
+    assert len(op.audit(user="res-y")) >= 2  # the operator acts for others: it reads their trails
 
 
 def test_device_lookup_for_ingest(world):
