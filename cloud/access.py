@@ -155,6 +155,12 @@ class Requester:
         ids = [e for s in self.gateway.studies(study=study) for series in s["series"].values() for e in series]
         return self.request(ids, purpose) if ids else []
 
+    def request_series(self, series: str, purpose: str) -> list[Decision]:
+        """Every image of one series (its uid as the ledger registered it: the edge's
+        pseudonym of the SeriesInstanceUID), each decided and audited on its own."""
+        ids = [e for s in self.gateway.studies(series=series) for e in s["series"].get(series, [])]
+        return self.request(ids, purpose) if ids else []
+
     def status(self) -> list[dict]:
         """This principal's audit entries (requests and fetches), oldest first."""
         return self.gateway.audit(self.name)

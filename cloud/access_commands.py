@@ -20,12 +20,14 @@ def _print(obj) -> None:
 def _request(args: argparse.Namespace) -> int:
     from cloud.access import load_access_config, open_requester
 
-    if not args.image and not args.study:
-        raise SystemExit("access request: name --image ID... or --study UID")
+    if not args.image and not args.study and not args.series:
+        raise SystemExit("access request: name --image ID..., --study UID... or --series UID...")
     with open_requester(load_access_config(args.config), args.key) as requester:
         decisions = requester.request(args.image, args.purpose) if args.image else []
         for study in args.study or []:
             decisions += requester.request_study(study, args.purpose)
+        for series in args.series or []:
+            decisions += requester.request_series(series, args.purpose)
     for d in decisions:
         _print({"image": d.envelope_id, "granted": d.granted, "reason": d.reason, "audit": d.audit_id})
     return 0 if decisions and all(d.granted for d in decisions) else 3
@@ -133,6 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--image", nargs="+", help="envelope ids (32 hex digits)")
     p.add_argument("--study", nargs="+", help="study uids: every image of each study")
+    p.add_argument("--series", nargs="+", help="series uids (as `cloud studies` lists them): every image "
+                                                "of each series")
     p.add_argument("--purpose", required=True, choices=["diagnosis", "research", "training", "sharing"])
     p.set_defaults(func=_request)
     p = actions.add_parser("status", help="your requests and fetches, as the ledger's audit trail has them")

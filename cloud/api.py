@@ -26,7 +26,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud.access import LedgerGateway
@@ -65,9 +65,21 @@ class Problem(Exception):
 
 # -- bodies ---------------------------------------------------------------------------------
 
+SeriesUid = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[0-9A-Za-z._-]+$",
+                                  description="a series uid as the ledger registered it (the studies listing's)")]
+
+
 class AccessRequestBody(BaseModel):
-    images: list[EnvelopeId] = Field(min_length=1, max_length=1000)
+    images: list[EnvelopeId] = Field(default_factory=list, max_length=1000)
+    series: list[SeriesUid] = Field(default_factory=list, max_length=100,
+                                    description="every image of each series, decided one by one")
     purpose: Purpose
+
+    @model_validator(mode="after")
+    def _something(self) -> AccessRequestBody:
+        if not self.images and not self.series:
+            raise ValueError("name images, series or both")
+        return self
 
 
 class DecisionOut(BaseModel):
@@ -171,10 +183,15 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
 
     @app.post("/v1/access/requests", response_model=DecisionsOut)
     def request_access(body: AccessRequestBody, who: SignedBy = WHO) -> DecisionsOut:
-        """Ask for images for a purpose: the ledger decides per image and audits each."""
+        """Ask for images — named, or every image of the named series — for a purpose: the
+        ledger decides per image and audits each."""
         for image in body.images:
             _check_id(image)
-        decisions = gateway.decide(who.name, body.images, body.purpose)
+        images = list(body.images)
+        for uid in body.series:
+            images += [e for s in gateway.studies(series=uid) for e in s["series"].get(uid, [])
+                       if e not in images]
+        decisions = gateway.decide(who.name, images, body.purpose) if images else []
         return DecisionsOut(decisions=[DecisionOut(image=d.envelope_id, granted=d.granted, reason=d.reason,
                                                    audit=d.audit_id) for d in decisions])
 
@@ -201,12 +218,12 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
 
     @app.get("/v1/studies", response_model=StudiesOut)
     def studies(who: SignedBy = WHO, modality: str | None = None, patient: str | None = None,
-                study: str | None = None) -> StudiesOut:
+                study: str | None = None, series: str | None = None) -> StudiesOut:
         """Registered studies by pseudonymous patient and modality: metadata only, no pixels;
         for the roles of :data:`LISTING_ROLES`."""
         if who.role not in LISTING_ROLES:
             raise Problem(403, "role-not-allowed", "Role not allowed", f"role {who.role!r} may not list studies")
-        found = gateway.studies(modality=modality, patient=patient, study=study)
+        found = gateway.studies(modality=modality, patient=patient, study=study, series=series)
         policies = {name: gateway.ledger.policy(name) or {} for name in {p for s in found for p in s["policies"]}}
         return StudiesOut(studies=[StudyOut(**s, open_to_you=[
             p for p in s["consented"] if all(who.role in policies[name].get(p, ()) for name in s["policies"])])

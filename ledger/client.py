@@ -433,10 +433,10 @@ class AsyncLedgerClient:
         return await self.query("principal", {"name": name})
 
     async def studies(self, *, modality: str | None = None, patient: str | None = None,
-                      study: str | None = None) -> list[dict]:
+                      study: str | None = None, series: str | None = None) -> list[dict]:
         """Registered studies (metadata only), filtered; see :meth:`Contracts.studies`."""
-        args = {k: v for k, v in (("modality", modality), ("patient", patient), ("study", study))
-                if v is not None}
+        args = {k: v for k, v in (("modality", modality), ("patient", patient), ("study", study),
+                                  ("series", series)) if v is not None}
         return await self.query("studies", args)
 
     async def audit_entries(self, ids: Iterable[int]) -> list[dict | None]:

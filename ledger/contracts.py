@@ -355,14 +355,17 @@ class Contracts:
         return self.state.get(f"device/{device_id}")
 
     def studies(self, *, modality: str | None = None, patient: str | None = None,
-                study: str | None = None, limit: int = MAX_LIST) -> list[dict]:
+                study: str | None = None, series: str | None = None,
+                limit: int = MAX_LIST) -> list[dict]:
         """Registered studies, metadata only: pseudonymous patient, study, modality, series
         with their envelope ids, and the purposes for which consent is valid now. A scan of
-        the state (image records), filtered; at most ``limit`` studies."""
+        the state (image records), filtered (by ``series``: that series alone); at most
+        ``limit`` studies."""
         found: dict[tuple[str, str], dict] = {}
         for key, rec in self.state.items():
             if not key.startswith("image/") or (modality and rec["modality"] != modality) or (
-                    patient and rec["patient"] != patient) or (study and rec["study_uid"] != study):
+                    patient and rec["patient"] != patient) or (study and rec["study_uid"] != study) or (
+                    series and rec["series_uid"] != series):
                 continue
             s = found.setdefault((rec["patient"], rec["study_uid"]), {
                 "patient": rec["patient"], "study": rec["study_uid"], "modalities": set(),

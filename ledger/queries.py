@@ -107,7 +107,7 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore,
             raise QueryFailed("not authorized: audit entries of another principal")
         return entries, {}
     if what == "studies":
-        filters = {k: args.get(k) for k in ("modality", "patient", "study")}
+        filters = {k: args.get(k) for k in ("modality", "patient", "study", "series")}
         if not all(v is None or isinstance(v, str) for v in filters.values()):
             raise QueryFailed("studies: filters are text")
         return c.studies(**filters), {}

@@ -356,6 +356,8 @@ def test_a_study_is_listed_by_metadata_and_requested_whole(world, person, tmp_pa
     decisions = dr.requester.request_study(study, "diagnosis")
     assert sorted((d.envelope_id, d.granted) for d in decisions) == sorted([(a, True), (b, True)])
     assert dr.requester.request_study("no-such-study", "diagnosis") == []
+    assert [s["series"] for s in dr.requester.gateway.studies(series="s2")
+            if s["study"] == study] == [{"s2": [b]}]  # a series alone
     # `medchain cloud studies` prints the same record; metadata only (no key, no pixels)
     cluster = world.cluster
     (tmp_path / "cloud.toml").write_text(
@@ -452,3 +454,34 @@ def test_a_registrars_read_of_a_consent_history_is_on_the_patients_trail(world, 
     assert [e["id"] for e in again] == [e["id"] for e in trail]
     with pytest.raises(QueryFailed, match="not authorized"):  # nor is the read anyone else's
         registrar.ledger.audit(patient=patient, read=trail[-1]["id"])
+
+
+def test_a_series_is_requested_from_the_cli_and_fetched(world, person, tmp_path, capsys):
+    """`medchain access request --series UID`: every image of that series, and none of the
+    study's other series, decided one by one; the grants fetch and decrypt."""
+    import json
+
+    from medchain_app.cli import main
+
+    dr = person("radiologist")
+    dr.key.save(tmp_path / "me.key")
+    dr.recipient.save(tmp_path / "me.x25519")
+    (tmp_path / "access.toml").write_text(
+        f'[principal]\nname = "{dr.name}"\nkey = "me.key"\nrecipient = "me.x25519"\n\n'
+        f'[ledger]\ngenesis = "{world.cluster.genesis_path}"\n\n[custodian]\nsocket = "{world.server.config.socket}"\n\n'
+        f'[store]\nurl = "{world.store.root}"\n')
+    study, series = f"1.2.826.0.4.{os.urandom(3).hex()}", f"1.2.826.0.5.{os.urandom(3).hex()}"
+    a, patient, da = world.image(consent=("diagnosis",), study=study, series=series)
+    b, _, db = world.image(consent=(), patient=patient, study=study, series=series)
+    c, _, _ = world.image(consent=("diagnosis",), patient=patient, study=study, series=series + ".2")
+    me = ("--config", str(tmp_path / "access.toml"))
+    capsys.readouterr()
+    rc = main(["access", "request", *me, "--series", series, "--purpose", "diagnosis"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 3 and sorted((o["image"], o["granted"], o["reason"]) for o in out) == sorted([
+        (a, True, "granted"), (b, False, "no consent for purpose")])
+    rc = main(["access", "fetch", *me, "--out", str(tmp_path / "out"), "--purpose", "diagnosis"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and [(o["image"], o["fetched"]) for o in out] == [(a, True)]
+    assert (tmp_path / "out" / f"{a}.dcm").read_bytes() == da
+    assert not (tmp_path / "out" / f"{c}.dcm").exists()

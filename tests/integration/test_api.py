@@ -206,3 +206,27 @@ def test_studies_are_listed_by_role_metadata_only(world, person, client):
     # and a whole study requested over the API
     me = over_http(client, researcher)
     assert [(d.envelope_id, d.granted) for d in me.request_study(study, "research")] == [(a, True)]
+
+
+def test_a_series_is_requested_whole_over_the_api_and_fetched(world, person, client, tmp_path):
+    """`{"series": [uid]}`: every image of that series (not of its study's other series) is
+    decided on its own; the granted ones fetch and decrypt; an empty request is refused."""
+    import os
+
+    dr = person("clinician")
+    study, series = f"1.2.826.0.2.{os.urandom(3).hex()}", f"1.2.826.0.3.{os.urandom(3).hex()}"
+    a, patient, da = world.image(consent=("diagnosis",), study=study, series=series)
+    b, _, db = world.image(consent=("diagnosis",), patient=patient, study=study, series=series)
+    c, _, _ = world.image(consent=("diagnosis",), patient=patient, study=study, series=series + ".9")
+    body = json.dumps({"series": [series], "purpose": "diagnosis"}).encode()
+    response = client.post("/v1/access/requests", content=body, headers=signed(dr, "POST", "/v1/access/requests", body))
+    assert response.status_code == 200, response.text
+    decisions = response.json()["decisions"]
+    assert sorted((d["image"], d["granted"]) for d in decisions) == sorted([(a, True), (b, True)])
+    me = over_http(client, dr)
+    fetched = me.fetch(latest_grants(me.status(), "diagnosis"), "diagnosis", tmp_path / "out")
+    assert sorted(f.path.read_bytes() for f in fetched) == sorted([da, db])
+    assert c not in {f.envelope_id for f in fetched}
+    body = json.dumps({"purpose": "diagnosis"}).encode()
+    problem(client.post("/v1/access/requests", content=body, headers=signed(dr, "POST", "/v1/access/requests", body)),
+            422, "invalid-request")
