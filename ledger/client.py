@@ -38,8 +38,10 @@ from ledger.errors import (
     LedgerError,
     LedgerUnavailable,
     MessageInvalid,
+    PrincipalRefused,
     QueryFailed,
     ReadRefused,
+    REVOKED,
     SubmitTimeout,
 )
 from medchain.errors import ProofInvalid
@@ -173,6 +175,7 @@ class AsyncLedgerClient:
         self._outbox: dict[int, list[bytes]] = {}
         self._flush_scheduled = False
         self._qids = itertools.count(1)
+        self._revoked: set[int] = set()  # validators that said, signed, this principal is revoked
         self.dropped = 0
 
     async def __aenter__(self) -> AsyncLedgerClient:
@@ -195,9 +198,16 @@ class AsyncLedgerClient:
         # usable once 2f + 1 validators answer; the rest join when they come up
         deadline = time.monotonic() + self.connect_s
         while sum(link.connected.is_set() for link in self.links.values()) < self.keyring.quorum:
+            self._check_refused()
             if time.monotonic() > deadline:
-                raise LedgerUnavailable(f"fewer than {self.keyring.quorum} validators reachable")
+                raise LedgerUnavailable(
+                    f"fewer than {self.keyring.quorum} validators reachable (a validator also hangs up on "
+                    f"a principal it does not know, or whose key is not the one it holds for {self.name!r})")
             await asyncio.sleep(0.02)
+
+    def _check_refused(self) -> None:
+        if len(self._revoked) > self.f:  # f + 1 signed refusals: at least one honest validator
+            raise PrincipalRefused(f"the validators refuse principal {self.name!r}: {REVOKED}")
 
     async def close(self) -> None:
         for link in self.links.values():
@@ -240,6 +250,8 @@ class AsyncLedgerClient:
                     compared = {k: v for k, v in result.items() if k != "attestation"}
                     tally.add(msg.sender, _fingerprint(compared), result)
         else:
+            if not msg.ok and msg.answer == REVOKED:
+                self._revoked.add(msg.sender)
             tally = self._queries.get(msg.qid)
             if tally is not None:
                 shown = {k: v for k, v in (msg.answer or {}).items() if k != "cert"} \
@@ -266,6 +278,7 @@ class AsyncLedgerClient:
         wait = self.retry_s
         try:
             while True:
+                self._check_refused()
                 self._send_all(frame)
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -317,6 +330,7 @@ class AsyncLedgerClient:
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         try:
             while True:
+                self._check_refused()
                 if validator is None:
                     self._send_all(frame, request=False)
                 else:
@@ -334,6 +348,7 @@ class AsyncLedgerClient:
             self._queries.pop(qid, None)
         answers = list(agreed.values())
         if not answers[0].ok:
+            self._check_refused()
             raise QueryFailed(f"query {what}: {answers[0].answer}")
         return answers
 

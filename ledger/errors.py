@@ -14,7 +14,12 @@ __all__ = [
     "SubmitTimeout",
     "QueryFailed",
     "ReadRefused",
+    "PrincipalRefused",
+    "REVOKED",
 ]
+
+# what a validator says, signed, to a principal whose key it recognises but who is not active
+REVOKED = "principal is not active on the ledger (revoked by an operator)"
 
 
 class LedgerError(MedChainError):
@@ -49,6 +54,11 @@ class CertificateInvalid(VerificationError):
 
 class LedgerUnavailable(LedgerError):
     """Not enough validators answered (fewer than f + 1 matching replies)."""
+
+
+class PrincipalRefused(LedgerUnavailable):
+    """f + 1 validators said, each signing it, that this client's principal is not active
+    on the ledger (revoked): they refuse its connections and queries."""
 
 
 class SubmitTimeout(LedgerUnavailable):

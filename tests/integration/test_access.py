@@ -244,13 +244,57 @@ def test_the_cli_registers_a_principal_requests_fetches_and_revokes(world, tmp_p
     rc, out = run("principal", "revoke", *cloud, "--name", name)
     assert rc == 0 and out[0]["active"] is False
     # revoked: the validators no longer admit its connection, so nothing reaches the custodian
-    # (the custodian's own refusal of a revoked principal is test_a_revoked_principal_...)
+    # (the custodian's own refusal of a revoked principal is test_a_revoked_principal_...);
+    # once every validator has executed the revocation, the CLI says so, not "unreachable"
+    executed(world)
     rc, out = run("access", "fetch", *me, "--out", tmp_path / "out2", "--purpose", "diagnosis", "--image", a)
-    # (which refusal comes first depends on how far each validator has executed the revocation:
-    # the connection, or the queries over it)
     assert rc == 2 and out == [] and run.err.startswith("medchain access fetch: error:")
-    assert "Traceback" not in run.err
+    assert f"the validators refuse principal '{name}'" in run.err and "revoked" in run.err, run.err
+    assert "reachable" not in run.err and "Traceback" not in run.err
     assert not (tmp_path / "out2").exists()
+
+
+def executed(world, timeout_s: float = 20.0) -> None:
+    """Wait until every validator has executed what any of them has (a committed change is
+    then in force everywhere, not only at the f + 1 that replied)."""
+    cluster = world.cluster
+    ids = range(cluster.genesis.n)
+    height = max(cluster.status(i)["executed"] for i in ids)
+    deadline = time.monotonic() + timeout_s
+    while min(cluster.status(i)["executed"] for i in ids) < height:
+        assert time.monotonic() < deadline, "a validator did not catch up"
+        time.sleep(0.05)
+
+
+def test_a_revoked_principals_client_is_told_it_is_revoked(world, person):
+    """Each validator that recognises a revoked principal's key says so, signed — on its
+    open connection (to a query) and on a new one (to its Hello) — and the client, with
+    f + 1 such refusals, raises PrincipalRefused. Before, a new connection failed with
+    "fewer than 3 validators reachable" after the connect timeout, and a query over an old
+    one timed out."""
+    from ledger.client import LedgerClient
+    from ledger.errors import PrincipalRefused
+
+    dr = person("clinician")
+    assert dr.ledger.principal(dr.name)["active"]
+    r = world.operator.submit(PrincipalSet(dr.name, dr.role, dr.key.public.raw, False, dr.recipient.public.raw))
+    assert r.committed, r.reason
+    executed(world)
+    started = time.monotonic()
+    with pytest.raises(PrincipalRefused, match="not active on the ledger"):
+        dr.ledger.audit(user=dr.name)  # the connection opened before the revocation
+    with pytest.raises(PrincipalRefused, match="not active on the ledger"):
+        with LedgerClient(world.cluster.genesis_path, dr.key, dr.name) as again:  # a new one
+            again.principal(dr.name)
+    assert time.monotonic() - started < 8  # told, not timed out
+    # someone holding another key, claiming the name, learns nothing: the old message
+    from medchain.identity import SigningKey
+    from ledger.errors import LedgerUnavailable
+
+    with pytest.raises(LedgerUnavailable) as exc:
+        with LedgerClient(world.cluster.genesis_path, SigningKey.generate(), dr.name, connect_s=2) as other:
+            other.principal(dr.name)
+    assert not isinstance(exc.value, PrincipalRefused)
 
 
 def test_through_the_custodian_as_its_own_os_process(world, person, tmp_path):
