@@ -81,6 +81,9 @@ class HttpGateway:
         r = self.call("GET", f"/v1/images/{envelope_id}/record").json()
         return bytes.fromhex(r["merkle_root"]), bytes.fromhex(r["device_key"]) if r["device_key"] else None
 
+    def registered_many(self, envelope_ids) -> dict[str, tuple[bytes | None, bytes | None]]:
+        return {}  # the API answers one record per call: the requester asks per image, in its threads
+
     def studies(self, **filters: str) -> list[dict]:
         query = "&".join(f"{k}={v}" for k, v in sorted(filters.items()) if v is not None)
         return self.call("GET", "/v1/studies" + (f"?{query}" if query else "")).json()["studies"]

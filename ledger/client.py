@@ -385,6 +385,53 @@ class AsyncLedgerClient:
         return await self._proven("image", {"envelope_id": envelope_id}, lambda tx, rec: (
             tx.get("envelope_id") == envelope_id and tx.get("merkle_root") == rec["merkle_root"]))
 
+    async def images(self, envelope_ids: Iterable[bytes]) -> list[ImageProof | None]:
+        """:meth:`image` for many envelope ids at once, in order (None where unknown): one
+        query per 256 ids, each block's proofs built once on the validators for all of its
+        images; every receipt verified here as :meth:`image` verifies it."""
+        ids = list(envelope_ids)
+        out: list[ImageProof | None] = []
+        for start in range(0, len(ids), 256):
+            out += await self._images(ids[start:start + 256])
+        return out
+
+    async def _images(self, ids: list[bytes]) -> list[ImageProof | None]:
+        votes: dict[int, dict[int, bytes]] = {}  # height -> validator -> header signature
+        certs: dict[int, list] = {}               # height -> certificates, one per validator
+        for _attempt in range(3):  # a lying validator's vote or certificate fails: ask again
+            answers = await self._ask("images", {"envelope_ids": ids})
+            answer = answers[0].answer
+            for qr in answers:
+                for height, sig in qr.attestation.get("header_sigs", []):
+                    votes.setdefault(height, {})[qr.sender] = sig
+                for height, cert in qr.attestation.get("certs", []):
+                    certs.setdefault(height, []).append(cert)
+            try:
+                headers = dict(answer["headers"])
+                return [None if item is None else self._receipt(
+                    eid, item, headers, certs, votes) for eid, item in zip(ids, answer["items"],
+                                                                     strict=True)]
+            except (ProofInvalid, CertificateInvalid, KeyError, TypeError, ValueError):
+                continue
+        raise CertificateInvalid("images: no validator sent valid proofs")
+
+    def _receipt(self, envelope_id: bytes, item: dict, headers: dict, certs: dict,
+                 votes: dict) -> TxReceipt:
+        height = item["record"]["height"]
+        sigs = [[i, s] for i, s in sorted(votes.get(height, {}).items())]
+        for cert in certs.get(height, []):  # any one honest validator's certificate suffices
+            try:
+                receipt = TxReceipt.from_wire(dict(item, header=headers[height], cert=cert,
+                                                   header_sigs=sigs))
+                tx = receipt.verify(self.keyring)
+            except (ProofInvalid, CertificateInvalid):
+                continue
+            if tx.get("envelope_id") != envelope_id or tx.get("merkle_root") != \
+                    receipt.record["merkle_root"]:
+                raise ProofInvalid("images: proven transaction does not match")
+            return receipt
+        raise CertificateInvalid(f"images: no valid proof for block {height}")
+
     async def model_receipt(self, model_hash: bytes) -> TxReceipt | None:
         """The ``MODEL_RELEASED`` record for a model hash with its verified receipt."""
         return await self._proven("model", {"model_hash": model_hash, "proof": True},
@@ -550,6 +597,9 @@ class LedgerClient:
 
     def image(self, envelope_id: bytes) -> ImageProof | None:
         return self._run(self._async.image(envelope_id))
+
+    def images(self, envelope_ids: Iterable[bytes]) -> list[ImageProof | None]:
+        return self._run(self._async.images(envelope_ids))
 
     def model_receipt(self, model_hash: bytes) -> TxReceipt | None:
         return self._run(self._async.model_receipt(model_hash))

@@ -31,11 +31,13 @@ from ledger.errors import QueryFailed
 from ledger.messages import request_digest
 from ledger.pbft import Replica
 from ledger.store import BlockStore
+from medchain.merkle import MerkleTree
 
 __all__ = ["answer_query", "QUERY_KINDS"]
 
-QUERY_KINDS = ("status", "headers", "principal", "principals", "studies", "device", "audit_entries", "image", "consent", "audit",
-               "model", "inference", "policy")
+QUERY_KINDS = ("status", "headers", "principal", "principals", "studies", "device", "audit_entries", "image", "images",
+               "consent", "audit", "model", "inference", "policy")
+MAX_IMAGES = 256  # most image receipts one ``images`` query answers
 
 
 def _arg(args: dict, key: str, typ: type, size: int | None = None):
@@ -60,6 +62,36 @@ def _proven(replica: Replica, store: BlockStore, record: dict | None) -> tuple[o
               "cert": block.cert.to_wire() if block.cert else None,
               "result": outcome(results[index]), "result_proof": tree.proof(index).to_wire()}
     return answer, {"header_sig": replica.signer.sign_header(height, block.header.hash)}
+
+
+def _proven_many(replica: Replica, store: BlockStore, records: list) -> tuple[object, dict]:
+    """Many records' receipts at once: each block's trees are built once for all the records
+    it holds (``image`` per record rebuilds them every time). The answer (compared across
+    validators) holds per record its request, proofs and result, and each block's header;
+    the commit certificates, which differ per validator, ride in the attestation with this
+    validator's header signatures."""
+    items, headers, certs, sigs, trees = [], {}, {}, {}, {}
+    for record in records:
+        if record is None:
+            items.append(None)
+            continue
+        height, index = record["height"], record["index"]
+        if height not in trees:
+            block, results = store.block(height), store.results(height)
+            if block is None or results is None:
+                raise QueryFailed("record is not yet persisted; retry")
+            digests = [request_digest(r) for r in block.requests]
+            trees[height] = (block, results, MerkleTree(block.requests), results_tree(digests, results))
+            headers[height] = block.header.to_wire()
+            certs[height] = block.cert.to_wire() if block.cert else None
+            sigs[height] = replica.signer.sign_header(height, block.header.hash)
+        block, results, tx_tree, result_tree = trees[height]
+        items.append({"record": record, "request": block.requests[index],
+                      "proof": tx_tree.proof(index).to_wire(), "result": outcome(results[index]),
+                      "result_proof": result_tree.proof(index).to_wire()})
+    return ({"items": items, "headers": [[h, w] for h, w in sorted(headers.items())]},
+            {"certs": [[h, c] for h, c in sorted(certs.items())],
+             "header_sigs": [[h, s] for h, s in sorted(sigs.items())]})
 
 
 def _status(replica: Replica, store: BlockStore) -> dict:
@@ -115,6 +147,12 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore,
         return c.device(_arg(args, "device_id", str)), {}
     if what == "image":
         return _proven(replica, store, c.image(_arg(args, "envelope_id", bytes, 16)))
+    if what == "images":
+        ids = args.get("envelope_ids")
+        if not isinstance(ids, list) or not 0 < len(ids) <= MAX_IMAGES or not all(
+                isinstance(e, bytes) and len(e) == 16 for e in ids):
+            raise QueryFailed(f"images: 'envelope_ids' must be 1 to {MAX_IMAGES} envelope ids")
+        return _proven_many(replica, store, [c.image(e) for e in ids])
     if what == "consent":
         patient = _arg(args, "patient", str)
         upto = _read_upto(c, asker, "consent", "patient", patient, args)
