@@ -529,3 +529,47 @@ def test_a_series_is_requested_from_the_cli_and_fetched(world, person, tmp_path,
     assert rc == 0 and [(o["image"], o["fetched"]) for o in out] == [(a, True)]
     assert (tmp_path / "out" / f"{a}.dcm").read_bytes() == da
     assert not (tmp_path / "out" / f"{c}.dcm").exists()
+
+
+def test_an_auditor_reads_trails_from_the_cli_and_a_researcher_is_refused(world, person, tmp_path, capsys):
+    """`medchain access audit`: an auditor reads a principal's, a patient's and an image's
+    trail (the patient-keyed reads filed first, each the last entry of what it shows); a
+    researcher reads its own trail only, and its refused read is on it."""
+    import json
+
+    from medchain_app.cli import main
+
+    def config(p) -> str:
+        path = tmp_path / f"{p.name}.toml"
+        if path.exists():
+            return str(path)
+        p.key.save(tmp_path / f"{p.name}.key")
+        p.recipient.save(tmp_path / f"{p.name}.x25519")
+        path.write_text(
+            f'[principal]\nname = "{p.name}"\nkey = "{p.name}.key"\nrecipient = "{p.name}.x25519"\n\n'
+            f'[ledger]\ngenesis = "{world.cluster.genesis_path}"\n\n[custodian]\nsocket = "{world.server.config.socket}"\n\n'
+            f'[store]\nurl = "{world.store.root}"\n')
+        return str(path)
+
+    def audit(p, *argv) -> tuple[int, list[tuple], str]:
+        capsys.readouterr()
+        rc = main(["access", "audit", "--config", config(p), *argv])
+        captured = capsys.readouterr()
+        return rc, [(o["user"], o["action"], o["granted"]) for o in map(json.loads, captured.out.splitlines())], \
+            captured.err
+
+    auditor, eve, dr = person("auditor"), person("researcher"), person("clinician")
+    a, patient, _ = world.image()
+    dr.requester.request([a], "diagnosis")
+    assert audit(auditor, "--user", dr.name)[:2] == (0, [(dr.name, "request", True)])
+    assert audit(auditor, "--patient", patient)[:2] == (0, [
+        (dr.name, "request", True), (auditor.name, "read-audit", True)])
+    assert audit(auditor, "--image", a)[:2] == (0, [  # the read by patient named no image
+        (dr.name, "request", True), (auditor.name, "read-audit", True)])
+    assert audit(auditor, "--patient", patient)[1][-2:] == [  # a read by image is on the patient's trail too
+        (auditor.name, "read-audit", True), (auditor.name, "read-audit", True)]
+    rc, out, err = audit(eve, "--patient", patient)
+    assert rc == 2 and out == [] and "role may not read audit history" in err and "Traceback" not in err
+    rc, out, err = audit(eve, "--user", dr.name)
+    assert rc == 2 and out == [] and "not authorized" in err
+    assert audit(eve, "--user", eve.name)[:2] == (0, [(eve.name, "read-audit", False)])
