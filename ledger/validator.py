@@ -242,6 +242,11 @@ class Validator:
             self.replica.dropped["malformed"] += 1
             return
         if isinstance(msg, RequestBatch):
+            principal = self.replica.ledger.contracts.principal(name)
+            if principal is not None and not principal["active"]:
+                # revoked since its Hello: admission would drop these silently; say why
+                self.replica.dropped["unknown_principal"] += len(msg.requests)
+                return self._refuse(writer, name, 0)
             self._admission.extend(msg.requests)
             if len(self._admission) >= MAX_ADMISSION:
                 self._room.clear()

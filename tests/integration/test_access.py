@@ -268,21 +268,25 @@ def executed(world, timeout_s: float = 20.0) -> None:
 
 def test_a_revoked_principals_client_is_told_it_is_revoked(world, person):
     """Each validator that recognises a revoked principal's key says so, signed — on its
-    open connection (to a query) and on a new one (to its Hello) — and the client, with
-    f + 1 such refusals, raises PrincipalRefused. Before, a new connection failed with
-    "fewer than 3 validators reachable" after the connect timeout, and a query over an old
-    one timed out."""
+    open connection (to a query or a request) and on a new one (to its Hello) — and the
+    client, with f + 1 such refusals, raises PrincipalRefused. Before, a new connection
+    failed with "fewer than 3 validators reachable" after the connect timeout, and a query
+    or request over an old one timed out."""
     from ledger.client import LedgerClient
     from ledger.errors import PrincipalRefused
 
-    dr = person("clinician")
-    assert dr.ledger.principal(dr.name)["active"]
-    r = world.operator.submit(PrincipalSet(dr.name, dr.role, dr.key.public.raw, False, dr.recipient.public.raw))
-    assert r.committed, r.reason
+    dr, dr2 = person("clinician"), person("clinician")
+    a, _, _ = world.image()
+    for p in (dr, dr2):
+        assert p.ledger.principal(p.name)["active"]  # both connected before the revocation
+        r = world.operator.submit(PrincipalSet(p.name, p.role, p.key.public.raw, False, p.recipient.public.raw))
+        assert r.committed, r.reason
     executed(world)
     started = time.monotonic()
     with pytest.raises(PrincipalRefused, match="not active on the ledger"):
-        dr.ledger.audit(user=dr.name)  # the connection opened before the revocation
+        dr.ledger.audit(user=dr.name)  # a query over the connection opened before
+    with pytest.raises(PrincipalRefused, match="not active on the ledger"):  # a request over one
+        dr2.ledger.submit(AccessRequested(dr2.name, bytes.fromhex(a), "diagnosis", "request"))
     with pytest.raises(PrincipalRefused, match="not active on the ledger"):
         with LedgerClient(world.cluster.genesis_path, dr.key, dr.name) as again:  # a new one
             again.principal(dr.name)
