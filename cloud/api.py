@@ -36,6 +36,7 @@ from cloud.custodian_access import REQUEST_ACTION
 from cloud.custodian_protocol import ReplayGuard
 from cloud.errors import ApiUnauthorized, CustodianError, ObjectStoreError
 from ledger.errors import LedgerError
+from medchain.canonical import canonical_bytes
 from medchain.errors import MedChainError
 from medchain.protocol import encode
 
@@ -246,6 +247,24 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
         if root is None:
             raise Problem(404, "unknown-image", "Unknown image")
         return RecordOut(image=image, merkle_root=root.hex(), device_key=device.hex() if device else None)
+
+    @app.get("/v1/images/{image}/receipt", response_class=Response,
+             responses={200: {"content": {"application/cbor": {}},
+                              "description": "{receipt: the image's ledger receipt (TxReceipt wire form), "
+                                             "device_key}, canonical CBOR"}})
+    def receipt(image: ImageParam, who: SignedBy = WHO) -> Response:
+        """The registration receipt of an image granted to you — the request, its result,
+        their inclusion proofs, the header, the commit certificate and f + 1 header
+        signatures — to verify against the genesis validator keys yourself instead of
+        trusting this API for the Merkle root; and the registering device's key."""
+        _check_id(image)
+        granted(who, image)
+        proof = gateway.ledger.image(bytes.fromhex(image))
+        if proof is None:
+            raise Problem(404, "unknown-image", "Unknown image")
+        device = gateway.ledger.device(proof.record["device_id"]).public_key
+        return Response(canonical_bytes({"receipt": proof.to_wire(), "device_key": device}, check=False),
+                        media_type="application/cbor")
 
     _install_handlers(app)
     return app
