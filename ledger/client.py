@@ -41,6 +41,7 @@ from ledger.errors import (
     PrincipalRefused,
     QueryFailed,
     ReadRefused,
+    RETRY,
     REVOKED,
     SubmitTimeout,
 )
@@ -252,6 +253,8 @@ class AsyncLedgerClient:
         else:
             if not msg.ok and msg.answer == REVOKED:
                 self._revoked.add(msg.sender)
+            if not msg.ok and isinstance(msg.answer, str) and msg.answer.startswith(RETRY):
+                return  # a validator behind the others: not an answer; the query is resent
             tally = self._queries.get(msg.qid)
             if tally is not None:
                 shown = {k: v for k, v in (msg.answer or {}).items() if k != "cert"} \

@@ -16,10 +16,14 @@ __all__ = [
     "ReadRefused",
     "PrincipalRefused",
     "REVOKED",
+    "RETRY",
 ]
 
 # what a validator says, signed, to a principal whose key it recognises but who is not active
 REVOKED = "principal is not active on the ledger (revoked by an operator)"
+# how a validator's refusal starts when it is only behind (asked about what it has not yet
+# executed or persisted): the client does not count it as an answer, and asks again
+RETRY = "retry: "
 
 
 class LedgerError(MedChainError):

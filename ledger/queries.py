@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from ledger.blocks import outcome, results_tree
 from ledger.contracts import AUDIT_INDEXES, MAX_LIST, Contracts, Rejected
-from ledger.errors import QueryFailed
+from ledger.errors import RETRY, QueryFailed
 from ledger.messages import request_digest
 from ledger.pbft import Replica
 from ledger.store import BlockStore
@@ -55,7 +55,7 @@ def _proven(replica: Replica, store: BlockStore, record: dict | None) -> tuple[o
     height, index = record["height"], record["index"]
     block, results = store.block(height), store.results(height)
     if block is None or results is None:  # executed but not yet on disk: ask again in a moment
-        raise QueryFailed("record is not yet persisted; retry")
+        raise QueryFailed(RETRY + "record is not yet persisted")
     tree = results_tree([request_digest(r) for r in block.requests], results)
     answer = {"record": record, "request": block.requests[index],
               "proof": block.proof(index).to_wire(), "header": block.header.to_wire(),
@@ -79,7 +79,7 @@ def _proven_many(replica: Replica, store: BlockStore, records: list) -> tuple[ob
         if height not in trees:
             block, results = store.block(height), store.results(height)
             if block is None or results is None:
-                raise QueryFailed("record is not yet persisted; retry")
+                raise QueryFailed(RETRY + "record is not yet persisted")
             digests = [request_digest(r) for r in block.requests]
             trees[height] = (block, results, MerkleTree(block.requests), results_tree(digests, results))
             headers[height] = block.header.to_wire()
@@ -105,6 +105,9 @@ def _status(replica: Replica, store: BlockStore) -> dict:
 
 
 def _read_upto(c: Contracts, asker: str, query: str, by: str, key, args: dict) -> int:
+    read = args.get("read")
+    if type(read) is int and read >= c.state.get("audit_n", 0):  # this validator is behind
+        raise QueryFailed(RETRY + "the read is not yet executed here")
     try:
         return c.read_upto(asker, query, by, key, args.get("read"))
     except Rejected as exc:

@@ -190,3 +190,17 @@ def test_a_consent_read_is_keyed_by_patient_only(world):
 
     with pytest.raises(Rejected, match="read by patient"):
         read(world, "registrar", "consent", "image", EID.hex())
+
+
+def test_a_validator_that_has_not_executed_the_read_says_retry_not_refused(world):
+    """A validator behind the others (the read not yet executed there) must not out-vote
+    them with a refusal: its answer starts with RETRY, which the client does not count."""
+    from ledger.errors import RETRY
+
+    ahead = world.c.state.get("audit_n")
+    with pytest.raises(QueryFailed) as exc:
+        ask(world, "u-auditor", "audit", {"by": "patient", "key": PATIENT, "read": ahead})
+    assert str(exc.value).startswith(RETRY)
+    with pytest.raises(QueryFailed) as exc:  # an existing entry that is no read: refused outright
+        ask(world, "u-auditor", "audit", {"by": "patient", "key": PATIENT, "read": world.other_audit})
+    assert "not authorized" in str(exc.value) and not str(exc.value).startswith(RETRY)
