@@ -1,5 +1,5 @@
-"""``medchain access request|status|fetch`` (a person, with its own keys) and ``medchain
-principal add|revoke|list`` (the operator signs ``PRINCIPAL_SET``).
+"""``medchain access request|status|fetch|audit`` (a person, with its own keys) and
+``medchain principal add|revoke|list`` (the operator signs ``PRINCIPAL_SET``).
 
 Output is JSON lines, one per image or principal. Imports nothing heavy at load time.
 """
@@ -20,12 +20,14 @@ def _print(obj) -> None:
 def _request(args: argparse.Namespace) -> int:
     from cloud.access import load_access_config, open_requester
 
-    if not args.image and not args.study:
-        raise SystemExit("access request: name --image ID... or --study UID")
+    if not args.image and not args.study and not args.series:
+        raise SystemExit("access request: name --image ID..., --study UID... or --series UID...")
     with open_requester(load_access_config(args.config), args.key) as requester:
         decisions = requester.request(args.image, args.purpose) if args.image else []
         for study in args.study or []:
             decisions += requester.request_study(study, args.purpose)
+        for series in args.series or []:
+            decisions += requester.request_series(series, args.purpose)
     for d in decisions:
         _print({"image": d.envelope_id, "granted": d.granted, "reason": d.reason, "audit": d.audit_id})
     return 0 if decisions and all(d.granted for d in decisions) else 3
@@ -37,9 +39,29 @@ def _status(args: argparse.Namespace) -> int:
     with open_requester(load_access_config(args.config), args.key) as requester:
         entries = requester.status()
     for e in entries:
-        _print({"audit": e["id"], "image": e["image"].hex(), "purpose": e["purpose"], "action": e["action"],
+        _print({"audit": e["id"], "image": e["image"].hex() if e["image"] else None, "purpose": e["purpose"], "action": e["action"],
                 "granted": e["granted"], "reason": e["reason"], "t": e["t"], "by": e["by"],
                 "validators": len(e["signatures"])})
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """An audit trail as the ledger holds it: a principal's (one's own, or anyone's for an
+    auditor), or a patient token's or an image's (an auditor's; the read is itself filed as
+    ``AUDIT_READ`` on that trail first, and is its last entry)."""
+    from cloud.access import load_access_config
+    from ledger.client import LedgerClient
+    from medchain.identity import SigningKey
+
+    config = load_access_config(args.config)
+    which = {"user": args.user, "patient": args.patient,
+             "image": bytes.fromhex(args.image) if args.image else None}
+    with LedgerClient(config.genesis, SigningKey.load(args.key or config.key), config.name) as ledger:
+        entries = ledger.audit(**which)
+    for e in entries:
+        _print({"audit": e["id"], "user": e["user"], "image": e["image"].hex() if e["image"] else None,
+                "patient": e["patient"], "purpose": e["purpose"], "action": e["action"], "granted": e["granted"],
+                "reason": e["reason"], "t": e["t"], "by": e["by"], "validators": len(e["signatures"])})
     return 0
 
 
@@ -119,6 +141,15 @@ def _hex32(text: str) -> str:
     raise argparse.ArgumentTypeError("expected 64 hex digits (a 32-byte public key)")
 
 
+def _hex16(text: str) -> str:
+    try:
+        if len(bytes.fromhex(text)) == 16:
+            return text.lower()
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError("expected 32 hex digits (an envelope id)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     access = sub.add_parser("access", help="a person's access to images: request (the ledger decides and "
                                            "audits), status, fetch (the custodian re-wraps the key to you)")
@@ -133,11 +164,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--image", nargs="+", help="envelope ids (32 hex digits)")
     p.add_argument("--study", nargs="+", help="study uids: every image of each study")
+    p.add_argument("--series", nargs="+", help="series uids (as `cloud studies` lists them): every image "
+                                                "of each series")
     p.add_argument("--purpose", required=True, choices=["diagnosis", "research", "training", "sharing"])
     p.set_defaults(func=_request)
     p = actions.add_parser("status", help="your requests and fetches, as the ledger's audit trail has them")
     common(p)
     p.set_defaults(func=_status)
+    p = actions.add_parser("audit", help="an audit trail: a principal's (yours; anyone's for an auditor), or a "
+                                         "patient token's or an image's (auditors; the read is audited first)")
+    common(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", help="a principal's name")
+    which.add_argument("--patient", help="a patient's pseudonym token")
+    which.add_argument("--image", type=_hex16, help="an envelope id (32 hex digits)")
+    p.set_defaults(func=_audit)
     p = actions.add_parser("fetch", help="fetch granted images, decrypt here, verify against the ledger, "
                                          "write <id>.dcm files")
     common(p)

@@ -26,7 +26,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud.access import LedgerGateway
@@ -36,6 +36,7 @@ from cloud.custodian_access import REQUEST_ACTION
 from cloud.custodian_protocol import ReplayGuard
 from cloud.errors import ApiUnauthorized, CustodianError, ObjectStoreError
 from ledger.errors import LedgerError
+from medchain.canonical import canonical_bytes
 from medchain.errors import MedChainError
 from medchain.protocol import encode
 
@@ -65,9 +66,21 @@ class Problem(Exception):
 
 # -- bodies ---------------------------------------------------------------------------------
 
+SeriesUid = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[0-9A-Za-z._-]+$",
+                                  description="a series uid as the ledger registered it (the studies listing's)")]
+
+
 class AccessRequestBody(BaseModel):
-    images: list[EnvelopeId] = Field(min_length=1, max_length=1000)
+    images: list[EnvelopeId] = Field(default_factory=list, max_length=1000)
+    series: list[SeriesUid] = Field(default_factory=list, max_length=100,
+                                    description="every image of each series, decided one by one")
     purpose: Purpose
+
+    @model_validator(mode="after")
+    def _something(self) -> AccessRequestBody:
+        if not self.images and not self.series:
+            raise ValueError("name images, series or both")
+        return self
 
 
 class DecisionOut(BaseModel):
@@ -83,8 +96,8 @@ class DecisionsOut(BaseModel):
 
 class AuditEntryOut(BaseModel):
     audit: int
-    image: str
-    purpose: str
+    image: str | None = Field(description="envelope id; null for a read of a patient's history")
+    purpose: str | None = Field(description="null for a read of a patient's history")
     action: str
     granted: bool
     reason: str
@@ -138,7 +151,7 @@ class RecordOut(BaseModel):
 
 
 def _entry(e: dict) -> AuditEntryOut:
-    return AuditEntryOut(audit=e["id"], image=e["image"].hex(), purpose=e["purpose"], action=e["action"],
+    return AuditEntryOut(audit=e["id"], image=e["image"].hex() if e["image"] else None, purpose=e["purpose"], action=e["action"],
                          granted=e["granted"], reason=e["reason"], t=e["t"], by=e["by"],
                          validators=len(e.get("signatures", {})))
 
@@ -171,10 +184,15 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
 
     @app.post("/v1/access/requests", response_model=DecisionsOut)
     def request_access(body: AccessRequestBody, who: SignedBy = WHO) -> DecisionsOut:
-        """Ask for images for a purpose: the ledger decides per image and audits each."""
+        """Ask for images — named, or every image of the named series — for a purpose: the
+        ledger decides per image and audits each."""
         for image in body.images:
             _check_id(image)
-        decisions = gateway.decide(who.name, body.images, body.purpose)
+        images = list(body.images)
+        for uid in body.series:
+            images += [e for s in gateway.studies(series=uid) for e in s["series"].get(uid, [])
+                       if e not in images]
+        decisions = gateway.decide(who.name, images, body.purpose) if images else []
         return DecisionsOut(decisions=[DecisionOut(image=d.envelope_id, granted=d.granted, reason=d.reason,
                                                    audit=d.audit_id) for d in decisions])
 
@@ -201,12 +219,12 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
 
     @app.get("/v1/studies", response_model=StudiesOut)
     def studies(who: SignedBy = WHO, modality: str | None = None, patient: str | None = None,
-                study: str | None = None) -> StudiesOut:
+                study: str | None = None, series: str | None = None) -> StudiesOut:
         """Registered studies by pseudonymous patient and modality: metadata only, no pixels;
         for the roles of :data:`LISTING_ROLES`."""
         if who.role not in LISTING_ROLES:
             raise Problem(403, "role-not-allowed", "Role not allowed", f"role {who.role!r} may not list studies")
-        found = gateway.studies(modality=modality, patient=patient, study=study)
+        found = gateway.studies(modality=modality, patient=patient, study=study, series=series)
         policies = {name: gateway.ledger.policy(name) or {} for name in {p for s in found for p in s["policies"]}}
         return StudiesOut(studies=[StudyOut(**s, open_to_you=[
             p for p in s["consented"] if all(who.role in policies[name].get(p, ()) for name in s["policies"])])
@@ -229,6 +247,24 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
         if root is None:
             raise Problem(404, "unknown-image", "Unknown image")
         return RecordOut(image=image, merkle_root=root.hex(), device_key=device.hex() if device else None)
+
+    @app.get("/v1/images/{image}/receipt", response_class=Response,
+             responses={200: {"content": {"application/cbor": {}},
+                              "description": "{receipt: the image's ledger receipt (TxReceipt wire form), "
+                                             "device_key}, canonical CBOR"}})
+    def receipt(image: ImageParam, who: SignedBy = WHO) -> Response:
+        """The registration receipt of an image granted to you — the request, its result,
+        their inclusion proofs, the header, the commit certificate and f + 1 header
+        signatures — to verify against the genesis validator keys yourself instead of
+        trusting this API for the Merkle root; and the registering device's key."""
+        _check_id(image)
+        granted(who, image)
+        proof = gateway.ledger.image(bytes.fromhex(image))
+        if proof is None:
+            raise Problem(404, "unknown-image", "Unknown image")
+        device = gateway.ledger.device(proof.record["device_id"]).public_key
+        return Response(canonical_bytes({"receipt": proof.to_wire(), "device_key": device}, check=False),
+                        media_type="application/cbor")
 
     _install_handlers(app)
     return app

@@ -36,8 +36,12 @@ class HttpGateway:
     FastAPI TestClient in tests) whose base URL is the API's."""
 
     def __init__(self, client: httpx.Client, name: str, key: SigningKey, *,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, keyring=None):
+        """``keyring`` (:class:`ledger.quorum.Keyring`, the genesis validator keys): verify
+        each image's ledger receipt here (``/receipt``) rather than trust the API's word for
+        its Merkle root (``/record``)."""
         self.client, self.name, self._key, self._clock = client, name, key, clock
+        self.keyring = keyring
 
     def call(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
         data = b"" if body is None else json.dumps(body).encode()
@@ -59,7 +63,7 @@ class HttpGateway:
 
     def audit(self, name: str) -> list[dict]:
         entries = self.call("GET", "/v1/access/status").json()["entries"]
-        return [{"id": e["audit"], "image": bytes.fromhex(e["image"]), "purpose": e["purpose"],
+        return [{"id": e["audit"], "image": bytes.fromhex(e["image"]) if e["image"] else None, "purpose": e["purpose"],
                  "action": e["action"], "granted": e["granted"], "reason": e["reason"], "t": e["t"],
                  "by": e["by"], "validators": e["validators"]} for e in entries]
 
@@ -78,8 +82,29 @@ class HttpGateway:
         return decode_message(self.call("GET", f"/v1/images/{envelope_id}/envelope").content, Envelope)
 
     def registered(self, envelope_id: str) -> tuple[bytes | None, bytes | None]:
+        if self.keyring is not None:
+            return self._proven(envelope_id)
         r = self.call("GET", f"/v1/images/{envelope_id}/record").json()
         return bytes.fromhex(r["merkle_root"]), bytes.fromhex(r["device_key"]) if r["device_key"] else None
+
+    def _proven(self, envelope_id: str) -> tuple[bytes, bytes | None]:
+        """The registered Merkle root from the image's receipt, verified against the keyring:
+        the proven transaction must register this very envelope."""
+        from ledger.receipts import TxReceipt
+        from medchain.canonical import decode
+        from medchain.errors import ProofInvalid
+
+        answer = decode(self.call("GET", f"/v1/images/{envelope_id}/receipt").content)
+        if not isinstance(answer, dict) or "receipt" not in answer:
+            raise ProofInvalid("receipt: the API's answer is not a receipt")
+        tx = TxReceipt.from_wire(answer["receipt"]).verify(self.keyring)
+        if tx.get("type") != "IMAGE_REGISTERED" or tx.get("envelope_id") != bytes.fromhex(envelope_id):
+            raise ProofInvalid("receipt: the proven transaction registers another image")
+        device = answer.get("device_key")
+        return tx["merkle_root"], device if isinstance(device, bytes) else None
+
+    def registered_many(self, envelope_ids) -> dict[str, tuple[bytes | None, bytes | None]]:
+        return {}  # the API answers one record per call: the requester asks per image, in its threads
 
     def studies(self, **filters: str) -> list[dict]:
         query = "&".join(f"{k}={v}" for k, v in sorted(filters.items()) if v is not None)

@@ -107,7 +107,8 @@ def _studies(args: argparse.Namespace) -> int:
     from cloud.access_commands import operator_client
 
     with operator_client(args.config) as ledger:
-        found = ledger.studies(modality=args.modality, patient=args.patient, study=args.study)
+        found = ledger.studies(modality=args.modality, patient=args.patient, study=args.study,
+                               series=args.series)
     for s in found:
         print(json.dumps(s, sort_keys=True), flush=True)
     return 0
@@ -347,6 +348,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modality")
     p.add_argument("--patient", help="a patient's pseudonym token")
     p.add_argument("--study", help="a study uid (as registered: the edge's pseudonym)")
+    p.add_argument("--series", help="a series uid (as registered): that series alone")
     p.set_defaults(func=_studies)
 
     p = actions.add_parser("run", help="run ingest and the heartbeat monitor until SIGTERM")

@@ -1,8 +1,11 @@
 """``medchain consent set|revoke|history --config cloud.toml --patient TOKEN [--purpose P]``:
 a patient's consent as a ledger record (``CONSENT_SET``), effective for every access decision
 committed after it, and its full history. TOKEN is the patient's pseudonym as the edge keys
-it; nothing here sees an MRN. Signed with ``[ledger] operator_key`` (the operator and the
-registrar roles may file consent). Output is JSON lines.
+it; nothing here sees an MRN (a registrar at the site turns an MRN into the token with
+``medchain edge pseudonym``). Signed by a registrar principal (``--name N --key K``), or by
+``[ledger] operator_key`` when none is named; the operator and the registrar roles may file
+consent, and only a registrar or an auditor may read the history: the read is itself an
+``AUDIT_READ`` on the patient's trail. Output is JSON lines.
 """
 
 from __future__ import annotations
@@ -18,9 +21,18 @@ PURPOSES = ["diagnosis", "research", "training", "sharing"]
 
 
 def _operator(args):
+    """The ledger client that signs: the named principal's (a registrar), else the operator's."""
     from cloud.access_commands import operator_client
 
-    return operator_client(args.config)
+    if args.name is None and args.key is None:
+        return operator_client(args.config)
+    if args.name is None or args.key is None:
+        raise SystemExit(f"consent {args.action}: --name and --key go together (the principal who signs)")
+    from cloud.config import load_config
+    from ledger.client import LedgerClient
+
+    config = load_config(args.config, state_dir=args.config.resolve().parent)
+    return LedgerClient(config.genesis, args.key, args.name)
 
 
 def _set(args: argparse.Namespace, granted: bool) -> int:
@@ -55,7 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                            ("revoke", "revoke consent for a purpose"),
                            ("history", "every consent change for the patient, oldest first")):
         p = actions.add_parser(name, help=helptext)
-        p.add_argument("--config", type=Path, required=True, help="cloud.toml (its [ledger] operator_key signs)")
+        p.add_argument("--config", type=Path, required=True, help="cloud.toml (its [ledger] genesis; its "
+                                                                  "operator_key signs unless --name/--key)")
+        p.add_argument("--name", help="the principal who signs (a registrar; history: a registrar or auditor)")
+        p.add_argument("--key", type=Path, help="that principal's Ed25519 key file")
         p.add_argument("--patient", required=True, help="the patient's pseudonym token (as the edge keys it)")
         p.add_argument("--purpose", choices=PURPOSES, required=name != "history")
         if name == "set":

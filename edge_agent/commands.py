@@ -1,4 +1,5 @@
-"""``medchain edge``: run the DICOM node, import clinical records, review the quarantine.
+"""``medchain edge``: run the DICOM node, import clinical records, review the quarantine,
+turn a patient's MRN into its keyed token at the site (for the registrar).
 
 Imports nothing heavy at load time; each handler imports what it needs when it runs.
 """
@@ -74,6 +75,26 @@ def _records_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pseudonym(args: argparse.Namespace) -> int:
+    """The patient token the edge writes for an MRN (with the site's secret and issuer), so
+    that a registrar can file consent on the ledger by token: the MRN never leaves the site.
+    ``--mrn -`` reads one MRN per line from standard input (kept out of the process list and
+    the shell history); the output never repeats an MRN."""
+    from edge_agent.agent import load_site_secret
+    from edge_agent.pseudonyms import Pseudonymizer, normalize_identifier
+
+    profile = _profile(args)
+    pz = Pseudonymizer(load_site_secret(profile, args.secret), profile.deid.patient_id_issuer)
+    mrns = [args.mrn] if args.mrn != "-" else sys.stdin.read().splitlines()
+    mrns = [m for m in mrns if normalize_identifier(m)]
+    if not mrns:
+        raise SystemExit("edge pseudonym: no MRN given")
+    for mrn in mrns:
+        print(json.dumps({"patient": pz.patient(mrn, args.issuer), "issuer": pz.issuer(args.issuer)},
+                         sort_keys=True), flush=True)
+    return 0
+
+
 def _quarantine(args: argparse.Namespace):
     from edge_agent.quarantine import QuarantineStore
 
@@ -145,6 +166,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(imp)
     imp.add_argument("file", type=Path)
     imp.set_defaults(func=_records_import)
+    pseudonym = actions.add_parser("pseudonym", help="the patient token for an MRN, keyed with the site's "
+                                                     "secret as the edge writes it (for medchain consent "
+                                                     "--patient TOKEN); the MRN stays at the site")
+    _common(pseudonym)
+    pseudonym.add_argument("--mrn", required=True, help="the patient ID; '-': one per line from standard input")
+    pseudonym.add_argument("--issuer", default=None,
+                           help="its Issuer of Patient ID (default: the profile's [deid] patient_id_issuer)")
+    pseudonym.set_defaults(func=_pseudonym)
 
     from edge_agent.quarantine import WAIVERS
 

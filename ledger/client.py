@@ -33,7 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medchain.canonical import canonical_bytes
-from ledger.errors import CertificateInvalid, LedgerError, LedgerUnavailable, MessageInvalid, QueryFailed, SubmitTimeout
+from ledger.errors import (
+    CertificateInvalid,
+    LedgerError,
+    LedgerUnavailable,
+    MessageInvalid,
+    PrincipalRefused,
+    QueryFailed,
+    ReadRefused,
+    RETRY,
+    REVOKED,
+    SubmitTimeout,
+)
 from medchain.errors import ProofInvalid
 from ledger.genesis import Genesis
 from medchain.identity import SigningKey
@@ -50,7 +61,7 @@ from ledger.messages import (
 )
 from ledger.quorum import Keyring
 from ledger.receipts import TxReceipt
-from ledger.transactions import AccessRequested, Transaction, parse
+from ledger.transactions import AccessRequested, AuditRead, Transaction, parse
 from ledger.tls import client_context, validator_cn
 from ledger.transport import Link
 from medchain.pki import Identity
@@ -165,6 +176,7 @@ class AsyncLedgerClient:
         self._outbox: dict[int, list[bytes]] = {}
         self._flush_scheduled = False
         self._qids = itertools.count(1)
+        self._revoked: set[int] = set()  # validators that said, signed, this principal is revoked
         self.dropped = 0
 
     async def __aenter__(self) -> AsyncLedgerClient:
@@ -187,9 +199,16 @@ class AsyncLedgerClient:
         # usable once 2f + 1 validators answer; the rest join when they come up
         deadline = time.monotonic() + self.connect_s
         while sum(link.connected.is_set() for link in self.links.values()) < self.keyring.quorum:
+            self._check_refused()
             if time.monotonic() > deadline:
-                raise LedgerUnavailable(f"fewer than {self.keyring.quorum} validators reachable")
+                raise LedgerUnavailable(
+                    f"fewer than {self.keyring.quorum} validators reachable (a validator also hangs up on "
+                    f"a principal it does not know, or whose key is not the one it holds for {self.name!r})")
             await asyncio.sleep(0.02)
+
+    def _check_refused(self) -> None:
+        if len(self._revoked) > self.f:  # f + 1 signed refusals: at least one honest validator
+            raise PrincipalRefused(f"the validators refuse principal {self.name!r}: {REVOKED}")
 
     async def close(self) -> None:
         for link in self.links.values():
@@ -232,6 +251,10 @@ class AsyncLedgerClient:
                     compared = {k: v for k, v in result.items() if k != "attestation"}
                     tally.add(msg.sender, _fingerprint(compared), result)
         else:
+            if not msg.ok and msg.answer == REVOKED:
+                self._revoked.add(msg.sender)
+            if not msg.ok and isinstance(msg.answer, str) and msg.answer.startswith(RETRY):
+                return  # a validator behind the others: not an answer; the query is resent
             tally = self._queries.get(msg.qid)
             if tally is not None:
                 shown = {k: v for k, v in (msg.answer or {}).items() if k != "cert"} \
@@ -258,6 +281,7 @@ class AsyncLedgerClient:
         wait = self.retry_s
         try:
             while True:
+                self._check_refused()
                 self._send_all(frame)
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -309,6 +333,7 @@ class AsyncLedgerClient:
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         try:
             while True:
+                self._check_refused()
                 if validator is None:
                     self._send_all(frame, request=False)
                 else:
@@ -326,6 +351,7 @@ class AsyncLedgerClient:
             self._queries.pop(qid, None)
         answers = list(agreed.values())
         if not answers[0].ok:
+            self._check_refused()
             raise QueryFailed(f"query {what}: {answers[0].answer}")
         return answers
 
@@ -362,6 +388,53 @@ class AsyncLedgerClient:
         return await self._proven("image", {"envelope_id": envelope_id}, lambda tx, rec: (
             tx.get("envelope_id") == envelope_id and tx.get("merkle_root") == rec["merkle_root"]))
 
+    async def images(self, envelope_ids: Iterable[bytes]) -> list[ImageProof | None]:
+        """:meth:`image` for many envelope ids at once, in order (None where unknown): one
+        query per 256 ids, each block's proofs built once on the validators for all of its
+        images; every receipt verified here as :meth:`image` verifies it."""
+        ids = list(envelope_ids)
+        out: list[ImageProof | None] = []
+        for start in range(0, len(ids), 256):
+            out += await self._images(ids[start:start + 256])
+        return out
+
+    async def _images(self, ids: list[bytes]) -> list[ImageProof | None]:
+        votes: dict[int, dict[int, bytes]] = {}  # height -> validator -> header signature
+        certs: dict[int, list] = {}               # height -> certificates, one per validator
+        for _attempt in range(3):  # a lying validator's vote or certificate fails: ask again
+            answers = await self._ask("images", {"envelope_ids": ids})
+            answer = answers[0].answer
+            for qr in answers:
+                for height, sig in qr.attestation.get("header_sigs", []):
+                    votes.setdefault(height, {})[qr.sender] = sig
+                for height, cert in qr.attestation.get("certs", []):
+                    certs.setdefault(height, []).append(cert)
+            try:
+                headers = dict(answer["headers"])
+                return [None if item is None else self._receipt(
+                    eid, item, headers, certs, votes) for eid, item in zip(ids, answer["items"],
+                                                                     strict=True)]
+            except (ProofInvalid, CertificateInvalid, KeyError, TypeError, ValueError):
+                continue
+        raise CertificateInvalid("images: no validator sent valid proofs")
+
+    def _receipt(self, envelope_id: bytes, item: dict, headers: dict, certs: dict,
+                 votes: dict) -> TxReceipt:
+        height = item["record"]["height"]
+        sigs = [[i, s] for i, s in sorted(votes.get(height, {}).items())]
+        for cert in certs.get(height, []):  # any one honest validator's certificate suffices
+            try:
+                receipt = TxReceipt.from_wire(dict(item, header=headers[height], cert=cert,
+                                                   header_sigs=sigs))
+                tx = receipt.verify(self.keyring)
+            except (ProofInvalid, CertificateInvalid):
+                continue
+            if tx.get("envelope_id") != envelope_id or tx.get("merkle_root") != \
+                    receipt.record["merkle_root"]:
+                raise ProofInvalid("images: proven transaction does not match")
+            return receipt
+        raise CertificateInvalid(f"images: no valid proof for block {height}")
+
     async def model_receipt(self, model_hash: bytes) -> TxReceipt | None:
         """The ``MODEL_RELEASED`` record for a model hash with its verified receipt."""
         return await self._proven("model", {"model_hash": model_hash, "proof": True},
@@ -372,19 +445,39 @@ class AsyncLedgerClient:
         return await self._proven("inference", {"batch_root": batch_root, "proof": True},
                                   lambda tx, rec: tx.get("batch_root") == batch_root)
 
-    async def consent(self, patient: str) -> dict:
-        """Current consent per purpose and its full history for one patient token."""
-        return await self.query("consent", {"patient": patient})
+    async def read(self, query: str, by: str, key: str | bytes) -> int:
+        """File ``AUDIT_READ``: the ledger decides by role and puts the read on the patient's
+        trail; the audit id to name in the query, or :class:`ReadRefused` (audited too)."""
+        key = key.hex() if isinstance(key, bytes) else key
+        result = await self.submit(AuditRead(query, by, key))
+        if not result.committed:
+            raise QueryFailed(f"read of {query} by {by} rejected: {result.reason}")
+        if not result.output["granted"]:
+            raise ReadRefused(f"read of {query} by {by} refused: {result.output['reason']} "
+                              f"(audit entry {result.output['audit']['id']})")
+        return result.output["audit"]["id"]
+
+    async def consent(self, patient: str, *, read: int | None = None) -> dict:
+        """Current consent per purpose and its full history for one patient token, as of
+        the granted read ``read`` (by default one filed now: :meth:`read`)."""
+        if read is None:
+            read = await self.read("consent", "patient", patient)
+        return dict(await self.query("consent", {"patient": patient, "read": read}), read=read)
 
     async def audit(self, *, user: str | None = None, patient: str | None = None,
-                    image: bytes | None = None) -> list[dict]:
+                    image: bytes | None = None, read: int | None = None) -> list[dict]:
         """Audit entries (oldest first) for one user, patient token or image; each carries
-        the signatures of the f + 1 validators that vouched for it."""
+        the signatures of the f + 1 validators that vouched for it. A patient token's or
+        an image's trail is read through a granted read (``read``, by default one filed
+        now), which is itself the trail's last entry."""
         (by, key), = [(b, k) for b, k in (("user", user), ("patient", patient),
                                            ("image", image)) if k is not None]
+        args = {"by": by, "key": key}
+        if by != "user":
+            args["read"] = read if read is not None else await self.read("audit", by, key)
         entries: list[dict] = []
         while True:  # a page per query, oldest first, until the index's total
-            answers = await self._ask("audit", {"by": by, "key": key, "start": len(entries)})
+            answers = await self._ask("audit", dict(args, start=len(entries)))
             page = [dict(e, signatures={}) for e in answers[0].answer["entries"]]
             by_id = {e["id"]: e for e in page}
             for qr in answers:
@@ -405,10 +498,10 @@ class AsyncLedgerClient:
         return await self.query("principal", {"name": name})
 
     async def studies(self, *, modality: str | None = None, patient: str | None = None,
-                      study: str | None = None) -> list[dict]:
+                      study: str | None = None, series: str | None = None) -> list[dict]:
         """Registered studies (metadata only), filtered; see :meth:`Contracts.studies`."""
-        args = {k: v for k, v in (("modality", modality), ("patient", patient), ("study", study))
-                if v is not None}
+        args = {k: v for k, v in (("modality", modality), ("patient", patient), ("study", study),
+                                  ("series", series)) if v is not None}
         return await self.query("studies", args)
 
     async def audit_entries(self, ids: Iterable[int]) -> list[dict | None]:
@@ -508,18 +601,24 @@ class LedgerClient:
     def image(self, envelope_id: bytes) -> ImageProof | None:
         return self._run(self._async.image(envelope_id))
 
+    def images(self, envelope_ids: Iterable[bytes]) -> list[ImageProof | None]:
+        return self._run(self._async.images(envelope_ids))
+
     def model_receipt(self, model_hash: bytes) -> TxReceipt | None:
         return self._run(self._async.model_receipt(model_hash))
 
     def inference_receipt(self, batch_root: bytes) -> TxReceipt | None:
         return self._run(self._async.inference_receipt(batch_root))
 
-    def consent(self, patient: str) -> dict:
-        return self._run(self._async.consent(patient))
+    def read(self, query: str, by: str, key: str | bytes) -> int:
+        return self._run(self._async.read(query, by, key))
+
+    def consent(self, patient: str, *, read: int | None = None) -> dict:
+        return self._run(self._async.consent(patient, read=read))
 
     def audit(self, *, user: str | None = None, patient: str | None = None,
-              image: bytes | None = None) -> list[dict]:
-        return self._run(self._async.audit(user=user, patient=patient, image=image))
+              image: bytes | None = None, read: int | None = None) -> list[dict]:
+        return self._run(self._async.audit(user=user, patient=patient, image=image, read=read))
 
     def model(self, model_hash: bytes) -> dict | None:
         return self._run(self._async.model(model_hash))

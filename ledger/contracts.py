@@ -9,7 +9,9 @@ Access rule (DESIGN §4): ``Access(U, I) = 1 iff role(U) ∈ policy(I).allowed[p
 consent(I.patient, purpose) is valid``, where consent is valid when the latest CONSENT_SET for
 that patient token and purpose grants it and has not expired, or, when there is none, when
 the image was registered with that purpose among its consent flags. Every ACCESS_REQUESTED
-becomes an audit entry, granted or denied, indexed by user, patient token and image.
+becomes an audit entry, granted or denied, indexed by user, patient token and image; so does
+every AUDIT_READ (a read of a patient token's consent history or audit trail, decided by
+role: :data:`READERS`).
 
 State keys (values are canonical-CBOR maps): ``principal/<name>`` (+
 ``principal_key/<hex>``), ``device/<id>``,
@@ -26,7 +28,9 @@ from typing import Any
 
 from ledger.state import State
 from ledger.transactions import (
+    READ_QUERIES,
     AccessRequested,
+    AuditRead,
     ConsentSet,
     DeviceEnrolled,
     DeviceRevoked,
@@ -38,10 +42,16 @@ from ledger.transactions import (
     Transaction,
 )
 
-__all__ = ["Contracts", "TxContext", "Rejected", "genesis_state", "AUDIT_INDEXES"]
+__all__ = ["Contracts", "TxContext", "Rejected", "genesis_state", "AUDIT_INDEXES", "AUDITORS",
+           "READERS"]
 
 AUDIT_INDEXES = {"user": "audit_u", "patient": "audit_p", "image": "audit_i"}
 MAX_LIST = 1000  # most entries a history or audit query returns at once
+AUDITORS = frozenset({"auditor"})  # read any principal's audit trail and entries
+# who may read a patient token's history (AUDIT_READ), per query: the registrar keeps
+# consent, the auditor oversees both; nobody else, the operator included
+READERS = {"consent": frozenset({"registrar", "auditor"}), "audit": frozenset({"auditor"})}
+PURPOSE_LIST = ("diagnosis", "research", "training", "sharing")
 
 
 class Rejected(Exception):
@@ -85,11 +95,6 @@ def _append(state: State, counter: str, prefix: str, value: Any) -> int:
     return k
 
 
-def _list(state: State, counter: str, prefix: str, start: int, limit: int) -> list:
-    total = state.get(counter, 0)
-    return [state.get(f"{prefix}/{k}") for k in range(start, min(total, start + limit))]
-
-
 class Contracts:
     """Transaction rules and read-only queries over one :class:`State`."""
 
@@ -121,6 +126,8 @@ class Contracts:
         """Apply ``tx``; return its output map or raise :class:`Rejected`."""
         if isinstance(tx, AccessRequested):
             return self._access(ctx, tx)  # decided and audited even when not permitted
+        if isinstance(tx, AuditRead):
+            return self._audit_read(ctx, tx)  # likewise
         if not self.may_submit(ctx.role, tx.TYPE):
             raise Rejected(f"role {ctx.role!r} may not submit {tx.TYPE}")
         return _HANDLERS[type(tx)](self, ctx, tx)
@@ -266,13 +273,9 @@ class Contracts:
         ok, reason = self.consent_valid(image["patient"], tx.purpose, image["consent"], now)
         return ok, ("granted" if ok else reason), image
 
-    def _access(self, ctx: TxContext, tx: AccessRequested) -> dict:
-        granted, reason, image = self.decide(self.principal(ctx.submitter), ctx.submitter, tx,
-                                             ctx.time)
-        entry = {"id": self.state.get("audit_n", 0), "user": tx.user, "image": tx.envelope_id,
-                 "patient": image["patient"] if image else None, "purpose": tx.purpose,
-                 "action": tx.action, "granted": granted, "reason": reason,
-                 **self._stamp(ctx)}
+    def _audit(self, ctx: TxContext, fields: dict) -> dict:
+        """Write one audit entry, indexed by user, patient token and image."""
+        entry = {"id": self.state.get("audit_n", 0), **fields, **self._stamp(ctx)}
         audit_id = _append(self.state, "audit_n", "audit", entry)
         for field, prefix in AUDIT_INDEXES.items():
             value = entry[field]
@@ -280,10 +283,71 @@ class Contracts:
                 continue
             key = value.hex() if isinstance(value, bytes) else value
             _append(self.state, f"{prefix}_n/{key}", f"{prefix}/{key}", audit_id)
+        return entry
+
+    def _access(self, ctx: TxContext, tx: AccessRequested) -> dict:
+        granted, reason, image = self.decide(self.principal(ctx.submitter), ctx.submitter, tx,
+                                             ctx.time)
+        entry = self._audit(ctx, {
+            "user": tx.user, "image": tx.envelope_id, "patient": image["patient"] if image else None,
+            "purpose": tx.purpose, "action": tx.action, "granted": granted, "reason": reason})
         out = {"granted": granted, "reason": reason, "audit": entry}
         if granted:  # what the custodian may release: exactly the registered object
             out["merkle_root"] = image["merkle_root"]
         return out
+
+    def _audit_read(self, ctx: TxContext, tx: AuditRead) -> dict:
+        """A read of a patient token's history, decided by role and audited either way. The
+        entry records what was read and how far (``upto``: the length of the history or
+        trail at that moment, this read included), so a query naming it sees exactly what
+        the trail says was seen, however long after."""
+        if tx.by not in READ_QUERIES[tx.query]:
+            raise Rejected(f"{tx.query} history is read by {' or '.join(READ_QUERIES[tx.query])}")
+        image, patient, key = None, tx.key, tx.key
+        if tx.by == "image":
+            try:
+                image = bytes.fromhex(tx.key)
+            except ValueError:
+                image = b""
+            if len(image) != 16:
+                raise Rejected("key: an envelope id is 32 hex digits")
+            record = self.image(image)
+            patient, key = (record["patient"] if record else None), image.hex()
+        granted = ctx.role in READERS[tx.query]
+        if tx.query == "consent":
+            upto = self.state.get(f"consent_n/{patient}", 0)
+        else:  # the trail as it stands once this read is on it
+            index = AUDIT_INDEXES[tx.by]
+            upto = self.state.get(f"{index}_n/{key}", 0) + (key is not None)
+        entry = self._audit(ctx, {
+            "user": ctx.submitter, "image": image, "patient": patient, "purpose": None,
+            "action": f"read-{tx.query}", "granted": granted,
+            "reason": "granted" if granted else f"role may not read {tx.query} history",
+            "read": {"by": tx.by, "key": key}, "upto": upto if granted else 0})
+        return {"granted": granted, "reason": entry["reason"], "audit": entry}
+
+    def oversees(self, name: str) -> bool:
+        """May ``name`` read any principal's audit trail: an auditor, or a service role that
+        acts on behalf of others (the API, the custodian: they read the trail of the
+        principal they act for)."""
+        p = self.principal(name)
+        return bool(p and p["active"] and (p["role"] in AUDITORS or p["role"] in self.state.get(
+            "config/on_behalf", ())))
+
+    def read_upto(self, asker: str, query: str, by: str, key: str | bytes, read_id) -> int:
+        """How far ``asker`` may read a patient token's history: the ``upto`` of the granted
+        read (``AUDIT_READ``) it names, of this query and subject, by this asker, whose
+        role may still read it; :class:`Rejected` otherwise."""
+        entry = self.state.get(f"audit/{read_id}") if type(read_id) is int and read_id >= 0 else None
+        k = key.hex() if isinstance(key, bytes) else key
+        if entry is None or entry["action"] != f"read-{query}" or entry["user"] != asker or \
+                not entry["granted"] or entry.get("read") != {"by": by, "key": k}:
+            raise Rejected(f"{query} by {by} is answered only for a granted read of your own "
+                           "(AUDIT_READ) named in 'read'")
+        me = self.principal(asker)
+        if me is None or not me["active"] or me["role"] not in READERS[query]:
+            raise Rejected(f"your role may not read {query} history")
+        return entry["upto"]
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -291,14 +355,17 @@ class Contracts:
         return self.state.get(f"device/{device_id}")
 
     def studies(self, *, modality: str | None = None, patient: str | None = None,
-                study: str | None = None, limit: int = MAX_LIST) -> list[dict]:
+                study: str | None = None, series: str | None = None,
+                limit: int = MAX_LIST) -> list[dict]:
         """Registered studies, metadata only: pseudonymous patient, study, modality, series
         with their envelope ids, and the purposes for which consent is valid now. A scan of
-        the state (image records), filtered; at most ``limit`` studies."""
+        the state (image records), filtered (by ``series``: that series alone); at most
+        ``limit`` studies."""
         found: dict[tuple[str, str], dict] = {}
         for key, rec in self.state.items():
             if not key.startswith("image/") or (modality and rec["modality"] != modality) or (
-                    patient and rec["patient"] != patient) or (study and rec["study_uid"] != study):
+                    patient and rec["patient"] != patient) or (study and rec["study_uid"] != study) or (
+                    series and rec["series_uid"] != series):
                 continue
             s = found.setdefault((rec["patient"], rec["study_uid"]), {
                 "patient": rec["patient"], "study": rec["study_uid"], "modalities": set(),
@@ -310,7 +377,7 @@ class Contracts:
             s["policies"].add(rec["policy"])
         out = []
         for (patient_token, _), s in sorted(found.items())[:limit]:
-            consented = [p for p in ("diagnosis", "research", "training", "sharing")
+            consented = [p for p in PURPOSE_LIST
                          if self.consent_valid(patient_token, p, sorted(s["flags"]), self.now)[0]]
             out.append({"patient": s["patient"], "study": s["study"],
                         "modalities": sorted(s["modalities"]), "registered_t": s["registered_t"],
@@ -337,28 +404,41 @@ class Contracts:
     def policy(self, policy_id: str) -> dict | None:
         return self.state.get(f"policy/{policy_id}")
 
-    def consent(self, patient: str, start: int = 0, limit: int = MAX_LIST) -> dict:
-        """Current consent per purpose and the full history, oldest first."""
-        current = {p: self.state.get(f"consent/{patient}/{p}") for p in
-                   ("diagnosis", "research", "training", "sharing")}
+    def consent(self, patient: str, start: int = 0, limit: int = MAX_LIST,
+                upto: int | None = None) -> dict:
+        """Current consent per purpose and the full history, oldest first; with ``upto``,
+        as they stood when the history had ``upto`` entries."""
+        total = self.state.get(f"consent_n/{patient}", 0)
+        if upto is None:
+            current = {p: self.state.get(f"consent/{patient}/{p}") for p in PURPOSE_LIST}
+        else:
+            total = min(total, upto)
+            current = {}
+            for k in range(total):
+                entry = self.state.get(f"consent_h/{patient}/{k}")
+                current[entry["purpose"]] = entry
+        end = min(total, start + min(limit, MAX_LIST))
         return {"current": {p: c for p, c in current.items() if c is not None},
-                "history": _list(self.state, f"consent_n/{patient}", f"consent_h/{patient}",
-                                 start, min(limit, MAX_LIST)),
-                "total": self.state.get(f"consent_n/{patient}", 0)}
+                "history": [self.state.get(f"consent_h/{patient}/{k}") for k in range(start, end)],
+                "total": total}
 
     def audit_entries(self, ids: list[int]) -> list[dict | None]:
         """The audit entries with these ids (None for an id not yet written), in order."""
         return [self.state.get(f"audit/{i}") for i in ids[:MAX_LIST]]
 
-    def audit(self, by: str, key: str | bytes, start: int = 0, limit: int = MAX_LIST) -> dict:
-        """Audit entries for one user, patient token or image (envelope id), oldest first."""
+    def audit(self, by: str, key: str | bytes, start: int = 0, limit: int = MAX_LIST,
+              upto: int | None = None) -> dict:
+        """Audit entries for one user, patient token or image (envelope id), oldest first;
+        with ``upto``, only the first ``upto`` of that index."""
         if by not in AUDIT_INDEXES:
             raise KeyError(by)
         prefix = AUDIT_INDEXES[by]
         k = key.hex() if isinstance(key, bytes) else key
-        ids = _list(self.state, f"{prefix}_n/{k}", f"{prefix}/{k}", start, min(limit, MAX_LIST))
-        return {"entries": [self.state.get(f"audit/{i}") for i in ids],
-                "total": self.state.get(f"{prefix}_n/{k}", 0)}
+        total = self.state.get(f"{prefix}_n/{k}", 0)
+        if upto is not None:
+            total = min(total, upto)
+        ids = [self.state.get(f"{prefix}/{k}/{j}") for j in range(start, min(total, start + min(limit, MAX_LIST)))]
+        return {"entries": [self.state.get(f"audit/{i}") for i in ids], "total": total}
 
 
 # transaction type -> the contract method that applies it (AccessRequested is decided apart)

@@ -13,7 +13,17 @@ __all__ = [
     "LedgerUnavailable",
     "SubmitTimeout",
     "QueryFailed",
+    "ReadRefused",
+    "PrincipalRefused",
+    "REVOKED",
+    "RETRY",
 ]
+
+# what a validator says, signed, to a principal whose key it recognises but who is not active
+REVOKED = "principal is not active on the ledger (revoked by an operator)"
+# how a validator's refusal starts when it is only behind (asked about what it has not yet
+# executed or persisted): the client does not count it as an answer, and asks again
+RETRY = "retry: "
 
 
 class LedgerError(MedChainError):
@@ -50,6 +60,11 @@ class LedgerUnavailable(LedgerError):
     """Not enough validators answered (fewer than f + 1 matching replies)."""
 
 
+class PrincipalRefused(LedgerUnavailable):
+    """f + 1 validators said, each signing it, that this client's principal is not active
+    on the ledger (revoked): they refuse its connections and queries."""
+
+
 class SubmitTimeout(LedgerUnavailable):
     """A transaction was not confirmed by f + 1 validators before the deadline. It may still
     commit later; resubmitting it with the same request id is safe (deduplicated)."""
@@ -57,3 +72,8 @@ class SubmitTimeout(LedgerUnavailable):
 
 class QueryFailed(LedgerError):
     """A query was refused by the validators (unknown kind, bad arguments, not allowed)."""
+
+
+class ReadRefused(QueryFailed):
+    """The ledger refused (and audited) a read of a patient token's history: the reader's
+    role may not read it."""

@@ -101,6 +101,13 @@ class Ledger:
         return bool(principal and principal["active"]
                     and self._verify(principal["key"], body, sig, kind))
 
+    def revoked_principal(self, name: str, kind: str, body: bytes, sig: bytes) -> bool:
+        """Is ``sig`` a signature by the key of ``name``, a principal no longer active? (Only
+        the holder of that key learns it is revoked.)"""
+        principal = self.contracts.principal(name)
+        return bool(principal and not principal["active"]
+                    and self._verify(principal["key"], body, sig, kind))
+
     def _check(self, frame: bytes) -> Admitted | str:
         try:
             msg, body = decode_frame(frame)

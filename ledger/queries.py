@@ -11,21 +11,33 @@ check it against the validator keys alone.
 
 ``answer`` is what clients compare; ``attestation`` carries what legitimately differs per
 validator (its own signatures on audit entries, its local status).
+
+Queries are authorized by the asker's role as the ledger holds it (the asker is the
+principal whose signed ``Hello`` opened the connection and who signed the query):
+
+* ``audit`` by user: one's own trail; anyone's for an auditor or a role that acts on behalf
+  of others (the API, the custodian). ``audit_entries`` likewise, entry by entry.
+* a patient token's history — ``consent``, ``audit`` by patient or by image — only for a
+  query naming (``read``) a granted ``AUDIT_READ`` of the asker for that subject: the read is
+  on the trail *before* anything is answered, and the answer stops where the trail says the
+  reader saw (:meth:`Contracts.read_upto`). Consent: registrar and auditor; audit: auditor.
 """
 
 from __future__ import annotations
 
 from ledger.blocks import outcome, results_tree
-from ledger.contracts import AUDIT_INDEXES, MAX_LIST
-from ledger.errors import QueryFailed
+from ledger.contracts import AUDIT_INDEXES, MAX_LIST, Contracts, Rejected
+from ledger.errors import RETRY, QueryFailed
 from ledger.messages import request_digest
 from ledger.pbft import Replica
 from ledger.store import BlockStore
+from medchain.merkle import MerkleTree
 
 __all__ = ["answer_query", "QUERY_KINDS"]
 
-QUERY_KINDS = ("status", "headers", "principal", "principals", "studies", "device", "audit_entries", "image", "consent", "audit",
-               "model", "inference", "policy")
+QUERY_KINDS = ("status", "headers", "principal", "principals", "studies", "device", "audit_entries", "image", "images",
+               "consent", "audit", "model", "inference", "policy")
+MAX_IMAGES = 256  # most image receipts one ``images`` query answers
 
 
 def _arg(args: dict, key: str, typ: type, size: int | None = None):
@@ -43,13 +55,43 @@ def _proven(replica: Replica, store: BlockStore, record: dict | None) -> tuple[o
     height, index = record["height"], record["index"]
     block, results = store.block(height), store.results(height)
     if block is None or results is None:  # executed but not yet on disk: ask again in a moment
-        raise QueryFailed("record is not yet persisted; retry")
+        raise QueryFailed(RETRY + "record is not yet persisted")
     tree = results_tree([request_digest(r) for r in block.requests], results)
     answer = {"record": record, "request": block.requests[index],
               "proof": block.proof(index).to_wire(), "header": block.header.to_wire(),
               "cert": block.cert.to_wire() if block.cert else None,
               "result": outcome(results[index]), "result_proof": tree.proof(index).to_wire()}
     return answer, {"header_sig": replica.signer.sign_header(height, block.header.hash)}
+
+
+def _proven_many(replica: Replica, store: BlockStore, records: list) -> tuple[object, dict]:
+    """Many records' receipts at once: each block's trees are built once for all the records
+    it holds (``image`` per record rebuilds them every time). The answer (compared across
+    validators) holds per record its request, proofs and result, and each block's header;
+    the commit certificates, which differ per validator, ride in the attestation with this
+    validator's header signatures."""
+    items, headers, certs, sigs, trees = [], {}, {}, {}, {}
+    for record in records:
+        if record is None:
+            items.append(None)
+            continue
+        height, index = record["height"], record["index"]
+        if height not in trees:
+            block, results = store.block(height), store.results(height)
+            if block is None or results is None:
+                raise QueryFailed(RETRY + "record is not yet persisted")
+            digests = [request_digest(r) for r in block.requests]
+            trees[height] = (block, results, MerkleTree(block.requests), results_tree(digests, results))
+            headers[height] = block.header.to_wire()
+            certs[height] = block.cert.to_wire() if block.cert else None
+            sigs[height] = replica.signer.sign_header(height, block.header.hash)
+        block, results, tx_tree, result_tree = trees[height]
+        items.append({"record": record, "request": block.requests[index],
+                      "proof": tx_tree.proof(index).to_wire(), "result": outcome(results[index]),
+                      "result_proof": result_tree.proof(index).to_wire()})
+    return ({"items": items, "headers": [[h, w] for h, w in sorted(headers.items())]},
+            {"certs": [[h, c] for h, c in sorted(certs.items())],
+             "header_sigs": [[h, s] for h, s in sorted(sigs.items())]})
 
 
 def _status(replica: Replica, store: BlockStore) -> dict:
@@ -62,8 +104,20 @@ def _status(replica: Replica, store: BlockStore) -> dict:
             "counters": dict(replica.counters)}
 
 
-def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> tuple[object, dict]:
-    """``(answer, attestation)`` for one query; :class:`QueryFailed` for a bad one."""
+def _read_upto(c: Contracts, asker: str, query: str, by: str, key, args: dict) -> int:
+    read = args.get("read")
+    if type(read) is int and read >= c.state.get("audit_n", 0):  # this validator is behind
+        raise QueryFailed(RETRY + "the read is not yet executed here")
+    try:
+        return c.read_upto(asker, query, by, key, args.get("read"))
+    except Rejected as exc:
+        raise QueryFailed(f"not authorized: {exc.reason}") from None
+
+
+def answer_query(what: str, args: dict, replica: Replica, store: BlockStore,
+                 asker: str) -> tuple[object, dict]:
+    """``(answer, attestation)`` for one query of the principal ``asker``;
+    :class:`QueryFailed` for a bad or unauthorized one."""
     ledger = replica.ledger
     c = ledger.contracts
     if what == "status":
@@ -83,9 +137,12 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
         ids = args.get("ids")
         if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
             raise QueryFailed("audit_entries: 'ids' must be a list of entry ids")
-        return c.audit_entries(ids), {}
+        entries = c.audit_entries(ids)
+        if not c.oversees(asker) and any(e is not None and e["user"] != asker for e in entries):
+            raise QueryFailed("not authorized: audit entries of another principal")
+        return entries, {}
     if what == "studies":
-        filters = {k: args.get(k) for k in ("modality", "patient", "study")}
+        filters = {k: args.get(k) for k in ("modality", "patient", "study", "series")}
         if not all(v is None or isinstance(v, str) for v in filters.values()):
             raise QueryFailed("studies: filters are text")
         return c.studies(**filters), {}
@@ -93,9 +150,17 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
         return c.device(_arg(args, "device_id", str)), {}
     if what == "image":
         return _proven(replica, store, c.image(_arg(args, "envelope_id", bytes, 16)))
+    if what == "images":
+        ids = args.get("envelope_ids")
+        if not isinstance(ids, list) or not 0 < len(ids) <= MAX_IMAGES or not all(
+                isinstance(e, bytes) and len(e) == 16 for e in ids):
+            raise QueryFailed(f"images: 'envelope_ids' must be 1 to {MAX_IMAGES} envelope ids")
+        return _proven_many(replica, store, [c.image(e) for e in ids])
     if what == "consent":
-        return c.consent(_arg(args, "patient", str), int(args.get("start", 0)),
-                         int(args.get("limit", MAX_LIST))), {}
+        patient = _arg(args, "patient", str)
+        upto = _read_upto(c, asker, "consent", "patient", patient, args)
+        return c.consent(patient, int(args.get("start", 0)), int(args.get("limit", MAX_LIST)),
+                         upto), {}
     if what == "audit":
         by = _arg(args, "by", str)
         if by not in AUDIT_INDEXES:
@@ -103,7 +168,14 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore) -> 
         key = args.get("key")
         if not isinstance(key, (str, bytes)):
             raise QueryFailed("query argument 'key' is missing or malformed")
-        result = c.audit(by, key, int(args.get("start", 0)), int(args.get("limit", MAX_LIST)))
+        if by != "user":
+            upto = _read_upto(c, asker, "audit", by, key, args)
+        elif key == asker or c.oversees(asker):
+            upto = None
+        else:
+            raise QueryFailed("not authorized: another principal's audit trail")
+        result = c.audit(by, key, int(args.get("start", 0)), int(args.get("limit", MAX_LIST)),
+                         upto)
         sigs = store.attestations(e["id"] for e in result["entries"])
         return result, {"signatures": [[i, s] for i, s in sorted(sigs.items())]}
     if what in ("model", "inference"):

@@ -27,6 +27,8 @@ __all__ = [
     "ConsentSet",
     "PolicySet",
     "AccessRequested",
+    "AuditRead",
+    "READ_QUERIES",
     "ModelReleased",
     "InferenceRecorded",
     "TX_TYPES",
@@ -206,6 +208,32 @@ class AccessRequested(Transaction):
     action: str
 
 
+READ_QUERIES = {"consent": ("patient",), "audit": ("patient", "image")}  # query -> keyed by
+
+
+def _read_query(v: Any) -> bool:
+    return v in READ_QUERIES
+
+
+def _read_by(v: Any) -> bool:
+    return v in ("patient", "image")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRead(Transaction):
+    """The submitter asks to read a patient token's history: its consent history
+    (``query="consent"``, ``by="patient"``) or its audit trail, by patient token or by one
+    of its images (``query="audit"``, ``by="patient"|"image"``; ``key`` is the token or the
+    envelope id in hex). Decided by role and audited whatever the outcome; the validators
+    answer such a query only when it names a granted read of the asker (docs/access.md)."""
+
+    TYPE: ClassVar[str] = "AUDIT_READ"
+    CHECKS: ClassVar[dict] = {"query": _read_query, "by": _read_by, "key": _name}
+    query: str
+    by: str
+    key: str
+
+
 @dataclass(frozen=True, slots=True)
 class ModelReleased(Transaction):
     TYPE: ClassVar[str] = "MODEL_RELEASED"
@@ -233,7 +261,7 @@ class InferenceRecorded(Transaction):
 
 TX_TYPES: dict[str, type[Transaction]] = {cls.TYPE: cls for cls in (
     PrincipalSet, DeviceEnrolled, DeviceRevoked, ImageRegistered, ConsentSet, PolicySet,
-    AccessRequested, ModelReleased, InferenceRecorded)}
+    AccessRequested, AuditRead, ModelReleased, InferenceRecorded)}
 
 
 # per type: (field name, check, required) and the set of allowed keys, computed once

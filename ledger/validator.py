@@ -35,7 +35,7 @@ from collections import deque
 from pathlib import Path
 
 from ledger.byzantine import ENV_FLAG, Byzantine
-from ledger.errors import GenesisError, LedgerError, MessageInvalid, QueryFailed, StoreDamaged
+from ledger.errors import REVOKED, GenesisError, LedgerError, MessageInvalid, QueryFailed, StoreDamaged
 from ledger.execution import AUDIT_DOMAIN
 from ledger.genesis import Genesis
 from medchain.identity import SigningKey
@@ -182,6 +182,9 @@ class Validator:
             claimed = validator_cn(vid)
         else:
             if not self.replica.ledger.verify_principal(msg.name, "hello", body, msg.sig):
+                if self.replica.ledger.revoked_principal(msg.name, "hello", body, msg.sig) and (
+                        self.tls_server is None or certified == msg.name):
+                    raise _Revoked(msg.name)
                 raise MessageInvalid("hello: unknown principal or bad signature")
             claimed = msg.name
         if self.tls_server is not None and certified != claimed:
@@ -194,7 +197,13 @@ class Validator:
             nonce = secrets.token_bytes(32)
             write_frame(writer, encode_frame(Challenge(nonce)))
             first = await asyncio.wait_for(read_frame(reader), HELLO_WAIT_S)
-            hello = self._check_hello(first, nonce, peer_name(writer))
+            try:
+                hello = self._check_hello(first, nonce, peer_name(writer))
+            except _Revoked as exc:  # tell the key's holder why, signed, then hang up
+                self._refuse(writer, exc.name, 0)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.drain(), 2)
+                raise
             if hello.role == "client":
                 peer = hello.name
                 self.clients.setdefault(peer, set()).add(writer)
@@ -233,6 +242,11 @@ class Validator:
             self.replica.dropped["malformed"] += 1
             return
         if isinstance(msg, RequestBatch):
+            principal = self.replica.ledger.contracts.principal(name)
+            if principal is not None and not principal["active"]:
+                # revoked since its Hello: admission would drop these silently; say why
+                self.replica.dropped["unknown_principal"] += len(msg.requests)
+                return self._refuse(writer, name, 0)
             self._admission.extend(msg.requests)
             if len(self._admission) >= MAX_ADMISSION:
                 self._room.clear()
@@ -256,13 +270,22 @@ class Validator:
         else:
             self._admit_scheduled = False
 
+    def _refuse(self, writer: asyncio.StreamWriter, client: str, qid: int) -> None:
+        """A signed refusal for a revoked principal (query id 0: its connection)."""
+        signed, rbody = self.signer.sign(QueryResult(self.id, client, qid, False, REVOKED, {}))
+        write_frame(writer, encode_frame(signed, rbody))
+
     def _answer(self, q: Query, body: bytes, name: str, writer: asyncio.StreamWriter) -> None:
         if q.client != name or not self.replica.ledger.verify_principal(
                 q.client, "query", body, q.sig):
+            if q.client == name and self.replica.ledger.revoked_principal(
+                    q.client, "query", body, q.sig):  # revoked while connected
+                return self._refuse(writer, q.client, q.qid)
             self.replica.dropped["bad_signature"] += 1
             return
         try:
-            answer, attestation = answer_query(q.what, q.args, self.replica, self.store)
+            answer, attestation = answer_query(q.what, q.args, self.replica, self.store,
+                                              q.client)
             result = QueryResult(self.id, q.client, q.qid, True, answer, attestation)
         except QueryFailed as exc:
             result = QueryResult(self.id, q.client, q.qid, False, str(exc), {})
@@ -355,3 +378,11 @@ def run_validator(genesis_path, vid: int, key_path, data_dir, byzantine: str | N
 
     asyncio.run(main())
     return 0
+
+
+class _Revoked(MessageInvalid):
+    """A client's Hello signed by the key of a principal no longer active."""
+
+    def __init__(self, name: str):
+        super().__init__(f"hello: principal {name!r} is revoked")
+        self.name = name

@@ -17,6 +17,7 @@ from cloud.access_protocol import FetchReply, FetchRequest
 from cloud.custodian_access import NO_GRANT
 from cloud.custodian_service import ask_custodian
 from cloud.errors import AccessRefused
+from ledger.errors import QueryFailed
 from ledger.transactions import AccessRequested, ConsentSet, PrincipalSet
 from medchain.identity import RecipientKey, SigningKey
 from medchain.protocol import Envelope
@@ -130,8 +131,8 @@ def test_consent_revoked_between_request_and_fetch(world, person, tmp_path):
     assert [(e["action"], e["granted"], e["reason"]) for e in entries] == [
         ("request", True, "granted"), ("fetch", False, "consent revoked")]
     assert_signed(entries, world)
-    with world.cluster.client("operator") as op:  # also on the patient's trail
-        assert [e["action"] for e in op.audit(patient=patient)] == ["request", "fetch"]
+    auditor = person("auditor")  # also on the patient's trail (the auditor's read of it last)
+    assert [e["action"] for e in auditor.ledger.audit(patient=patient)] == ["request", "fetch", "read-audit"]
 
 
 def test_a_grant_for_image_a_does_not_fetch_image_b(world, person, tmp_path):
@@ -243,13 +244,61 @@ def test_the_cli_registers_a_principal_requests_fetches_and_revokes(world, tmp_p
     rc, out = run("principal", "revoke", *cloud, "--name", name)
     assert rc == 0 and out[0]["active"] is False
     # revoked: the validators no longer admit its connection, so nothing reaches the custodian
-    # (the custodian's own refusal of a revoked principal is test_a_revoked_principal_...)
+    # (the custodian's own refusal of a revoked principal is test_a_revoked_principal_...);
+    # once every validator has executed the revocation, the CLI says so, not "unreachable"
+    executed(world)
     rc, out = run("access", "fetch", *me, "--out", tmp_path / "out2", "--purpose", "diagnosis", "--image", a)
-    # (which refusal comes first depends on how far each validator has executed the revocation:
-    # the connection, or the queries over it)
     assert rc == 2 and out == [] and run.err.startswith("medchain access fetch: error:")
-    assert "Traceback" not in run.err
+    assert f"the validators refuse principal '{name}'" in run.err and "revoked" in run.err, run.err
+    assert "reachable" not in run.err and "Traceback" not in run.err
     assert not (tmp_path / "out2").exists()
+
+
+def executed(world, timeout_s: float = 20.0) -> None:
+    """Wait until every validator has executed what any of them has (a committed change is
+    then in force everywhere, not only at the f + 1 that replied)."""
+    cluster = world.cluster
+    ids = range(cluster.genesis.n)
+    height = max(cluster.status(i)["executed"] for i in ids)
+    deadline = time.monotonic() + timeout_s
+    while min(cluster.status(i)["executed"] for i in ids) < height:
+        assert time.monotonic() < deadline, "a validator did not catch up"
+        time.sleep(0.05)
+
+
+def test_a_revoked_principals_client_is_told_it_is_revoked(world, person):
+    """Each validator that recognises a revoked principal's key says so, signed — on its
+    open connection (to a query or a request) and on a new one (to its Hello) — and the
+    client, with f + 1 such refusals, raises PrincipalRefused. Before, a new connection
+    failed with "fewer than 3 validators reachable" after the connect timeout, and a query
+    or request over an old one timed out."""
+    from ledger.client import LedgerClient
+    from ledger.errors import PrincipalRefused
+
+    dr, dr2 = person("clinician"), person("clinician")
+    a, _, _ = world.image()
+    for p in (dr, dr2):
+        assert p.ledger.principal(p.name)["active"]  # both connected before the revocation
+        r = world.operator.submit(PrincipalSet(p.name, p.role, p.key.public.raw, False, p.recipient.public.raw))
+        assert r.committed, r.reason
+    executed(world)
+    started = time.monotonic()
+    with pytest.raises(PrincipalRefused, match="not active on the ledger"):
+        dr.ledger.audit(user=dr.name)  # a query over the connection opened before
+    with pytest.raises(PrincipalRefused, match="not active on the ledger"):  # a request over one
+        dr2.ledger.submit(AccessRequested(dr2.name, bytes.fromhex(a), "diagnosis", "request"))
+    with pytest.raises(PrincipalRefused, match="not active on the ledger"):
+        with LedgerClient(world.cluster.genesis_path, dr.key, dr.name) as again:  # a new one
+            again.principal(dr.name)
+    assert time.monotonic() - started < 8  # told, not timed out
+    # someone holding another key, claiming the name, learns nothing: the old message
+    from medchain.identity import SigningKey
+    from ledger.errors import LedgerUnavailable
+
+    with pytest.raises(LedgerUnavailable) as exc:
+        with LedgerClient(world.cluster.genesis_path, SigningKey.generate(), dr.name, connect_s=2) as other:
+            other.principal(dr.name)
+    assert not isinstance(exc.value, PrincipalRefused)
 
 
 def test_through_the_custodian_as_its_own_os_process(world, person, tmp_path):
@@ -312,20 +361,31 @@ def test_consent_set_revoke_history_from_the_cli_decide_the_next_request(world, 
     def consent(*argv) -> tuple[int, list[dict]]:
         capsys.readouterr()
         rc = main(["consent", *argv, "--config", str(tmp_path / "cloud.toml")])
-        return rc, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        captured = capsys.readouterr()
+        consent.err = captured.err
+        return rc, [json.loads(line) for line in captured.out.splitlines()]
 
     dr = person("clinician")
+    registrar = person("registrar")
+    registrar.key.save(tmp_path / "registrar.key")
+    me = ("--name", registrar.name, "--key", str(tmp_path / "registrar.key"))
     a, patient, _ = world.image(consent=("diagnosis",))  # the acquisition flag grants at first
     assert dr.requester.request([a], "diagnosis")[0].granted
-    rc, [out] = consent("revoke", "--patient", patient, "--purpose", "diagnosis")
+    rc, [out] = consent("revoke", "--patient", patient, "--purpose", "diagnosis")  # the operator's key
     assert rc == 0 and out["committed"] and out["granted"] is False
     assert dr.requester.request([a], "diagnosis")[0].reason == "consent revoked"
-    rc, [out] = consent("set", "--patient", patient, "--purpose", "diagnosis", "--days", "1")
+    rc, [out] = consent("set", "--patient", patient, "--purpose", "diagnosis", "--days", "1", *me)
     assert rc == 0 and out["committed"] and out["expires_ms"] > time.time() * 1000
     assert dr.requester.request([a], "diagnosis")[0].granted
-    rc, out = consent("history", "--patient", patient)
+    rc, out = consent("history", "--patient", patient, *me)  # the registrar's key
     assert rc == 0 and [(h["purpose"], h["granted"], h["by"]) for h in out] == [
-        ("diagnosis", False, "operator"), ("diagnosis", True, "operator")]
+        ("diagnosis", False, "operator"), ("diagnosis", True, registrar.name)]
+    rc, out = consent("history", "--patient", patient)  # the operator's: refused, and audited
+    assert rc == 2 and out == [] and "role may not read consent history" in consent.err
+    trail = person("auditor").ledger.audit(patient=patient)
+    assert [(e["user"], e["action"], e["granted"]) for e in trail if e["action"].startswith("read")] == [
+        (registrar.name, "read-consent", True), ("operator", "read-consent", False),
+        (trail[-1]["user"], "read-audit", True)]
 
 
 def test_a_study_is_listed_by_metadata_and_requested_whole(world, person, tmp_path, capsys):
@@ -344,6 +404,8 @@ def test_a_study_is_listed_by_metadata_and_requested_whole(world, person, tmp_pa
     decisions = dr.requester.request_study(study, "diagnosis")
     assert sorted((d.envelope_id, d.granted) for d in decisions) == sorted([(a, True), (b, True)])
     assert dr.requester.request_study("no-such-study", "diagnosis") == []
+    assert [s["series"] for s in dr.requester.gateway.studies(series="s2")
+            if s["study"] == study] == [{"s2": [b]}]  # a series alone
     # `medchain cloud studies` prints the same record; metadata only (no key, no pixels)
     cluster = world.cluster
     (tmp_path / "cloud.toml").write_text(
@@ -390,3 +452,128 @@ def test_an_operator_gets_no_key_without_a_grant_of_its_own(world, person, tmp_p
     assert not (tmp_path / "out").exists()
     assert [(e["action"], e["granted"]) for e in audit_of(world, op)] == [
         ("fetch", False), ("request", False), ("fetch", False)]
+
+
+def test_a_researcher_reads_neither_anothers_trail_nor_a_patients_history(world, person):
+    """The attack: a researcher (any principal) asks the validators directly for another
+    principal's audit trail and entries, a patient's consent history and the patient's and
+    an image's trails. Before queries were authorized by role (up to commit 9910fcc) every
+    one of these was answered — this test failed there on its first query — and nothing of
+    it was audited."""
+    alice, eve = person("clinician"), person("researcher")
+    a, patient, _ = world.image(consent=("diagnosis",))
+    [d] = alice.requester.request([a], "diagnosis")
+    assert world.operator.submit(ConsentSet(patient, "research", False, int(time.time() * 1000))).committed
+    for what, args in [("audit", {"by": "user", "key": alice.name}),
+                       ("audit_entries", {"ids": [d.audit_id]}),
+                       ("consent", {"patient": patient}),
+                       ("audit", {"by": "patient", "key": patient}),
+                       ("audit", {"by": "image", "key": bytes.fromhex(a)})]:
+        with pytest.raises(QueryFailed, match="not authorized"):
+            eve.ledger.query(what, args)
+    # through the front door, AUDIT_READ: refused by role, and the attempt is on the trail
+    from ledger.errors import ReadRefused
+
+    with pytest.raises(ReadRefused, match="role may not read consent history"):
+        eve.ledger.consent(patient)
+    with pytest.raises(ReadRefused, match="role may not read audit history"):
+        eve.ledger.audit(image=bytes.fromhex(a))
+    tried = [(e["action"], e["granted"], e["patient"]) for e in eve.ledger.audit(user=eve.name)]
+    assert tried == [("read-consent", False, patient), ("read-audit", False, patient)]
+
+
+def test_a_registrars_read_of_a_consent_history_is_on_the_patients_trail(world, person):
+    """Nobody reads a patient token's history unaudited: the registrar's consent read and the
+    auditor's trail read are entries of the patient's trail, signed by f + 1 validators, and
+    a read sees the trail only as it stood when it was filed."""
+    registrar, auditor, dr = person("registrar"), person("auditor"), person("clinician")
+    a, patient, _ = world.image(consent=("diagnosis",))
+    dr.requester.request([a], "diagnosis")
+    assert registrar.ledger.submit(ConsentSet(patient, "research", True, int(time.time() * 1000))).committed
+    consent = registrar.ledger.consent(patient)
+    assert consent["current"]["research"]["granted"] and consent["total"] == 1
+    trail = auditor.ledger.audit(patient=patient)
+    assert [(e["user"], e["action"], e["granted"]) for e in trail] == [
+        (dr.name, "request", True), (registrar.name, "read-consent", True), (auditor.name, "read-audit", True)]
+    assert trail[1]["id"] == consent["read"] and trail[1]["patient"] == patient
+    assert_signed(trail, world)
+    dr.requester.request([a], "diagnosis")  # after the read: not in it
+    again = auditor.ledger.audit(patient=patient, read=trail[-1]["id"])
+    assert [e["id"] for e in again] == [e["id"] for e in trail]
+    with pytest.raises(QueryFailed, match="not authorized"):  # nor is the read anyone else's
+        registrar.ledger.audit(patient=patient, read=trail[-1]["id"])
+
+
+def test_a_series_is_requested_from_the_cli_and_fetched(world, person, tmp_path, capsys):
+    """`medchain access request --series UID`: every image of that series, and none of the
+    study's other series, decided one by one; the grants fetch and decrypt."""
+    import json
+
+    from medchain_app.cli import main
+
+    dr = person("radiologist")
+    dr.key.save(tmp_path / "me.key")
+    dr.recipient.save(tmp_path / "me.x25519")
+    (tmp_path / "access.toml").write_text(
+        f'[principal]\nname = "{dr.name}"\nkey = "me.key"\nrecipient = "me.x25519"\n\n'
+        f'[ledger]\ngenesis = "{world.cluster.genesis_path}"\n\n[custodian]\nsocket = "{world.server.config.socket}"\n\n'
+        f'[store]\nurl = "{world.store.root}"\n')
+    study, series = f"1.2.826.0.4.{os.urandom(3).hex()}", f"1.2.826.0.5.{os.urandom(3).hex()}"
+    a, patient, da = world.image(consent=("diagnosis",), study=study, series=series)
+    b, _, db = world.image(consent=(), patient=patient, study=study, series=series)
+    c, _, _ = world.image(consent=("diagnosis",), patient=patient, study=study, series=series + ".2")
+    me = ("--config", str(tmp_path / "access.toml"))
+    capsys.readouterr()
+    rc = main(["access", "request", *me, "--series", series, "--purpose", "diagnosis"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 3 and sorted((o["image"], o["granted"], o["reason"]) for o in out) == sorted([
+        (a, True, "granted"), (b, False, "no consent for purpose")])
+    rc = main(["access", "fetch", *me, "--out", str(tmp_path / "out"), "--purpose", "diagnosis"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and [(o["image"], o["fetched"]) for o in out] == [(a, True)]
+    assert (tmp_path / "out" / f"{a}.dcm").read_bytes() == da
+    assert not (tmp_path / "out" / f"{c}.dcm").exists()
+
+
+def test_an_auditor_reads_trails_from_the_cli_and_a_researcher_is_refused(world, person, tmp_path, capsys):
+    """`medchain access audit`: an auditor reads a principal's, a patient's and an image's
+    trail (the patient-keyed reads filed first, each the last entry of what it shows); a
+    researcher reads its own trail only, and its refused read is on it."""
+    import json
+
+    from medchain_app.cli import main
+
+    def config(p) -> str:
+        path = tmp_path / f"{p.name}.toml"
+        if path.exists():
+            return str(path)
+        p.key.save(tmp_path / f"{p.name}.key")
+        p.recipient.save(tmp_path / f"{p.name}.x25519")
+        path.write_text(
+            f'[principal]\nname = "{p.name}"\nkey = "{p.name}.key"\nrecipient = "{p.name}.x25519"\n\n'
+            f'[ledger]\ngenesis = "{world.cluster.genesis_path}"\n\n[custodian]\nsocket = "{world.server.config.socket}"\n\n'
+            f'[store]\nurl = "{world.store.root}"\n')
+        return str(path)
+
+    def audit(p, *argv) -> tuple[int, list[tuple], str]:
+        capsys.readouterr()
+        rc = main(["access", "audit", "--config", config(p), *argv])
+        captured = capsys.readouterr()
+        return rc, [(o["user"], o["action"], o["granted"]) for o in map(json.loads, captured.out.splitlines())], \
+            captured.err
+
+    auditor, eve, dr = person("auditor"), person("researcher"), person("clinician")
+    a, patient, _ = world.image()
+    dr.requester.request([a], "diagnosis")
+    assert audit(auditor, "--user", dr.name)[:2] == (0, [(dr.name, "request", True)])
+    assert audit(auditor, "--patient", patient)[:2] == (0, [
+        (dr.name, "request", True), (auditor.name, "read-audit", True)])
+    assert audit(auditor, "--image", a)[:2] == (0, [  # the read by patient named no image
+        (dr.name, "request", True), (auditor.name, "read-audit", True)])
+    assert audit(auditor, "--patient", patient)[1][-2:] == [  # a read by image is on the patient's trail too
+        (auditor.name, "read-audit", True), (auditor.name, "read-audit", True)]
+    rc, out, err = audit(eve, "--patient", patient)
+    assert rc == 2 and out == [] and "role may not read audit history" in err and "Traceback" not in err
+    rc, out, err = audit(eve, "--user", dr.name)
+    assert rc == 2 and out == [] and "not authorized" in err
+    assert audit(eve, "--user", eve.name)[:2] == (0, [(eve.name, "read-audit", False)])

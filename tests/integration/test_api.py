@@ -206,3 +206,64 @@ def test_studies_are_listed_by_role_metadata_only(world, person, client):
     # and a whole study requested over the API
     me = over_http(client, researcher)
     assert [(d.envelope_id, d.granted) for d in me.request_study(study, "research")] == [(a, True)]
+
+
+def test_a_series_is_requested_whole_over_the_api_and_fetched(world, person, client, tmp_path):
+    """`{"series": [uid]}`: every image of that series (not of its study's other series) is
+    decided on its own; the granted ones fetch and decrypt; an empty request is refused."""
+    import os
+
+    dr = person("clinician")
+    study, series = f"1.2.826.0.2.{os.urandom(3).hex()}", f"1.2.826.0.3.{os.urandom(3).hex()}"
+    a, patient, da = world.image(consent=("diagnosis",), study=study, series=series)
+    b, _, db = world.image(consent=("diagnosis",), patient=patient, study=study, series=series)
+    c, _, _ = world.image(consent=("diagnosis",), patient=patient, study=study, series=series + ".9")
+    body = json.dumps({"series": [series], "purpose": "diagnosis"}).encode()
+    response = client.post("/v1/access/requests", content=body, headers=signed(dr, "POST", "/v1/access/requests", body))
+    assert response.status_code == 200, response.text
+    decisions = response.json()["decisions"]
+    assert sorted((d["image"], d["granted"]) for d in decisions) == sorted([(a, True), (b, True)])
+    me = over_http(client, dr)
+    fetched = me.fetch(latest_grants(me.status(), "diagnosis"), "diagnosis", tmp_path / "out")
+    assert sorted(f.path.read_bytes() for f in fetched) == sorted([da, db])
+    assert c not in {f.envelope_id for f in fetched}
+    body = json.dumps({"purpose": "diagnosis"}).encode()
+    problem(client.post("/v1/access/requests", content=body, headers=signed(dr, "POST", "/v1/access/requests", body)),
+            422, "invalid-request")
+
+
+class _SwappingClient:
+    """The requester's HTTP client, with the API's answer for one path replaced by another's
+    (an API, or a proxy in front of it, that lies about an image's record)."""
+
+    def __init__(self, client, path: str, content: bytes):
+        self.client, self.path, self.content = client, path, content
+
+    def request(self, method, path, **kw):
+        response = self.client.request(method, path, **kw)
+        if path == self.path:
+            return httpx.Response(200, content=self.content, headers={"content-type": "application/cbor"})
+        return response
+
+
+def test_an_http_requester_with_the_validator_keys_verifies_receipts_itself(world, person, client, tmp_path):
+    """With the genesis validator keys the requester over HTTP checks each image's ledger
+    receipt (`/receipt`) instead of trusting the API's `/record`: the fetch works, and an API
+    that hands out another image's receipt gets the image refused, nothing written."""
+    dr = person("clinician")
+    a, _, da = world.image(consent=("diagnosis",))
+    b, _, _ = world.image(consent=("diagnosis",))
+    keyring = world.operator.keyring
+    me = Requester(HttpGateway(client, dr.name, dr.key, keyring=keyring), dr.name, dr.key, dr.recipient)
+    me.request([a, b], "diagnosis")
+    [fa] = me.fetch(latest_grants(me.status(), "diagnosis", [a]), "diagnosis", tmp_path / "out")
+    assert fa.path.read_bytes() == da
+    receipt_b = HttpGateway(client, dr.name, dr.key).call("GET", f"/v1/images/{b}/receipt").content
+    lying = _SwappingClient(client, f"/v1/images/{a}/receipt", receipt_b)
+    fooled = Requester(HttpGateway(lying, dr.name, dr.key, keyring=keyring), dr.name, dr.key, dr.recipient)
+    [f] = fooled.fetch(latest_grants(me.status(), "diagnosis", [a]), "diagnosis", tmp_path / "out2")
+    assert f.path is None and f.refused.startswith("failed verification")
+    assert not (tmp_path / "out2").exists()
+    # the receipt, like the record, only for a principal the image was granted to
+    problem(client.get(f"/v1/images/{a}/receipt", headers=signed(person("clinician"), "GET",
+                                                                  f"/v1/images/{a}/receipt")), 403, "no-grant")

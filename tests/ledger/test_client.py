@@ -124,21 +124,32 @@ def test_consent_access_and_audit_trail(world):
     assert not denied.granted and denied.reason == "no consent for purpose"
     assert op.submit(ConsentSet("tok-audit", "research", True, 1)).committed
     assert op.access("res-y", eid, "research", "download").granted
-    consent = op.consent("tok-audit")
-    assert consent["current"]["research"]["granted"] is True and consent["total"] == 1
-    trail = op.audit(patient="tok-audit")
-    assert [e["granted"] for e in trail] == [True, False, True]
-    assert [e["user"] for e in trail] == ["dr-x", "res-y", "res-y"]
+    from ledger.errors import ReadRefused
+
+    with pytest.raises(ReadRefused, match="role may not read consent history"):
+        op.consent("tok-audit")  # the operator files consent; reading a patient's history is not its job
+    c = world[0]
+    auditor = SigningKey.generate()
+    assert op.submit(PrincipalSet("aud-z", "auditor", auditor.public.raw)).committed
+    with LedgerClient(c.genesis_path, auditor, "aud-z") as aud:
+        consent = aud.consent("tok-audit")
+        assert consent["current"]["research"]["granted"] is True and consent["total"] == 1
+        trail = aud.audit(patient="tok-audit")
+        by_image = aud.audit(image=eid)
+    assert [(e["user"], e["action"], e["granted"]) for e in trail] == [
+        ("dr-x", "view", True), ("res-y", "download", False), ("res-y", "download", True),
+        ("operator", "read-consent", False), ("aud-z", "read-consent", True),
+        ("aud-z", "read-audit", True)]  # every read of the token's history is on it, this one last
     assert all(len(e["signatures"]) >= 2 for e in trail)
     from medchain.canonical import canonical_bytes
     from ledger.execution import AUDIT_DOMAIN
-    c = world[0]
     entry = {k: v for k, v in trail[0].items() if k != "signatures"}
     for vid, sig in trail[0]["signatures"].items():
         key = SigningKey.load(c.key_path(f"validator-{vid}")).public
         key.verify_encoded(AUDIT_DOMAIN, canonical_bytes(entry), sig)
-    assert [e["id"] for e in op.audit(image=eid)] == [e["id"] for e in trail]
-    assert len(op.audit(user="res-y")) >= 2
+    assert [e["id"] for e in by_image[:3]] == [e["id"] for e in trail[:3]]
+    assert by_image[-1]["action"] == "read-audit" and by_image[-1]["image"] == eid
+    assert len(op.audit(user="res-y")) >= 2  # the operator acts for others: it reads their trails
 
 
 def test_device_lookup_for_ingest(world):
@@ -209,3 +220,41 @@ def test_garbage_connections_are_closed_and_harm_nothing(world):
             assert len(received) < 100
     assert op.device("dev-1").enrolled  # and still answers
     assert c.status(1)["normal"]
+
+
+def test_batched_image_receipts_match_single_ones_and_are_checked(world):
+    """`images(ids)`: the receipts of many images in a few queries (each block's proofs built
+    once on the validators), equal to `image(id)` one by one, each verified by the client;
+    unknown ids give None; more than one query's worth is split. A receipt of another image,
+    or a proof moved to another position, does not pass the client's check."""
+    _, _, ing, _ = world
+    txs = [image(patient="tok-batch") for _ in range(5)]
+    assert all(r.committed for r in ing.submit_many(txs))
+    extra = image(patient="tok-batch")
+    assert ing.submit(extra).committed
+    ids = [t.envelope_id for t in txs] + [os.urandom(16)] * 300 + [extra.envelope_id]
+    receipts = ing.images(ids)
+    assert len(receipts) == len(ids) and receipts[5:305] == [None] * 300
+    for eid, r in zip(ids, receipts):
+        if r is not None:
+            single = ing.image(eid)
+            assert (r.record, r.request, r.header) == (single.record, single.request, single.header)
+            assert r.verify(ing.keyring)["envelope_id"] == eid
+    a = ing._async
+    answers = ing._run(a._ask("images", {"envelope_ids": ids[:2]}))
+    headers = dict(answers[0].answer["headers"])
+    votes, certs = {}, {}
+    for qr in answers:
+        for h, sig in qr.attestation["header_sigs"]:
+            votes.setdefault(h, {})[qr.sender] = sig
+        for h, cert in qr.attestation["certs"]:
+            certs.setdefault(h, []).append(cert)
+    items = answers[0].answer["items"]
+    assert a._receipt(ids[0], items[0], headers, certs, votes).record == receipts[0].record
+    with pytest.raises(ProofInvalid):  # image 0's receipt offered for image 1
+        a._receipt(ids[1], items[0], headers, certs, votes)
+    moved = dict(items[0], proof=items[1]["proof"], result_proof=items[1]["result_proof"])
+    with pytest.raises((ProofInvalid, CertificateInvalid)):
+        a._receipt(ids[0], moved, headers, certs, votes)
+    with pytest.raises(QueryFailed, match="1 to 256"):
+        ing.query("images", {"envelope_ids": ids[:257]})
