@@ -17,6 +17,7 @@ the catalog, which is what ``medchain cloud rollback`` reads.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from medchain.protocol import (
     ModelOffer,
     ModelRelease,
     ModelState,
+    VARIANT_PRECISIONS,
     ModelStatus,
     OfferStage,
     decode_message,
@@ -94,7 +96,9 @@ class RolloutError(CloudError):
 
 
 def build_release(run_dir: str | Path, key: SigningKey, *, name: str, now_ms: int) -> ModelRelease:
-    """The signed release of a run folder (no ledger receipt yet)."""
+    """The signed release of a run folder (no ledger receipt yet), carrying the lower-precision
+    variants its card lists (each file checked against the card's SHA-256, which the signature
+    covers through the card's hash)."""
     run = Path(run_dir)
     try:
         card = ModelCard.load(run / "model_card.json")
@@ -104,7 +108,26 @@ def build_release(run_dir: str | Path, key: SigningKey, *, name: str, now_ms: in
     onnx, card_bytes = (run / "model.onnx").read_bytes(), (run / "model_card.json").read_bytes()
     return ModelRelease(name, card.model_version, hashlib.sha256(onnx).digest(),
                         hashlib.sha256(card_bytes).digest(), key.public.id, now_ms, onnx,
-                        card_bytes).signed(key)
+                        card_bytes, variants=_variants(run, card)).signed(key)
+
+
+def _variants(run: Path, card: ModelCard) -> dict[str, bytes]:
+    """``{precision: ONNX bytes}`` of the variants the card lists beside FP32."""
+    out = {}
+    for precision, entry in sorted(card.variants().items()):
+        if precision not in VARIANT_PRECISIONS:
+            continue  # fp32 is the release's own file
+        path = run / Path(entry["file"]).name  # a name in the run folder, never a path
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise RolloutError(f"{run}: the card lists a {precision} variant but "
+                               f"{path.name} is missing") from None
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise RolloutError(f"{run}: {path.name} does not match the SHA-256 its card lists "
+                               f"for {precision}")
+        out[precision] = data
+    return out
 
 
 def _flat_metrics(card: ModelCard) -> dict[str, float]:
@@ -263,8 +286,7 @@ class Rollout:
         receipt = ledger.model_receipt(rel.model_hash)
         if receipt is None:
             raise RolloutError("MODEL_RELEASED committed but the ledger has no record of it")
-        rel = ModelRelease(rel.name, rel.version, rel.model_hash, rel.card_hash, rel.key_id,
-                           rel.released_ms, rel.onnx, rel.card, receipt.to_wire(), rel.signature)
+        rel = dataclasses.replace(rel, receipt=receipt.to_wire())
         self.publish_release(rel)
         if known is None:
             with self.engine.begin() as conn:

@@ -6,7 +6,9 @@ Trust comes from three independent checks, all before the file is ever loaded:
 * the release is signed by the training service's key named in the enrolment file (an
   unsigned release, or one signed by any other key, is refused);
 * the ONNX file and card hash to the values that signature covers (a tampered byte is
-  refused), and the card names the same ONNX hash;
+  refused), and the card names the same ONNX hash; each lower-precision variant the release
+  carries hashes to the SHA-256 the signed card lists for its precision (a variant the card
+  does not list, or one altered in transit, refuses the whole release);
 * the ledger executed ``MODEL_RELEASED`` for that hash successfully: the release carries the
   transaction's receipt (the request and its result, each with an inclusion proof under the
   block header, the commit certificate and f + 1 validator signatures on the header), checked
@@ -16,7 +18,10 @@ Trust comes from three independent checks, all before the file is ever loaded:
 
 :func:`check_release` is the pure core. :class:`ModelManager` is the shell: it listens on
 the device's retained offer topic, fetches the release from its retained topic (or the local
-cache, for a rollback), writes it to ``models_dir/<hash>/``, loads and smoke-tests it, swaps,
+cache, for a rollback), writes it to ``models_dir/<hash>/``, loads and smoke-tests the
+precision the profile asks for (``[inference] precision``: ``model.int8.onnx`` or
+``model.fp16.onnx`` beside ``model.onnx``; FP32, said plainly, when the release carries no
+such variant), swaps,
 remembers the choice in ``models_dir/current.json`` (rename, so a crash leaves the old or the
 new pointer, never half of one) and reports a signed :class:`ModelStatus` either way.
 """
@@ -50,6 +55,7 @@ from medchain.protocol import (
     ModelState,
     ModelStatus,
     OfferStage,
+    SERVED_PRECISIONS,
     decode_message,
     encode,
     model_offer_topic,
@@ -63,7 +69,7 @@ from edge_agent.errors import EdgeError
 from edge_agent.inference import DEFAULT_PROVIDERS, EdgeModel
 
 __all__ = ["ReleaseRefused", "ReleaseTrust", "check_offer", "check_release", "check_ledger_record",
-           "smoke_test",
+           "smoke_test", "variant_file",
            "ModelManager", "InstalledModel"]
 
 log = logging.getLogger(__name__)
@@ -152,6 +158,10 @@ def check_release(release: ModelRelease, model_hash: bytes, trust: ReleaseTrust)
         raise ReleaseRefused(f"model card unusable: {exc}") from None
     if card.onnx_sha256 != model_hash.hex():
         raise ReleaseRefused("model card names another ONNX file")
+    try:
+        release.check_variants({p: v["sha256"] for p, v in card.variants().items()})
+    except ProtocolError as exc:
+        raise ReleaseRefused(f"tampered: {str(exc).removeprefix('model release: ')}") from None
     check_ledger_record(release.receipt, model_hash, trust)
     return card
 
@@ -190,11 +200,18 @@ def smoke_test(model: EdgeModel) -> None:
         raise ReleaseRefused("smoke inference gave no valid probabilities")
 
 
+def variant_file(precision: str) -> str:
+    """The file a precision is written to in a release's folder."""
+    return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
+
+
 @dataclass(frozen=True)
 class InstalledModel:
     model: EdgeModel
     model_hash: bytes
     modality: str | None  # the modality it was trained on; None: unknown (runs on none)
+    precision: str = "fp32"  # the variant serving
+    note: str = ""  # why it is not the precision the profile asks for ("" when it is)
 
     @property
     def version(self) -> str:
@@ -208,7 +225,11 @@ class ModelManager:
     def __init__(self, models_dir: str | Path, *, device_id: str, device_key: SigningKey,
                  trust: ReleaseTrust, endpoint: MqttEndpoint | None = None,
                  providers: Sequence[str] = DEFAULT_PROVIDERS, threads: int | None = None,
-                 fetch_timeout_s: float = 120.0, clock: Callable[[], float] = time.time):
+                 precision: str = "fp32", fetch_timeout_s: float = 120.0,
+                 clock: Callable[[], float] = time.time):
+        if precision not in SERVED_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(SERVED_PRECISIONS)}")
+        self.precision = precision  # what the profile asks for
         self.dir = Path(models_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device_id, self._key, self.trust = device_id, device_key, trust
@@ -249,6 +270,11 @@ class ModelManager:
     def model_version(self) -> str:
         cur = self._current
         return cur.version if cur else ""
+
+    def serving_precision(self) -> str:
+        """The precision of the serving model ("" when none)."""
+        cur = self._current
+        return cur.precision if cur else ""
 
     def _serving(self, modality: str) -> InstalledModel | None:
         cur = self._current  # read once: an install may swap it meanwhile
@@ -297,12 +323,13 @@ class ModelManager:
         the status (published on the status topic when ``report``)."""
         try:
             card = check_release(release, offer_hash, self.trust)
-            folder = self._write(release)
+            precision, note = self._choose(release)
+            folder = self._write(release, precision)
             try:
-                model = EdgeModel.load(folder / "model.onnx", card, providers=self._providers,
-                                       threads=self._threads)
+                model = EdgeModel.load(folder / variant_file(precision), card,
+                                       providers=self._providers, threads=self._threads)
             except (ModelError, MedChainError) as exc:
-                raise ReleaseRefused(f"model fails to load: {exc}") from None
+                raise ReleaseRefused(f"model fails to load ({precision}): {exc}") from None
             smoke_test(model)
         except ReleaseRefused as exc:
             log.warning("model %s refused: %s (still serving %s)", release.version, exc.reason,
@@ -311,30 +338,59 @@ class ModelManager:
                                 exc.reason, report)
         modality = card.data.get("modality") if isinstance(card.data, dict) else None
         self._current = InstalledModel(model, release.model_hash,
-                                       modality.upper() if isinstance(modality, str) else None)
+                                       modality.upper() if isinstance(modality, str) else None,
+                                       precision, note)
         durable_write(self.dir / "current.json", json.dumps(
-            {"model_hash": release.model_hash.hex(), "version": release.version}).encode())
-        log.info("model %s installed (%s) on %s", release.version, release.model_hash.hex()[:12],
-                 ", ".join(model.providers))
-        return self._status(release.model_hash, release.version, ModelState.INSTALLED, "", report)
+            {"model_hash": release.model_hash.hex(), "version": release.version,
+             "precision": precision}).encode())
+        log.info("model %s installed (%s, %s) on %s", release.version,
+                 release.model_hash.hex()[:12], precision, ", ".join(model.providers))
+        return self._status(release.model_hash, release.version, ModelState.INSTALLED, note, report)
 
-    def _write(self, release: ModelRelease) -> Path:
-        """``models_dir/<hash>/`` with the release, its ONNX file and card (a new folder is
-        filled under a temporary name and renamed, so a crash never leaves half a model)."""
+    def _choose(self, release: ModelRelease) -> tuple[str, str]:
+        """``(precision to serve, why it is not the one asked for)``: the profile's precision
+        when the release carries it, else FP32 with the reason (never a refusal)."""
+        if self.precision == "fp32" or self.precision in release.variants:
+            return self.precision, ""
+        note = (f"profile asks for {self.precision} but release {release.version} carries no "
+                f"{self.precision} variant: serving fp32")
+        log.warning("model %s: %s", release.version, note)
+        return "fp32", note
+
+    def _write(self, release: ModelRelease, precision: str = "fp32") -> Path:
+        """``models_dir/<hash>/`` with the release, its ONNX file, the variant served (when
+        not FP32) and card (a new folder is filled under a temporary name and renamed, so a
+        crash never leaves half a model). The cached release keeps only that variant; a
+        folder already there is reused only if every file in it still hashes right."""
         folder = self.dir / release.model_hash.hex()
-        if folder.is_dir() and hashlib.sha256((folder / "model.onnx").read_bytes()).digest() \
-                == release.model_hash:
+        kept = {precision: release.variants[precision]} if precision != "fp32" else {}
+        cached = encode(dataclasses.replace(release, variants=kept))
+        if folder.is_dir() and self._intact(folder, release, kept, cached):
             return folder
         tmp = self.dir / f".{release.model_hash.hex()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         durable_write(tmp / "model.onnx", release.onnx)
+        for p, data in kept.items():
+            durable_write(tmp / variant_file(p), data)
         durable_write(tmp / "model_card.json", release.card)
-        durable_write(tmp / "release.cbor", encode(release))
+        durable_write(tmp / "release.cbor", cached)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         fsync_dir(self.dir)  # the folder's new name must survive a crash too
         return folder
+
+    @staticmethod
+    def _intact(folder: Path, release: ModelRelease, kept: dict[str, bytes], cached: bytes) -> bool:
+        def same(name: str, data: bytes) -> bool:
+            try:
+                return hashlib.sha256((folder / name).read_bytes()).digest() \
+                    == hashlib.sha256(data).digest()
+            except FileNotFoundError:
+                return False
+
+        return (same("model.onnx", release.onnx) and same("release.cbor", cached)
+                and all(same(variant_file(p), d) for p, d in kept.items()))
 
     def _cached(self, model_hash: bytes) -> ModelRelease | None:
         path = self.dir / model_hash.hex() / "release.cbor"
@@ -364,7 +420,8 @@ class ModelManager:
     def _status(self, model_hash: bytes, version: str, state: str, reason: str,
                 report: bool = True) -> ModelStatus:
         status = ModelStatus(self.device_id, model_hash, version, state, reason,
-                             self.model_version(), int(self._clock() * 1000)).signed(self._key)
+                             self.model_version(), int(self._clock() * 1000),
+                             precision=self.serving_precision()).signed(self._key)
         self.last_status = status
         if report and self._link is not None:
             try:
@@ -422,7 +479,7 @@ class ModelManager:
     def _offered(self, offer: ModelOffer) -> None:
         cur = self._current
         if cur is not None and cur.model_hash == offer.model_hash:
-            self._status(offer.model_hash, offer.version, ModelState.INSTALLED, "")
+            self._status(offer.model_hash, offer.version, ModelState.INSTALLED, cur.note)
             return
         cached = self._cached(offer.model_hash)
         if cached is not None:  # e.g. a rollback to a model this device ran before

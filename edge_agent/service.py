@@ -101,7 +101,7 @@ class EdgeAgent:
         self.models = ModelManager(inf.models_dir, device_id=profile.device.id, device_key=key,
                                    trust=ReleaseTrust.from_enrollment(enrollment), endpoint=endpoint,
                                    providers=inf.execution_providers, threads=inf.threads,
-                                   clock=clock)
+                                   precision=inf.precision, clock=clock)
         u = profile.uplink
         self.uplink = Uplink(self.outbox, endpoint, device_id=profile.device.id,
                              device_key=key, cloud_key=VerifyKey(enrollment.ingest_key),
@@ -160,6 +160,7 @@ class EdgeAgent:
             "packaged": self.packager.stats.packaged,
             "predicted": self.packager.stats.predicted,
             "model": self.models.model_version() or None,
+            "model_precision": self.models.serving_precision() or None,
             "model_offers_refused": self.models.offers_refused,
             "outbox_depth": self.outbox.depth,
             "uplink": {"published": self.uplink.stats.published, "released": self.uplink.stats.released,

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from medchain.canonical import MAX_DEPTH, is_plain
 
 __all__ = ["Invalid", "Codec", "Int", "Bool", "Text", "Choice", "Bytes", "Hex", "Const",
-           "Optional", "ListOf", "TupleOf", "Value", "Map", "Record", "Schema", "wire",
+           "Optional", "ListOf", "TupleOf", "MapOf", "Value", "Map", "Record", "Schema", "wire",
            "schema", "VALUE", "MAP", "BOOL", "BYTES", "TEXT", "MAX_DEPTH"]
 
 T = TypeVar("T")
@@ -299,6 +299,34 @@ class TupleOf(Codec):
         return super().encode_all(values)
 
 
+class MapOf(Codec):
+    """A map whose keys are ``key`` values and whose values are ``value`` values (a dict in
+    Python), at most ``limit`` entries."""
+
+    def __init__(self, key: Codec, value: Codec, limit: int | None = None):
+        self.key, self.value, self.limit = key, value, limit
+        self.plain = key.plain and value.plain
+        self.problem = f"must be a map of at most {limit} entries" if limit else "must be a map"
+
+    def decode(self, value: Any) -> dict:
+        if type(value) is not dict or (self.limit is not None and len(value) > self.limit):
+            raise Invalid(self.problem)
+        out = {}
+        for k, v in value.items():
+            try:
+                k = self.key.decode(k)
+            except Invalid as exc:
+                raise Invalid(f"has a bad key: {exc.problem}") from None
+            try:
+                out[k] = self.value.decode(v)
+            except Invalid as exc:
+                raise exc.within(f"[{k!r}]") from None
+        return out
+
+    def encode(self, value: dict) -> dict:
+        return {self.key.encode(k): self.value.encode(v) for k, v in value.items()}
+
+
 class Value(Codec):
     """Any value with a canonical encoding (:func:`medchain.canonical.is_plain`): what decoded
     CBOR holds minus tags, non-text map keys, undefined and non-finite floats, nested at most
@@ -347,19 +375,25 @@ class _Wire:
     codec: Codec
     signed: bool
     if_absent: Any
+    omit: bool = False
 
 
 def wire(key: str, codec: Codec, *, default: Any = dataclasses.MISSING,
          default_factory: Any = dataclasses.MISSING, if_absent: Any = _ABSENT,
-         signed: bool = True, compare: bool = True) -> Any:
+         signed: bool = True, compare: bool = True, omit: bool = False) -> Any:
     """Declare a dataclass field as the wire field ``key`` checked by ``codec``.
 
     ``default``/``default_factory`` are for building the message; on the wire the key is
     always written, and a decoder requires it unless ``if_absent`` gives the value to take
-    (for files written before the field existed). ``signed=False`` leaves it out of
-    ``Schema.encode_signed`` (bulk data bound by a signed hash, or the signature itself)."""
+    (for files written before the field existed). ``omit=True`` (which needs ``if_absent``)
+    leaves the key out while the value equals ``if_absent``, so a field added later does not
+    change the bytes (or the signed body) of a message that does not use it.
+    ``signed=False`` leaves it out of ``Schema.encode_signed`` (bulk data bound by a signed
+    hash, or the signature itself)."""
+    if omit and if_absent is _ABSENT:
+        raise TypeError(f"wire field {key!r}: omit=True needs if_absent (the value left out)")
     return dataclasses.field(default=default, default_factory=default_factory, compare=compare,
-                             metadata={_META: _Wire(key, codec, signed, if_absent)})
+                             metadata={_META: _Wire(key, codec, signed, if_absent, omit)})
 
 
 class Schema:
@@ -404,6 +438,7 @@ class Schema:
                               "check": check, "problem": self._problem,
                               "unknown": self._unknown}
         out, out_signed, body = [], [], []
+        omitted, omitted_signed = [], []  # lines writing an ``omit`` field unless it is absent
         for key, tag in self.tags:
             out.append(f"{key!r}: {tag!r}")
             body += [f"    t = d.get({key!r})",
@@ -415,9 +450,15 @@ class Schema:
             ns.update({f"dec{i}": w.codec.decode, f"enc{i}": w.codec.encode,
                        f"absent{i}": w.if_absent})
             value = f"obj.{attr}" if w.codec.plain else f"enc{i}(obj.{attr})"
-            out.append(f"{w.key!r}: {value}")
-            if w.signed:
-                out_signed.append(f"{w.key!r}: {value}")
+            if w.omit:
+                lines = [f"    if obj.{attr} != absent{i}:", f"        d[{w.key!r}] = {value}"]
+                omitted += lines
+                if w.signed:
+                    omitted_signed += lines
+            else:
+                out.append(f"{w.key!r}: {value}")
+                if w.signed:
+                    out_signed.append(f"{w.key!r}: {value}")
             test = w.codec.inline(f"v{i}")
             if w.if_absent is not _ABSENT:
                 fields += [f"        v{i} = d.get({w.key!r}, ABSENT)",
@@ -425,6 +466,9 @@ class Schema:
                            f"            v{i} = absent{i}; absent += 1",
                            "        else:",
                            f"            v{i} = dec{i}(v{i})"]
+                if w.omit:  # written only when not absent: one encoding per message
+                    fields += [f"            if v{i} == absent{i}:",
+                               "                raise Invalid('')"]
             elif test is None:
                 fields.append(f"        v{i} = dec{i}(d[{w.key!r}])")
             else:
@@ -433,8 +477,9 @@ class Schema:
                            "            raise Invalid('')"]
         values = "".join(f"v{i}, " for i in range(len(self._specs)))
         source = "\n".join([
-            "def encode(obj):", f"    return {{{', '.join(out)}}}",
-            "def encode_signed(obj):", f"    return {{{', '.join(out_signed)}}}",
+            "def encode(obj):", f"    d = {{{', '.join(out)}}}", *omitted, "    return d",
+            "def encode_signed(obj):", f"    d = {{{', '.join(out_signed)}}}", *omitted_signed,
+            "    return d",
             "def parse(d, *rest):",
             "    if type(d) is not dict:",
             "        raise Invalid('must be a map')",
@@ -462,9 +507,11 @@ class Schema:
                     return Invalid("is missing", w.key)
                 continue
             try:
-                w.codec.decode(d[w.key])
+                value = w.codec.decode(d[w.key])
             except Invalid as exc:
                 return exc.within(w.key)
+            if w.omit and value == w.if_absent:
+                return Invalid(f"must be left out when it is {w.if_absent!r}", w.key)
         return Invalid("is malformed")  # pragma: no cover - a codec that fails only once
 
     def _unknown(self, d: dict) -> None:

@@ -30,6 +30,8 @@ from medchain.canonical import canonical_bytes, decode
 from medchain.errors import EncodingError, ProtocolError
 from medchain.fields import BYTES, TEXT, Bytes, Choice, Hex, Invalid, ListOf, Record, wire
 from medchain.releases import (
+    SERVED_PRECISIONS,
+    VARIANT_PRECISIONS,
     ModelOffer,
     ModelRelease,
     ModelState,
@@ -76,6 +78,8 @@ __all__ = [
     "AckStatus",
     "Heartbeat",
     "ModelRelease",
+    "VARIANT_PRECISIONS",
+    "SERVED_PRECISIONS",
     "ModelOffer",
     "ModelStatus",
     "ModelState",

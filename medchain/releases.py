@@ -10,11 +10,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from medchain.errors import ProtocolError
-from medchain.fields import BYTES, MAP, TEXT, Choice, Optional, wire
+from medchain.fields import BYTES, MAP, TEXT, Choice, MapOf, Optional, wire
 from medchain.wire import DIGEST, NONNEG, TOPIC_PREFIX, VERSION, Signed, message
 
-__all__ = ["model_offer_topic", "model_status_topic", "model_status_subscription", "release_topic",
+__all__ = ["VARIANT_PRECISIONS", "SERVED_PRECISIONS", "model_offer_topic", "model_status_topic", "model_status_subscription", "release_topic",
            "ModelRelease", "OfferStage", "ModelOffer", "ModelState", "ModelStatus"]
+
+
+# the lower-precision exports a release may carry beside its FP32 ``onnx`` (the model card
+# lists each one's file and SHA-256), and every precision a device may serve
+VARIANT_PRECISIONS = ("fp16", "int8")
+SERVED_PRECISIONS = ("fp32", *VARIANT_PRECISIONS)
 
 
 def model_offer_topic(device_id: str) -> str:
@@ -42,7 +48,9 @@ def release_topic(model_hash: bytes) -> str:
 class ModelRelease(Signed):
     """A released model: the ONNX file and its model card, signed by the training service's
     key over their hashes (so the signature stays small and the bytes are checked against
-    it). ``receipt`` is the ledger's proof that ``MODEL_RELEASED`` for this hash executed
+    it). ``variants`` holds lower-precision exports of the same model (precision -> ONNX
+    bytes; empty, and then absent from the wire, when the release carries none): unsigned,
+    each bound by the SHA-256 the signed card lists for its precision. ``receipt`` is the ledger's proof that ``MODEL_RELEASED`` for this hash executed
     successfully (:class:`ledger.receipts.TxReceipt` wire form: request and result, each
     proven under its block header, the header vouched for by f + 1 validators); it needs no
     signature of ours, being checkable against the validators' keys alone."""
@@ -58,6 +66,8 @@ class ModelRelease(Signed):
     card: bytes = wire("card", BYTES, default=b"", signed=False)
     receipt: dict | None = wire("receipt", Optional(MAP), default=None, signed=False)
     signature: bytes = wire("signature", BYTES, default=b"", signed=False)
+    variants: dict = wire("variants", MapOf(Choice(*VARIANT_PRECISIONS), BYTES),
+                          default_factory=dict, if_absent={}, omit=True, signed=False)
 
     TYPE: ClassVar[str] = "model_release"
     DOMAIN: ClassVar[str] = f"medchain/v{VERSION}/model-release"
@@ -68,6 +78,16 @@ class ModelRelease(Signed):
             raise ProtocolError("model release: the ONNX file does not match its signed hash")
         if hashlib.sha256(self.card).digest() != self.card_hash:
             raise ProtocolError("model release: the model card does not match its signed hash")
+
+    def check_variants(self, listed: dict[str, str]) -> None:
+        """Raise :class:`ProtocolError` unless every variant carried is one ``listed`` (the
+        signed card's ``{precision: SHA-256 hex}``) names, with exactly those bytes."""
+        for precision, data in self.variants.items():
+            if precision not in listed:
+                raise ProtocolError(f"model release: its card lists no {precision} variant")
+            if hashlib.sha256(data).hexdigest() != listed[precision]:
+                raise ProtocolError(f"model release: the {precision} variant does not match "
+                                    "the hash its signed card lists")
 
 
 class OfferStage:
@@ -119,6 +139,11 @@ class ModelStatus(Signed):
     serving: str = wire("serving", TEXT)  # the version now serving ("" when none)
     sent_ms: int = wire("sent_ms", NONNEG)
     signature: bytes = wire("signature", BYTES, default=b"", signed=False)
+    # the precision of the model now serving ("" when none, and then absent from the wire);
+    # an installed status whose precision is not the one the profile asks for says why in
+    # ``reason``
+    precision: str = wire("precision", Choice("", *SERVED_PRECISIONS), default="",
+                          if_absent="", omit=True)
 
     TYPE: ClassVar[str] = "model_status"
     DOMAIN: ClassVar[str] = f"medchain/v{VERSION}/model-status"

@@ -115,6 +115,16 @@ class ModelCard:
     def decide(self, probs: np.ndarray) -> np.ndarray:
         return decide(probs, self.decision)
 
+    def variants(self) -> dict[str, dict]:
+        """The exported precisions the card lists (``metrics["variants"]``: precision ->
+        ``{"file", "sha256", "holdout_accuracy", "agreement_with_fp32", "latency_ms"}``),
+        those whose file name and SHA-256 are texts; ``{}`` for a card without them."""
+        listed = self.metrics.get("variants") if isinstance(self.metrics, dict) else None
+        if not isinstance(listed, dict):
+            return {}
+        return {str(p): v for p, v in listed.items() if isinstance(v, dict)
+                and isinstance(v.get("file"), str) and isinstance(v.get("sha256"), str)}
+
     def check_model_file(self, path: str | Path) -> None:
         """Raise :class:`ModelFileError` unless ``path`` is the ONNX file this card describes
         (an integrity check, not a signature: trust comes from the signed release)."""

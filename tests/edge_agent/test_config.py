@@ -30,6 +30,11 @@ def test_gpu_profiles_prefer_tensorrt_and_cpu_profile_has_cpu_only():
     assert load_profile(profile_path("x86-cpu")).inference.execution_providers == ("CPUExecutionProvider",)
 
 
+def test_each_profile_asks_for_the_precision_its_hardware_runs_best():
+    assert load_profile(profile_path("jetson-orin-nano")).inference.precision == "int8"
+    assert load_profile(profile_path("x86-cpu")).inference.precision == "fp32"
+
+
 def test_no_profile_holds_a_secret():
     for path in PROFILE_DIR.glob("*.toml"):
         text = path.read_text().lower()

@@ -176,8 +176,11 @@ def test_canary_rollout_predictions_on_the_ledger_halt_and_rollback(make_site, s
             assert report.result == "complete", report.to_dict()
             assert len(report.canary) == 1 and len(report.rest) == 1
             assert sorted(report.healthy) == sorted(agents)
+            assert sorted(first.variants) == ["fp16", "int8"]  # they travel; x86-cpu serves fp32
             for agent in agents.values():
                 assert agent.models.current.model_hash == first.model_hash
+                assert agent.models.precision == agent.profile.inference.precision == "fp32"
+                assert agent.stats()["model_precision"] == "fp32"
 
             # new CR images now carry predictions, committed to the ledger in batches
             sims, result = site.send("CR", studies=2, seed=5, per_study=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 
 import cbor2
@@ -46,10 +47,12 @@ from medchain.fields import (
     TEXT,
     VALUE,
     Bytes,
+    Choice,
     Hex,
     Int,
     Invalid,
     ListOf,
+    MapOf,
     Optional,
     Record,
     Schema,
@@ -159,6 +162,31 @@ def test_free_form_values_are_bounded_in_depth():
         VALUE.decode([deep])
 
 
+def test_an_omitted_field_is_left_out_while_absent_and_refused_when_written_so():
+    @schema("opt", Bad)
+    @dataclass(frozen=True)
+    class Opt:
+        a: int = wire("a", Int())
+        m: dict = wire("m", MapOf(Choice("x", "y"), Bytes()), default_factory=dict,
+                       if_absent={}, omit=True)
+        t: str = wire("t", TEXT, default="", if_absent="", omit=True, signed=False)
+
+    assert Opt.SCHEMA.encode(Opt(1)) == {"a": 1} == Opt.SCHEMA.encode_signed(Opt(1, t="z"))
+    full = Opt(1, {"x": b"1"}, "z")
+    assert Opt.SCHEMA.encode(full) == {"a": 1, "m": {"x": b"1"}, "t": "z"}
+    assert Opt.SCHEMA.decode({"a": 1, "m": {"x": b"1"}, "t": "z"}) == full
+    assert Opt.SCHEMA.decode({"a": 1}) == Opt(1)
+    for bad, problem in [({"a": 1, "m": {}}, "field 'm' must be left out"),
+                         ({"a": 1, "t": ""}, "field 't' must be left out"),
+                         ({"a": 1, "m": {"z": b""}}, "field 'm' has a bad key"),
+                         ({"a": 1, "m": {"x": 3}}, "field 'm['x']' must be a byte string"),
+                         ({"a": 1, "m": [1]}, "field 'm' must be a map")]:
+        with pytest.raises(Bad, match=re.escape(problem)):
+            Opt.SCHEMA.decode(bad)
+    with pytest.raises(TypeError, match="if_absent"):
+        wire("m", TEXT, default="", omit=True)
+
+
 def test_declarations_that_cannot_work_are_refused():
     @dataclass(frozen=True)
     class Twice:
@@ -215,6 +243,11 @@ PROTOCOL = {
                                   b"{}", {"record": {"height": 1}}).signed(DEVICE),
     "model_offer": ModelOffer("edge-1", "g", H, "1", "canary", 6, 2).signed(DEVICE),
     "model_status": ModelStatus("edge-1", H, "1", "refused", "why", "", 7).signed(DEVICE),
+    "model_release_variants": ModelRelease("m", "1", hashlib.sha256(ONNX).digest(), H, "k", 5,
+                                           ONNX, b"{}", None, variants={"int8": b"q", "fp16": b"h"}
+                                           ).signed(DEVICE),
+    "model_status_precision": ModelStatus("edge-1", H, "1", "installed", "", "1", 7,
+                                          precision="int8").signed(DEVICE),
 }
 
 leaves = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.integers(-2, 20)
