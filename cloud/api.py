@@ -35,6 +35,7 @@ from cloud.api_auth import SignedBy, verify_request
 from cloud.custodian_access import REQUEST_ACTION
 from cloud.custodian_protocol import ReplayGuard
 from cloud.errors import ApiUnauthorized, CustodianError, ObjectStoreError
+from ledger.contracts import LISTERS
 from ledger.errors import LedgerError
 from medchain.canonical import canonical_bytes
 from medchain.errors import MedChainError
@@ -141,7 +142,7 @@ class StudiesOut(BaseModel):
 
 
 # roles that may list studies (metadata only): those who could ask for them, and who oversee
-LISTING_ROLES = frozenset({"clinician", "radiologist", "researcher", "auditor", "operator"})
+LISTING_ROLES = LISTERS["studies"] - {"api"}
 
 
 class RecordOut(BaseModel):
@@ -221,9 +222,14 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
     def studies(who: SignedBy = WHO, modality: str | None = None, patient: str | None = None,
                 study: str | None = None, series: str | None = None) -> StudiesOut:
         """Registered studies by pseudonymous patient and modality: metadata only, no pixels;
-        for the roles of :data:`LISTING_ROLES`."""
+        for the roles of :data:`LISTING_ROLES`. Not filtered by patient token here: that is
+        a read on the patient's trail, which the ledger takes only under the reader's key."""
         if who.role not in LISTING_ROLES:
             raise Problem(403, "role-not-allowed", "Role not allowed", f"role {who.role!r} may not list studies")
+        if patient is not None:  # a patient-keyed read is filed under the reader's own key
+            raise Problem(403, "patient-read-not-served", "Patient-keyed listing not served here",
+                          "a listing by patient token is a read on the patient's trail, filed under your own "
+                          "key: `medchain cloud studies --patient` or LedgerClient.studies(patient=...)")
         found = gateway.studies(modality=modality, patient=patient, study=study, series=series)
         policies = {name: gateway.ledger.policy(name) or {} for name in {p for s in found for p in s["policies"]}}
         return StudiesOut(studies=[StudyOut(**s, open_to_you=[

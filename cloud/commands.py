@@ -104,9 +104,11 @@ def _api(args: argparse.Namespace) -> int:
 
 
 def _studies(args: argparse.Namespace) -> int:
-    from cloud.access_commands import operator_client
+    """The listing as the ledger authorizes it for the signer (the named principal, else the
+    operator); by patient token the read is filed first and is on the patient's trail."""
+    from cloud.access_commands import signer_client
 
-    with operator_client(args.config) as ledger:
+    with signer_client(args.config, args.name, args.key, "cloud studies") as ledger:
         found = ledger.studies(modality=args.modality, patient=args.patient, study=args.study,
                                series=args.series)
     for s in found:
@@ -344,9 +346,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("studies", help="registered studies by pseudonymous patient, modality, series "
                                            "and the purposes consented now: metadata only (JSON lines)")
-    p.add_argument("--config", type=Path, required=True, help="cloud.toml (its [ledger] operator_key reads)")
+    p.add_argument("--config", type=Path, required=True, help="cloud.toml (its [ledger] operator_key reads "
+                                                              "unless --name/--key)")
+    p.add_argument("--name", help="the principal who lists (a clinician, radiologist, researcher, auditor)")
+    p.add_argument("--key", type=Path, help="that principal's Ed25519 key file")
     p.add_argument("--modality")
-    p.add_argument("--patient", help="a patient's pseudonym token")
+    p.add_argument("--patient", help="a patient's pseudonym token (a read on the patient's trail, filed first)")
     p.add_argument("--study", help="a study uid (as registered: the edge's pseudonym)")
     p.add_argument("--series", help="a series uid (as registered): that series alone")
     p.set_defaults(func=_studies)

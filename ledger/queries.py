@@ -21,6 +21,9 @@ principal whose signed ``Hello`` opened the connection and who signed the query)
   query naming (``read``) a granted ``AUDIT_READ`` of the asker for that subject: the read is
   on the trail *before* anything is answered, and the answer stops where the trail says the
   reader saw (:meth:`Contracts.read_upto`). Consent: registrar and auditor; audit: auditor.
+* ``studies`` (metadata only) and ``principals``: listed only to the roles of
+  :data:`~ledger.contracts.LISTERS`; the studies listing filtered by a patient token only
+  through a granted read (``AUDIT_READ`` of query ``studies``), as it stood at that read.
 """
 
 from __future__ import annotations
@@ -132,6 +135,8 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore,
                                         "active": p["active"],
                                         "recipient": p.get("recipient")}), {}
     if what == "principals":
+        if not c.may_list(asker, "principals"):
+            raise QueryFailed("not authorized: your role may not list principals")
         return c.principals(), {}
     if what == "audit_entries":
         ids = args.get("ids")
@@ -145,7 +150,13 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore,
         filters = {k: args.get(k) for k in ("modality", "patient", "study", "series")}
         if not all(v is None or isinstance(v, str) for v in filters.values()):
             raise QueryFailed("studies: filters are text")
-        return c.studies(**filters), {}
+        if not c.may_list(asker, "studies"):
+            raise QueryFailed("not authorized: your role may not list studies")
+        as_of = None
+        if filters["patient"] is not None:  # a patient-keyed read: through a granted read only
+            _read_upto(c, asker, "studies", "patient", filters["patient"], args)
+            as_of = c.read_entry(args["read"])
+        return c.studies(**filters, as_of=as_of), {}
     if what == "device":
         return c.device(_arg(args, "device_id", str)), {}
     if what == "image":

@@ -208,7 +208,8 @@ class AccessRequested(Transaction):
     action: str
 
 
-READ_QUERIES = {"consent": ("patient",), "audit": ("patient", "image")}  # query -> keyed by
+READ_QUERIES = {"consent": ("patient",), "audit": ("patient", "image"),
+                "studies": ("patient",)}  # query -> keyed by
 
 
 def _read_query(v: Any) -> bool:
@@ -224,7 +225,8 @@ class AuditRead(Transaction):
     """The submitter asks to read a patient token's history: its consent history
     (``query="consent"``, ``by="patient"``) or its audit trail, by patient token or by one
     of its images (``query="audit"``, ``by="patient"|"image"``; ``key`` is the token or the
-    envelope id in hex). Decided by role and audited whatever the outcome; the validators
+    envelope id in hex), or the studies registered for it (``query="studies"``,
+    ``by="patient"``: the listing filtered by patient token). Decided by role and audited whatever the outcome; the validators
     answer such a query only when it names a granted read of the asker (docs/access.md)."""
 
     TYPE: ClassVar[str] = "AUDIT_READ"

@@ -203,6 +203,10 @@ def test_studies_are_listed_by_role_metadata_only(world, person, client):
     with pytest.raises(ApiProblem) as exc:
         HttpGateway(client, service.name, service.key).studies()
     assert (exc.value.status, exc.value.code) == (403, "role-not-allowed")
+    # by patient token: a read on the patient's trail, which the API cannot file as the signer
+    with pytest.raises(ApiProblem) as exc:
+        HttpGateway(client, researcher.name, researcher.key).studies(patient=patient)
+    assert (exc.value.status, exc.value.code) == (403, "patient-read-not-served")
     # and a whole study requested over the API
     me = over_http(client, researcher)
     assert [(d.envelope_id, d.granted) for d in me.request_study(study, "research")] == [(a, True)]
