@@ -2,8 +2,9 @@
 
 Every call is a signed request (:mod:`cloud.api_auth`) of an active ledger principal. The
 API holds no key that opens an image: it files ``ACCESS_REQUESTED`` on behalf of the signer
-(its ledger client's role may act for others), forwards the signer's own signed fetch to
-the custodian, and hands out ciphertext only to a principal the ledger granted the image.
+under its own ledger principal of role ``api`` (which may file requests for others and
+nothing else: no principal, consent or policy, no patient-keyed read), forwards the
+signer's own signed fetch to the custodian, and hands out ciphertext only to a principal the ledger granted the image.
 Errors are ``application/problem+json`` with a stable ``code``, never a stack trace. The
 schema is served at ``/openapi.json``.
 

@@ -86,14 +86,19 @@ def _api(args: argparse.Namespace) -> int:
     from medchain.identity import SigningKey
 
     config = _config(args)
-    if config.operator_key is None or config.custodian_socket is None:
-        raise ConfigError("cloud api: cloud.toml needs [ledger] operator_key (the API files access requests "
-                          "on behalf of the signer) and [custodian] socket")
+    if config.api_key is None or config.custodian_socket is None:
+        raise ConfigError("cloud api: cloud.toml needs [ledger] api_key (the key of a principal of role 'api': "
+                          "the API files access requests on behalf of the signer) and [custodian] socket")
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with LedgerClient(config.genesis, SigningKey.load(config.operator_key), "operator") as ledger:
+    with LedgerClient(config.genesis, SigningKey.load(config.api_key), config.api_name) as ledger:
+        me = ledger.principal(config.api_name)
+        if me is None or me["role"] != "api":  # never the operator's key: a compromised API would hold its power
+            raise ConfigError(f"cloud api: principal {config.api_name!r} has role "
+                              f"{me and me['role']!r} on the ledger; the API runs as a principal of role 'api' "
+                              "(`medchain principal add --role api`)")
         gateway = LedgerGateway(ledger, partial(ask_custodian, config.custodian_socket), open_store(config.store_url))
         with ApiServer(create_app(gateway), host=args.host, port=args.port, tls=tls) as server:
             print(f"cloud api ready: {server.url} (schema at {server.url}/openapi.json)", flush=True)

@@ -43,7 +43,7 @@ from ledger.transactions import (
 )
 
 __all__ = ["Contracts", "TxContext", "Rejected", "genesis_state", "AUDIT_INDEXES", "AUDITORS",
-           "LISTERS", "READERS"]
+           "API_ROLES", "LISTERS", "READERS"]
 
 AUDIT_INDEXES = {"user": "audit_u", "patient": "audit_p", "image": "audit_i"}
 MAX_LIST = 1000  # most entries a history or audit query returns at once
@@ -60,6 +60,11 @@ LISTERS = {"studies": frozenset({"clinician", "radiologist", "researcher", "audi
 READERS = {"consent": frozenset({"registrar", "auditor"}), "audit": frozenset({"auditor"}),
            "studies": LISTERS["studies"] - {"api"}}
 PURPOSE_LIST = ("diagnosis", "research", "training", "sharing")
+# the HTTP API's role: it files requests on a signer's behalf (action "request" only: a fetch
+# is filed by the custodian, which checks the signer's own signature), reads the trail of the
+# signers it serves by user, and lists studies; nothing else (docs/access.md)
+API_ROLES = frozenset({"api"})
+API_ACTIONS = ("request",)
 
 
 class Rejected(Exception):
@@ -270,6 +275,8 @@ class Contracts:
         if tx.user != submitter_name and submitter["role"] not in self.state.get(
                 "config/on_behalf", ()):
             return False, "submitter may not request access for another user", image
+        if submitter["role"] in API_ROLES and tx.action not in API_ACTIONS:
+            return False, f"the API files {' or '.join(API_ACTIONS)} only", image
         user = self.principal(tx.user)
         if user is None or not user["active"]:
             return False, "unknown or inactive user", image
@@ -340,13 +347,15 @@ class Contracts:
             "read": {"by": tx.by, "key": key}, "upto": upto if granted else 0})
         return {"granted": granted, "reason": entry["reason"], "audit": entry}
 
-    def oversees(self, name: str) -> bool:
+    def oversees(self, name: str, *, by_id: bool = False) -> bool:
         """May ``name`` read any principal's audit trail: an auditor, or a service role that
         acts on behalf of others (the API, the custodian: they read the trail of the
-        principal they act for)."""
+        principal they act for). ``by_id`` (audit entries by id, which the custodian reads
+        for the grant a fetch names): not the API, which reads trails by user only."""
         p = self.principal(name)
-        return bool(p and p["active"] and (p["role"] in AUDITORS or p["role"] in self.state.get(
-            "config/on_behalf", ())))
+        if not p or not p["active"] or (by_id and p["role"] in API_ROLES):
+            return False
+        return p["role"] in AUDITORS or p["role"] in self.state.get("config/on_behalf", ())
 
     def may_list(self, name: str, what: str) -> bool:
         """May ``name`` (active) list ``what`` (:data:`LISTERS`)."""

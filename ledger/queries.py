@@ -16,7 +16,8 @@ Queries are authorized by the asker's role as the ledger holds it (the asker is 
 principal whose signed ``Hello`` opened the connection and who signed the query):
 
 * ``audit`` by user: one's own trail; anyone's for an auditor or a role that acts on behalf
-  of others (the API, the custodian). ``audit_entries`` likewise, entry by entry.
+  of others (the API, the custodian). ``audit_entries`` likewise, entry by entry (not the
+  API: it reads the trail of the signer it serves, by user).
 * a patient token's history — ``consent``, ``audit`` by patient or by image — only for a
   query naming (``read``) a granted ``AUDIT_READ`` of the asker for that subject: the read is
   on the trail *before* anything is answered, and the answer stops where the trail says the
@@ -143,7 +144,7 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore,
         if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
             raise QueryFailed("audit_entries: 'ids' must be a list of entry ids")
         entries = c.audit_entries(ids)
-        if not c.oversees(asker) and any(e is not None and e["user"] != asker for e in entries):
+        if not c.oversees(asker, by_id=True) and any(e is not None and e["user"] != asker for e in entries):
             raise QueryFailed("not authorized: audit entries of another principal")
         return entries, {}
     if what == "studies":

@@ -33,7 +33,7 @@ from ledger.transactions import (
 
 T0 = 1_700_000_000_000
 ROLES = ("clinician", "radiologist", "researcher", "training", "ingest", "custodian", "operator",
-         "registrar", "auditor")
+         "registrar", "auditor", "api")
 EID = b"\x05" * 16
 PATIENT = "tok-p"
 
@@ -73,12 +73,12 @@ def read(w, role: str, query: str, by: str, key: str) -> dict:
 OVERSEERS = {"auditor", "operator", "custodian"}  # auditor + the roles acting on behalf of others
 ALLOWED = {
     "own audit trail": set(ROLES),
-    "another's audit trail": OVERSEERS,
-    "another's audit entry": OVERSEERS,
+    "another's audit trail": OVERSEERS | {"api"},  # the API reads the trail of the signer it serves
+    "another's audit entry": OVERSEERS,  # by id: not the API
     "consent history": {"registrar", "auditor"},
     "audit trail by patient": {"auditor"},
     "audit trail by image": {"auditor"},
-    "studies listing": {"clinician", "radiologist", "researcher", "auditor", "operator"},
+    "studies listing": {"clinician", "radiologist", "researcher", "auditor", "operator", "api"},
     "studies by patient": {"clinician", "radiologist", "researcher", "auditor", "operator"},
     "principal list": {"operator", "auditor"},
 }
