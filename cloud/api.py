@@ -132,6 +132,8 @@ class StudyOut(BaseModel):
     study: str
     modalities: list[str]
     registered_t: int = Field(description="ledger block time of the first registration, ms")
+    study_date: str | None = Field(None, description="the study date (YYYYMMDD) as de-identification shifted it "
+                                                     "by the patient's date shift; null when the edge keeps no dates")
     policies: list[str]
     consented: list[str] = Field(description="purposes with valid consent now")
     open_to_you: list[str] = Field(description="purposes your role could be granted now")

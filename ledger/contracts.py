@@ -390,7 +390,9 @@ class Contracts:
                 study: str | None = None, series: str | None = None,
                 limit: int = MAX_LIST, as_of: dict | None = None) -> list[dict]:
         """Registered studies, metadata only: pseudonymous patient, study, modality, series
-        with their envelope ids, and the purposes for which consent is valid now. A scan of
+        with their envelope ids, the study date as the edge shifted it (the earliest of its
+        images'; None when the edge keeps no dates), and the purposes for which consent is
+        valid now. A scan of
         the state (image records), filtered (by ``series``: that series alone); at most
         ``limit`` studies. ``as_of`` (the audit entry of a read, for a listing by patient):
         the images registered before that read and the consent as it stood then."""
@@ -404,12 +406,14 @@ class Contracts:
                 continue
             s = found.setdefault((rec["patient"], rec["study_uid"]), {
                 "patient": rec["patient"], "study": rec["study_uid"], "modalities": set(),
-                "series": {}, "registered_t": rec["t"], "flags": set(), "policies": set()})
+                "series": {}, "registered_t": rec["t"], "flags": set(), "policies": set(), "dates": set()})
             s["modalities"].add(rec["modality"])
             s["series"].setdefault(rec["series_uid"], []).append(rec["envelope_id"].hex())
             s["registered_t"] = min(s["registered_t"], rec["t"])
             s["flags"].update(rec["consent"])
             s["policies"].add(rec["policy"])
+            if rec.get("study_date"):
+                s["dates"].add(rec["study_date"])
         out = []
         now = self.now if as_of is None else as_of["t"]
         for (patient_token, _), s in sorted(found.items())[:limit]:
@@ -418,6 +422,7 @@ class Contracts:
                          if self.consent_valid(patient_token, p, sorted(s["flags"]), now, then)[0]]
             out.append({"patient": s["patient"], "study": s["study"],
                         "modalities": sorted(s["modalities"]), "registered_t": s["registered_t"],
+                        "study_date": min(s["dates"]) if s["dates"] else None,
                         "policies": sorted(s["policies"]), "consented": consented,
                         "series": {k: sorted(v) for k, v in sorted(s["series"].items())}})
         return out

@@ -85,6 +85,10 @@ def _opt_hash32(v: Any) -> bool:
     return v is None or _hash32(v)
 
 
+def _opt_date(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and len(v) == 8 and v.isdigit())
+
+
 def _bool(v: Any) -> bool:
     return isinstance(v, bool)
 
@@ -155,7 +159,8 @@ class ImageRegistered(Transaction):
     CHECKS: ClassVar[dict] = {
         "envelope_id": _envelope_id, "merkle_root": _hash32, "patient": _name,
         "study_uid": _name, "series_uid": _name, "instance_uid": _name, "modality": _name,
-        "consent": _purposes, "policy": _name, "device_id": _name, "sequence": _nonneg}
+        "consent": _purposes, "policy": _name, "device_id": _name, "sequence": _nonneg,
+        "study_date": _opt_date}
     envelope_id: bytes
     merkle_root: bytes
     patient: str
@@ -167,6 +172,14 @@ class ImageRegistered(Transaction):
     policy: str
     device_id: str
     sequence: int
+    # the de-identified (shifted) study date, YYYYMMDD, when the edge keeps dates shifted
+    study_date: str | None = None
+
+    def to_wire(self) -> dict:
+        out = Transaction.to_wire(self)
+        if out["study_date"] is None:  # the form (and hash) registrations without a date always had
+            del out["study_date"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -395,10 +395,12 @@ def test_a_study_is_listed_by_metadata_and_requested_whole(world, person, tmp_pa
 
     dr = person("radiologist")
     study = f"1.2.826.0.1.{os.urandom(3).hex()}"
-    a, patient, _ = world.image(consent=("diagnosis", "research"), study=study, series="s1")
-    b, _, _ = world.image(consent=("diagnosis", "research"), patient=patient, study=study, series="s2")
+    a, patient, _ = world.image(consent=("diagnosis", "research"), study=study, series="s1", study_date="20190312")
+    b, _, _ = world.image(consent=("diagnosis", "research"), patient=patient, study=study, series="s2",
+                          study_date="20190311")  # (shifted) dates as the edge sealed them: the study's earliest
     [listed] = dr.requester.gateway.studies(study=study)
     assert listed == {"patient": patient, "study": study, "modalities": ["CR"], "registered_t": listed["registered_t"],
+                      "study_date": "20190311",
                       "policies": ["default"], "consented": ["diagnosis", "research"],
                       "series": {"s1": [a], "s2": [b]}}
     decisions = dr.requester.request_study(study, "diagnosis")

@@ -194,11 +194,12 @@ def test_studies_are_listed_by_role_metadata_only(world, person, client):
     import os
 
     study = f"1.2.826.0.2.{os.urandom(3).hex()}"
-    a, patient, _ = world.image(consent=("research",), study=study)
+    a, patient, _ = world.image(consent=("research",), study=study, study_date="20180101")
     researcher, clinician, service = person("researcher"), person("clinician"), person("training")
     [s] = HttpGateway(client, researcher.name, researcher.key).studies(study=study)
     assert (s["patient"], s["series"], s["consented"], s["open_to_you"]) == (patient, {"se": [a]}, ["research"],
                                                                               ["research"])
+    assert s["study_date"] == "20180101"  # the (shifted) study date the edge sealed
     [s] = HttpGateway(client, clinician.name, clinician.key).studies(study=study)
     assert s["open_to_you"] == []  # consented for research only; clinicians are allowed diagnosis
     with pytest.raises(ApiProblem) as exc:
