@@ -26,13 +26,14 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud.access import LedgerGateway
 from cloud.access_protocol import FETCH_KIND, FetchReply
-from cloud.api_auth import SignedBy, verify_request
+from cloud.api_auth import PRINCIPAL, SignedBy, verify_request
+from cloud.auth_failures import FailureLog
 from cloud.custodian_access import REQUEST_ACTION
 from cloud.custodian_protocol import ReplayGuard
 from cloud.errors import ApiUnauthorized, CustodianError, ObjectStoreError
@@ -164,9 +165,12 @@ PROBLEM = {"content": {"application/problem+json": {}}, "description": "a proble
 
 
 def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time,
-               guard: ReplayGuard | None = None) -> FastAPI:
-    """The API over ``gateway`` (whose ledger client acts on behalf of the signers)."""
+               guard: ReplayGuard | None = None, failures: FailureLog | None = None) -> FastAPI:
+    """The API over ``gateway`` (whose ledger client acts on behalf of the signers).
+    ``failures``: where refused authentications are counted (``/metrics``) and logged
+    with the principal they claimed (:mod:`cloud.auth_failures`)."""
     guard = guard or ReplayGuard()
+    failures = failures if failures is not None else FailureLog()
     lock = threading.Lock()  # the guard and the ledger client are shared between workers
     app = FastAPI(title="MedChain access API", version="1",
                   description="Signed requests of ledger principals; see docs/access.md.",
@@ -175,9 +179,14 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
     async def signer(request: Request) -> SignedBy:
         body = await request.body()
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        with lock:
-            return verify_request(request.headers, request.method, target, body,
-                                  lookup=gateway.ledger.principal, now_ms=int(clock() * 1000), guard=guard)
+        try:
+            with lock:
+                return verify_request(request.headers, request.method, target, body,
+                                      lookup=gateway.ledger.principal, now_ms=int(clock() * 1000), guard=guard)
+        except ApiUnauthorized as exc:  # no principal established: counted and logged, not audited
+            failures.record("api", exc.kind, request.headers.get(PRINCIPAL), method=request.method,
+                            path=request.url.path)
+            raise
 
     WHO = Depends(signer)  # the verified signer of every call
 
@@ -185,6 +194,11 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
         if not any(e["granted"] and e["action"] == REQUEST_ACTION and e["image"].hex() == image
                    for e in gateway.audit(who.name)):
             raise Problem(403, "no-grant", "No grant", "the ledger has granted this image to you for no purpose")
+
+    @app.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
+    def metrics() -> PlainTextResponse:
+        """Refused authentications by reason (Prometheus text format); counts only."""
+        return PlainTextResponse(failures.metrics(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/access/requests", response_model=DecisionsOut)
     def request_access(body: AccessRequestBody, who: SignedBy = WHO) -> DecisionsOut:

@@ -79,6 +79,7 @@ def _api(args: argparse.Namespace) -> int:
 
     from cloud.access import LedgerGateway
     from cloud.api import ApiServer, create_app
+    from cloud.auth_failures import FailureLog
     from cloud.custodian_service import ask_custodian
     from cloud.objectstore import open_store
     from ledger.client import LedgerClient
@@ -100,7 +101,8 @@ def _api(args: argparse.Namespace) -> int:
                               f"{me and me['role']!r} on the ledger; the API runs as a principal of role 'api' "
                               "(`medchain principal add --role api`)")
         gateway = LedgerGateway(ledger, partial(ask_custodian, config.custodian_socket), open_store(config.store_url))
-        with ApiServer(create_app(gateway), host=args.host, port=args.port, tls=tls) as server:
+        failures = FailureLog(args.failures_log or config.state_dir / "api-auth-failures.jsonl")
+        with ApiServer(create_app(gateway, failures=failures), host=args.host, port=args.port, tls=tls) as server:
             print(f"cloud api ready: {server.url} (schema at {server.url}/openapi.json)", flush=True)
             while not stop.wait(0.5):
                 pass
@@ -347,6 +349,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port(any_free=True), default=8443, help="0: any free port")
     p.add_argument("--tls-cert", type=Path, help="certificate (PEM): required off loopback")
     p.add_argument("--tls-key", type=Path)
+    p.add_argument("--failures-log", type=Path, help="append-only log of calls whose signature does not verify "
+                                                    "(default: api-auth-failures.jsonl beside cloud.toml's state)")
     p.set_defaults(func=_api)
 
     p = actions.add_parser("studies", help="registered studies by pseudonymous patient, modality, series "
