@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["register", "operator_client"]
+__all__ = ["register", "operator_client", "signer_client"]
 
 
 def _print(obj) -> None:
@@ -97,6 +97,20 @@ def operator_client(config_path: Path):
     if config.operator_key is None:
         raise ConfigError("[ledger] operator_key is not set: principal commands are signed by the operator")
     return LedgerClient(config.genesis, SigningKey.load(config.operator_key), "operator")
+
+
+def signer_client(config_path: Path, name: str | None, key: Path | None, command: str):
+    """A ledger client (not started) signing as the named principal (``--name/--key``),
+    else as the operator of cloud.toml."""
+    if name is None and key is None:
+        return operator_client(config_path)
+    if name is None or key is None:
+        raise SystemExit(f"{command}: --name and --key go together (the principal who signs)")
+    from cloud.config import load_config
+    from ledger.client import LedgerClient
+
+    config = load_config(config_path, state_dir=config_path.resolve().parent)
+    return LedgerClient(config.genesis, key, name)
 
 
 def _submit(ledger, tx) -> int:

@@ -2,8 +2,9 @@
 
 Every call is a signed request (:mod:`cloud.api_auth`) of an active ledger principal. The
 API holds no key that opens an image: it files ``ACCESS_REQUESTED`` on behalf of the signer
-(its ledger client's role may act for others), forwards the signer's own signed fetch to
-the custodian, and hands out ciphertext only to a principal the ledger granted the image.
+under its own ledger principal of role ``api`` (which may file requests for others and
+nothing else: no principal, consent or policy, no patient-keyed read), forwards the
+signer's own signed fetch to the custodian, and hands out ciphertext only to a principal the ledger granted the image.
 Errors are ``application/problem+json`` with a stable ``code``, never a stack trace. The
 schema is served at ``/openapi.json``.
 
@@ -25,16 +26,18 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud.access import LedgerGateway
 from cloud.access_protocol import FETCH_KIND, FetchReply
-from cloud.api_auth import SignedBy, verify_request
+from cloud.api_auth import PRINCIPAL, SignedBy, verify_request
+from cloud.auth_failures import FailureLog
 from cloud.custodian_access import REQUEST_ACTION
 from cloud.custodian_protocol import ReplayGuard
 from cloud.errors import ApiUnauthorized, CustodianError, ObjectStoreError
+from ledger.contracts import LISTERS
 from ledger.errors import LedgerError
 from medchain.canonical import canonical_bytes
 from medchain.errors import MedChainError
@@ -130,6 +133,8 @@ class StudyOut(BaseModel):
     study: str
     modalities: list[str]
     registered_t: int = Field(description="ledger block time of the first registration, ms")
+    study_date: str | None = Field(None, description="the study date (YYYYMMDD) as de-identification shifted it "
+                                                     "by the patient's date shift; null when the edge keeps no dates")
     policies: list[str]
     consented: list[str] = Field(description="purposes with valid consent now")
     open_to_you: list[str] = Field(description="purposes your role could be granted now")
@@ -141,7 +146,7 @@ class StudiesOut(BaseModel):
 
 
 # roles that may list studies (metadata only): those who could ask for them, and who oversee
-LISTING_ROLES = frozenset({"clinician", "radiologist", "researcher", "auditor", "operator"})
+LISTING_ROLES = LISTERS["studies"] - {"api"}
 
 
 class RecordOut(BaseModel):
@@ -160,9 +165,12 @@ PROBLEM = {"content": {"application/problem+json": {}}, "description": "a proble
 
 
 def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time,
-               guard: ReplayGuard | None = None) -> FastAPI:
-    """The API over ``gateway`` (whose ledger client acts on behalf of the signers)."""
+               guard: ReplayGuard | None = None, failures: FailureLog | None = None) -> FastAPI:
+    """The API over ``gateway`` (whose ledger client acts on behalf of the signers).
+    ``failures``: where refused authentications are counted (``/metrics``) and logged
+    with the principal they claimed (:mod:`cloud.auth_failures`)."""
     guard = guard or ReplayGuard()
+    failures = failures if failures is not None else FailureLog()
     lock = threading.Lock()  # the guard and the ledger client are shared between workers
     app = FastAPI(title="MedChain access API", version="1",
                   description="Signed requests of ledger principals; see docs/access.md.",
@@ -171,9 +179,14 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
     async def signer(request: Request) -> SignedBy:
         body = await request.body()
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        with lock:
-            return verify_request(request.headers, request.method, target, body,
-                                  lookup=gateway.ledger.principal, now_ms=int(clock() * 1000), guard=guard)
+        try:
+            with lock:
+                return verify_request(request.headers, request.method, target, body,
+                                      lookup=gateway.ledger.principal, now_ms=int(clock() * 1000), guard=guard)
+        except ApiUnauthorized as exc:  # no principal established: counted and logged, not audited
+            failures.record("api", exc.kind, request.headers.get(PRINCIPAL), method=request.method,
+                            path=request.url.path)
+            raise
 
     WHO = Depends(signer)  # the verified signer of every call
 
@@ -181,6 +194,11 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
         if not any(e["granted"] and e["action"] == REQUEST_ACTION and e["image"].hex() == image
                    for e in gateway.audit(who.name)):
             raise Problem(403, "no-grant", "No grant", "the ledger has granted this image to you for no purpose")
+
+    @app.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
+    def metrics() -> PlainTextResponse:
+        """Refused authentications by reason (Prometheus text format); counts only."""
+        return PlainTextResponse(failures.metrics(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/access/requests", response_model=DecisionsOut)
     def request_access(body: AccessRequestBody, who: SignedBy = WHO) -> DecisionsOut:
@@ -221,9 +239,14 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
     def studies(who: SignedBy = WHO, modality: str | None = None, patient: str | None = None,
                 study: str | None = None, series: str | None = None) -> StudiesOut:
         """Registered studies by pseudonymous patient and modality: metadata only, no pixels;
-        for the roles of :data:`LISTING_ROLES`."""
+        for the roles of :data:`LISTING_ROLES`. Not filtered by patient token here: that is
+        a read on the patient's trail, which the ledger takes only under the reader's key."""
         if who.role not in LISTING_ROLES:
             raise Problem(403, "role-not-allowed", "Role not allowed", f"role {who.role!r} may not list studies")
+        if patient is not None:  # a patient-keyed read is filed under the reader's own key
+            raise Problem(403, "patient-read-not-served", "Patient-keyed listing not served here",
+                          "a listing by patient token is a read on the patient's trail, filed under your own "
+                          "key: `medchain cloud studies --patient` or LedgerClient.studies(patient=...)")
         found = gateway.studies(modality=modality, patient=patient, study=study, series=series)
         policies = {name: gateway.ledger.policy(name) or {} for name in {p for s in found for p in s["policies"]}}
         return StudiesOut(studies=[StudyOut(**s, open_to_you=[

@@ -58,23 +58,24 @@ def verify_request(headers: Mapping[str, str], method: str, target: str, body: b
     lower = {k.lower(): v for k, v in headers.items()}
     missing = [h for h in HEADERS if h.lower() not in lower]
     if missing:
-        raise ApiUnauthorized(f"request is not signed: header(s) {', '.join(missing)} missing")
+        raise ApiUnauthorized(f"request is not signed: header(s) {', '.join(missing)} missing", "unsigned")
     name = lower[PRINCIPAL.lower()]
     try:
         time_ms, nonce = int(lower[TIME.lower()]), bytes.fromhex(lower[NONCE.lower()])
         sig = bytes.fromhex(lower[SIGNATURE.lower()])
     except ValueError:
-        raise ApiUnauthorized("request signature headers are malformed") from None
+        raise ApiUnauthorized("request signature headers are malformed", "malformed") from None
     principal = lookup(name)
     if principal is None or not principal["active"]:
-        raise ApiUnauthorized(f"principal {name!r} is unknown or revoked")
+        raise ApiUnauthorized(f"principal {name!r} is unknown or revoked", "unknown-or-revoked")
     try:
         VerifyKey(principal["key"]).verify_encoded(API_DOMAIN, _message(name, method, target, body, time_ms, nonce),
                                                    sig)
     except SignatureInvalid:
-        raise ApiUnauthorized(f"request of {name!r}: signature does not verify") from None
+        raise ApiUnauthorized(f"request of {name!r}: signature does not verify", "bad-signature") from None
     try:
         guard.check(nonce, time_ms, now_ms)
     except CustodianRefused as exc:
-        raise ApiUnauthorized(str(exc).replace("custodian request", "request")) from None
+        raise ApiUnauthorized(str(exc).replace("custodian request", "request"),
+                              "replayed" if "replayed" in str(exc) else "stale") from None
     return SignedBy(name, principal["role"])

@@ -79,6 +79,7 @@ def _api(args: argparse.Namespace) -> int:
 
     from cloud.access import LedgerGateway
     from cloud.api import ApiServer, create_app
+    from cloud.auth_failures import FailureLog
     from cloud.custodian_service import ask_custodian
     from cloud.objectstore import open_store
     from ledger.client import LedgerClient
@@ -86,16 +87,22 @@ def _api(args: argparse.Namespace) -> int:
     from medchain.identity import SigningKey
 
     config = _config(args)
-    if config.operator_key is None or config.custodian_socket is None:
-        raise ConfigError("cloud api: cloud.toml needs [ledger] operator_key (the API files access requests "
-                          "on behalf of the signer) and [custodian] socket")
+    if config.api_key is None or config.custodian_socket is None:
+        raise ConfigError("cloud api: cloud.toml needs [ledger] api_key (the key of a principal of role 'api': "
+                          "the API files access requests on behalf of the signer) and [custodian] socket")
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with LedgerClient(config.genesis, SigningKey.load(config.operator_key), "operator") as ledger:
+    with LedgerClient(config.genesis, SigningKey.load(config.api_key), config.api_name) as ledger:
+        me = ledger.principal(config.api_name)
+        if me is None or me["role"] != "api":  # never the operator's key: a compromised API would hold its power
+            raise ConfigError(f"cloud api: principal {config.api_name!r} has role "
+                              f"{me and me['role']!r} on the ledger; the API runs as a principal of role 'api' "
+                              "(`medchain principal add --role api`)")
         gateway = LedgerGateway(ledger, partial(ask_custodian, config.custodian_socket), open_store(config.store_url))
-        with ApiServer(create_app(gateway), host=args.host, port=args.port, tls=tls) as server:
+        failures = FailureLog(args.failures_log or config.state_dir / "api-auth-failures.jsonl")
+        with ApiServer(create_app(gateway, failures=failures), host=args.host, port=args.port, tls=tls) as server:
             print(f"cloud api ready: {server.url} (schema at {server.url}/openapi.json)", flush=True)
             while not stop.wait(0.5):
                 pass
@@ -104,9 +111,11 @@ def _api(args: argparse.Namespace) -> int:
 
 
 def _studies(args: argparse.Namespace) -> int:
-    from cloud.access_commands import operator_client
+    """The listing as the ledger authorizes it for the signer (the named principal, else the
+    operator); by patient token the read is filed first and is on the patient's trail."""
+    from cloud.access_commands import signer_client
 
-    with operator_client(args.config) as ledger:
+    with signer_client(args.config, args.name, args.key, "cloud studies") as ledger:
         found = ledger.studies(modality=args.modality, patient=args.patient, study=args.study,
                                series=args.series)
     for s in found:
@@ -340,13 +349,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port(any_free=True), default=8443, help="0: any free port")
     p.add_argument("--tls-cert", type=Path, help="certificate (PEM): required off loopback")
     p.add_argument("--tls-key", type=Path)
+    p.add_argument("--failures-log", type=Path, help="append-only log of calls whose signature does not verify "
+                                                    "(default: api-auth-failures.jsonl beside cloud.toml's state)")
     p.set_defaults(func=_api)
 
     p = actions.add_parser("studies", help="registered studies by pseudonymous patient, modality, series "
                                            "and the purposes consented now: metadata only (JSON lines)")
-    p.add_argument("--config", type=Path, required=True, help="cloud.toml (its [ledger] operator_key reads)")
+    p.add_argument("--config", type=Path, required=True, help="cloud.toml (its [ledger] operator_key reads "
+                                                              "unless --name/--key)")
+    p.add_argument("--name", help="the principal who lists (a clinician, radiologist, researcher, auditor)")
+    p.add_argument("--key", type=Path, help="that principal's Ed25519 key file")
     p.add_argument("--modality")
-    p.add_argument("--patient", help="a patient's pseudonym token")
+    p.add_argument("--patient", help="a patient's pseudonym token (a read on the patient's trail, filed first)")
     p.add_argument("--study", help="a study uid (as registered: the edge's pseudonym)")
     p.add_argument("--series", help="a series uid (as registered): that series alone")
     p.set_defaults(func=_studies)

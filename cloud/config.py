@@ -4,7 +4,7 @@ Relative paths resolve against the state directory. Holds paths to key files, ne
 ``medchain cloud init`` writes one with every field::
 
     [broker]      host, port, embedded, shared_group, workers, max_message_bytes, [broker.tls]
-    [ledger]      genesis, ingest_key, operator_key, training_key, policy
+    [ledger]      genesis, ingest_key, operator_key, training_key, api_key, api_name, policy
     [store]       url        (a directory, file:///dir, or s3://bucket/prefix)
     [database]    url        (SQLAlchemy: sqlite:///cloud.sqlite, postgresql+psycopg://...)
     [keys]        custodian (the custodian's PUBLIC key file), model, meta
@@ -48,6 +48,9 @@ class CloudConfig:
     coordinator_name: str = "cloud-coordinator"
     # the custodian process's Unix socket (cloud.custodian_service): the only way to a data key
     custodian_socket: Path | None = None
+    # the HTTP API's ledger principal (role ``api``): files access requests on a signer's behalf
+    api_key: Path | None = None
+    api_name: str = "api"
 
 
 def load_config(path: str | Path, state_dir: str | Path | None = None) -> CloudConfig:
@@ -88,6 +91,7 @@ def parse_config(raw: dict[str, Any], *, origin: str = "cloud configuration",
     genesis, ingest_key = s.path("genesis"), s.path("ingest_key")
     operator_key, policy = s.path("operator_key", None), s.str("policy", "default")
     training_key = s.path("training_key", None)
+    api_key, api_name = s.path("api_key", None), s.str("api_name", "api")
     s.done()
 
     s = section("store")
@@ -117,4 +121,4 @@ def parse_config(raw: dict[str, Any], *, origin: str = "cloud configuration",
         raise ConfigError(f"{origin}: unknown section(s): {', '.join(sorted(top))}")
     return CloudConfig(endpoint, embedded, shared, workers, genesis, ingest_key, operator_key,
                        training_key, policy, store_url, database_url, custodian, model, base,
-                       meta_key, pki_dir, broker_dir, coordinator, custodian_socket)
+                       meta_key, pki_dir, broker_dir, coordinator, custodian_socket, api_key, api_name)

@@ -22,17 +22,9 @@ PURPOSES = ["diagnosis", "research", "training", "sharing"]
 
 def _operator(args):
     """The ledger client that signs: the named principal's (a registrar), else the operator's."""
-    from cloud.access_commands import operator_client
+    from cloud.access_commands import signer_client
 
-    if args.name is None and args.key is None:
-        return operator_client(args.config)
-    if args.name is None or args.key is None:
-        raise SystemExit(f"consent {args.action}: --name and --key go together (the principal who signs)")
-    from cloud.config import load_config
-    from ledger.client import LedgerClient
-
-    config = load_config(args.config, state_dir=args.config.resolve().parent)
-    return LedgerClient(config.genesis, args.key, args.name)
+    return signer_client(args.config, args.name, args.key, f"consent {args.action}")
 
 
 def _set(args: argparse.Namespace, granted: bool) -> int:

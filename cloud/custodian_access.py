@@ -33,6 +33,7 @@ from cloud.access_protocol import (
     FetchRequest,
     parse_fetch,
 )
+from cloud.auth_failures import FailureLog
 from cloud.custodian_protocol import ReplayGuard
 from cloud.errors import CustodianRefused, ObjectMismatch
 from cloud.objectstore import ObjectStore
@@ -56,8 +57,10 @@ class AccessGate:
     act on behalf of others), ``key`` the custodian key backend."""
 
     def __init__(self, ledger: LedgerClient, store: ObjectStore, key: KeyUnwrapper,
-                 guard: ReplayGuard):
+                 guard: ReplayGuard, failures: FailureLog | None = None):
         self.ledger, self.store, self._key, self._guard = ledger, store, key, guard
+        # fetches that establish no principal: counted and logged with the name they claimed
+        self.failures = failures if failures is not None else FailureLog()
         self.counts: Counter = Counter()
         self._devices: dict[str, bytes | None] = {}  # as cloud/custodian.py: a key per device
 
@@ -89,13 +92,20 @@ class AccessGate:
         request, body, sig = parse_fetch(outer)
         principal = self.ledger.principal(request.principal)
         if principal is None:
+            self.failures.record("custodian", "unknown-or-revoked", request.principal)
             raise CustodianRefused(f"principal {request.principal!r} is not on the ledger")
         try:
             VerifyKey(principal["key"]).verify_encoded(FETCH_DOMAIN, body, sig)
         except SignatureInvalid:
+            self.failures.record("custodian", "bad-signature", request.principal)
             raise CustodianRefused(
                 f"fetch of {request.principal!r}: signature does not verify") from None
-        self._guard.check(request.nonce, request.time_ms, now_ms)
+        try:
+            self._guard.check(request.nonce, request.time_ms, now_ms)
+        except CustodianRefused as exc:
+            self.failures.record("custodian", "replayed" if "replayed" in str(exc) else "stale",
+                                 request.principal)
+            raise
         if principal.get("recipient") is None:
             raise CustodianRefused(f"principal {request.principal!r} has no recipient key")
         return request, principal

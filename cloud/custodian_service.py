@@ -42,6 +42,7 @@ from medchain.identity import SigningKey, VerifyKey
 from medchain.settings import ConfigFile
 
 from cloud.access_protocol import FETCH_KIND
+from cloud.auth_failures import FailureLog
 from cloud.catalog import CatalogEntry
 from cloud.custodian import AccessFailed, AccessReport, Custodian, Released
 from cloud.custodian_access import AccessGate
@@ -71,6 +72,8 @@ class CustodianConfig:
     store_url: str
     principal: str = "custodian"
     serve: tuple[str, ...] = ("training",)
+    # append-only log of fetches whose signature does not verify (cloud.auth_failures)
+    failures_log: Path | None = None
 
 
 def load_custodian_config(path: str | Path) -> CustodianConfig:
@@ -79,6 +82,7 @@ def load_custodian_config(path: str | Path) -> CustodianConfig:
     c = section("custodian")
     sock = c.path("socket", "custodian.sock")
     serve = tuple(c.list("serve", str, ["training"], min_len=1))
+    failures_log = c.path("failures_log", None)
     key_file = c.path("key", None)
     key: Path | Pkcs11Settings | None = key_file
     if "pkcs11" in c.table:
@@ -99,7 +103,7 @@ def load_custodian_config(path: str | Path) -> CustodianConfig:
     url = s.str("url")
     s.done()
     f.done()
-    return CustodianConfig(sock, key, genesis, ledger_key, f.url(url), principal, serve)
+    return CustodianConfig(sock, key, genesis, ledger_key, f.url(url), principal, serve, failures_log)
 
 
 class CustodianServer:
@@ -146,7 +150,7 @@ class CustodianServer:
         self._ledger.start()
         store = open_store(c.store_url)
         self._custodians = {name: Custodian(self._ledger, store, self.backend, user=name) for name in c.serve}
-        self._gate = AccessGate(self._ledger, store, self.backend, self._guard)
+        self._gate = AccessGate(self._ledger, store, self.backend, self._guard, FailureLog(c.failures_log))
         c.socket.parent.mkdir(parents=True, exist_ok=True)
         if c.socket.exists():
             c.socket.unlink()  # a stale socket of a previous run

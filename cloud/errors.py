@@ -83,3 +83,7 @@ class AccessRefused(CloudError):
 class ApiUnauthorized(CloudError):
     """An API request is not signed by an active principal, or is stale or replayed. Says
     which check failed, never the key or the signature."""
+
+    def __init__(self, message: str, kind: str = "unauthorized"):
+        super().__init__(message)
+        self.kind = kind  # unsigned, malformed, unknown-or-revoked, bad-signature, stale, replayed

@@ -172,6 +172,7 @@ genesis = "{genesis}"
 ingest_key = "{ingest_key}"       # principal 'ingest': registers images and signs acks
 {operator_key}operator_key = "{operator_path}"   # principal 'operator': enrols and revokes devices
 {training_key}training_key = "{training_path}"   # principal 'training': reads consented images, releases models
+# api_key = "keys/api.key"       # principal 'api' (role api): `cloud api` files access requests with it
 policy = "default"
 
 [store]

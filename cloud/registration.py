@@ -53,7 +53,13 @@ def image_transaction(envelope: Envelope, meta: Mapping[str, Any],
         policy=policy,
         device_id=header.device_id,
         sequence=header.sequence,
+        study_date=_date(meta.get("study_date")),
     )
+
+
+def _date(value) -> str | None:
+    """The sealed metadata's (shifted) study date when it is one, YYYYMMDD; else none."""
+    return value if isinstance(value, str) and len(value) == 8 and value.isdigit() else None
 
 
 class LedgerRegistrar:

@@ -170,6 +170,8 @@ class Packager:
             "consent": consent,
             "has_tensor": "tensor" in parts,
         }
+        if instance.study_date is not None:  # shifted by the patient's date shift: listed by the cloud
+            sealed_meta["study_date"] = instance.study_date
         if prediction is not None:
             sealed_meta["prediction"] = prediction
         return parts, sealed_meta

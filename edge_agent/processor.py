@@ -154,4 +154,18 @@ class Processor:
             accession_pseudonym=report.accession_pseudonym,
             report=report,
             blanked=boxes,
+            study_date=shifted_study_date(out, report),
         ), out
+
+
+def shifted_study_date(out: Dataset, report) -> str | None:
+    """The study date (else the acquisition date) of a de-identified dataset, YYYYMMDD, only
+    when de-identification shifted dates (``report.date_shift_days``): otherwise they were
+    removed, and no date is carried (never the original one)."""
+    if report.date_shift_days is None:
+        return None
+    for keyword in ("StudyDate", "AcquisitionDate"):
+        value = str(out.get(keyword, "") or "").strip()
+        if len(value) == 8 and value.isdigit():
+            return value
+    return None

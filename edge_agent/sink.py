@@ -46,6 +46,9 @@ class DeidentifiedInstance:
     preparation: Preparation | None = None
     # rectangles blanked in every frame: burned-in text found, and configured regions
     blanked: tuple[TextBox, ...] = ()
+    # the study date (YYYYMMDD) as de-identification wrote it, moved by the patient's shift;
+    # None unless dates were kept shifted (never the original date)
+    study_date: str | None = None
 
     def deid_summary(self) -> dict:
         """What de-identification did, for the sealed metadata: the profile's edition and
@@ -66,6 +69,7 @@ class DeidentifiedInstance:
             "series_uid": self.series_uid,
             "sop_instance_uid": self.sop_instance_uid,
             "accession_pseudonym": self.accession_pseudonym,
+            "study_date": self.study_date,
         }
 
 

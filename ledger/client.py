@@ -498,10 +498,15 @@ class AsyncLedgerClient:
         return await self.query("principal", {"name": name})
 
     async def studies(self, *, modality: str | None = None, patient: str | None = None,
-                      study: str | None = None, series: str | None = None) -> list[dict]:
-        """Registered studies (metadata only), filtered; see :meth:`Contracts.studies`."""
+                      study: str | None = None, series: str | None = None,
+                      read: int | None = None) -> list[dict]:
+        """Registered studies (metadata only), filtered; see :meth:`Contracts.studies`. By
+        patient token, through a granted read (``read``, by default one filed now), which
+        is on the patient's trail."""
         args = {k: v for k, v in (("modality", modality), ("patient", patient), ("study", study),
                                   ("series", series)) if v is not None}
+        if patient is not None:
+            args["read"] = read if read is not None else await self.read("studies", "patient", patient)
         return await self.query("studies", args)
 
     async def audit_entries(self, ids: Iterable[int]) -> list[dict | None]:

@@ -43,15 +43,28 @@ from ledger.transactions import (
 )
 
 __all__ = ["Contracts", "TxContext", "Rejected", "genesis_state", "AUDIT_INDEXES", "AUDITORS",
-           "READERS"]
+           "API_ROLES", "LISTERS", "READERS"]
 
 AUDIT_INDEXES = {"user": "audit_u", "patient": "audit_p", "image": "audit_i"}
 MAX_LIST = 1000  # most entries a history or audit query returns at once
 AUDITORS = frozenset({"auditor"})  # read any principal's audit trail and entries
+# who may list (queries not keyed by a patient, answered only to these roles): the studies
+# listing (metadata only) to those who could ask for images, who oversee, and the API that
+# serves them; the principal list to the operator and the auditor
+LISTERS = {"studies": frozenset({"clinician", "radiologist", "researcher", "auditor", "operator", "api"}),
+           "principals": frozenset({"operator", "auditor"})}
 # who may read a patient token's history (AUDIT_READ), per query: the registrar keeps
-# consent, the auditor oversees both; nobody else, the operator included
-READERS = {"consent": frozenset({"registrar", "auditor"}), "audit": frozenset({"auditor"})}
+# consent, the auditor oversees both; nobody else, the operator included. The studies
+# listing filtered by a patient token is such a read too: for the listing roles, the API
+# excepted (it could only ever read for itself)
+READERS = {"consent": frozenset({"registrar", "auditor"}), "audit": frozenset({"auditor"}),
+           "studies": LISTERS["studies"] - {"api"}}
 PURPOSE_LIST = ("diagnosis", "research", "training", "sharing")
+# the HTTP API's role: it files requests on a signer's behalf (action "request" only: a fetch
+# is filed by the custodian, which checks the signer's own signature), reads the trail of the
+# signers it serves by user, and lists studies; nothing else (docs/access.md)
+API_ROLES = frozenset({"api"})
+API_ACTIONS = ("request",)
 
 
 class Rejected(Exception):
@@ -239,8 +252,10 @@ class Contracts:
     # -- access decisions and audit ------------------------------------------------------------
 
     def consent_valid(self, patient: str, purpose: str, flags: list | tuple,
-                      now: int) -> tuple[bool, str]:
-        latest = self.state.get(f"consent/{patient}/{purpose}")
+                      now: int, as_of: dict | None = None) -> tuple[bool, str]:
+        """``as_of`` (purpose -> latest CONSENT_SET entry, :meth:`consent_as_of`): decide on
+        the consent as it stood then instead of the current one."""
+        latest = self.state.get(f"consent/{patient}/{purpose}") if as_of is None else as_of.get(purpose)
         if latest is None:
             return (True, "consent given at acquisition") if purpose in flags else (
                 False, "no consent for purpose")
@@ -260,6 +275,8 @@ class Contracts:
         if tx.user != submitter_name and submitter["role"] not in self.state.get(
                 "config/on_behalf", ()):
             return False, "submitter may not request access for another user", image
+        if submitter["role"] in API_ROLES and tx.action not in API_ACTIONS:
+            return False, f"the API files {' or '.join(API_ACTIONS)} only", image
         user = self.principal(tx.user)
         if user is None or not user["active"]:
             return False, "unknown or inactive user", image
@@ -316,23 +333,34 @@ class Contracts:
         granted = ctx.role in READERS[tx.query]
         if tx.query == "consent":
             upto = self.state.get(f"consent_n/{patient}", 0)
+        elif tx.query == "studies":  # the listing as of this block: images registered up to it
+            upto = ctx.height
         else:  # the trail as it stands once this read is on it
             index = AUDIT_INDEXES[tx.by]
             upto = self.state.get(f"{index}_n/{key}", 0) + (key is not None)
         entry = self._audit(ctx, {
             "user": ctx.submitter, "image": image, "patient": patient, "purpose": None,
             "action": f"read-{tx.query}", "granted": granted,
-            "reason": "granted" if granted else f"role may not read {tx.query} history",
+            "reason": "granted" if granted else (
+                "role may not list studies by patient" if tx.query == "studies"
+                else f"role may not read {tx.query} history"),
             "read": {"by": tx.by, "key": key}, "upto": upto if granted else 0})
         return {"granted": granted, "reason": entry["reason"], "audit": entry}
 
-    def oversees(self, name: str) -> bool:
+    def oversees(self, name: str, *, by_id: bool = False) -> bool:
         """May ``name`` read any principal's audit trail: an auditor, or a service role that
         acts on behalf of others (the API, the custodian: they read the trail of the
-        principal they act for)."""
+        principal they act for). ``by_id`` (audit entries by id, which the custodian reads
+        for the grant a fetch names): not the API, which reads trails by user only."""
         p = self.principal(name)
-        return bool(p and p["active"] and (p["role"] in AUDITORS or p["role"] in self.state.get(
-            "config/on_behalf", ())))
+        if not p or not p["active"] or (by_id and p["role"] in API_ROLES):
+            return False
+        return p["role"] in AUDITORS or p["role"] in self.state.get("config/on_behalf", ())
+
+    def may_list(self, name: str, what: str) -> bool:
+        """May ``name`` (active) list ``what`` (:data:`LISTERS`)."""
+        p = self.principal(name)
+        return bool(p and p["active"] and p["role"] in LISTERS[what])
 
     def read_upto(self, asker: str, query: str, by: str, key: str | bytes, read_id) -> int:
         """How far ``asker`` may read a patient token's history: the ``upto`` of the granted
@@ -349,6 +377,10 @@ class Contracts:
             raise Rejected(f"your role may not read {query} history")
         return entry["upto"]
 
+    def read_entry(self, read_id: int) -> dict:
+        """The audit entry of a read (after :meth:`read_upto` accepted it)."""
+        return self.state.get(f"audit/{read_id}")
+
     # -- queries -------------------------------------------------------------------------------
 
     def device(self, device_id: str) -> dict | None:
@@ -356,34 +388,54 @@ class Contracts:
 
     def studies(self, *, modality: str | None = None, patient: str | None = None,
                 study: str | None = None, series: str | None = None,
-                limit: int = MAX_LIST) -> list[dict]:
+                limit: int = MAX_LIST, as_of: dict | None = None) -> list[dict]:
         """Registered studies, metadata only: pseudonymous patient, study, modality, series
-        with their envelope ids, and the purposes for which consent is valid now. A scan of
+        with their envelope ids, the study date as the edge shifted it (the earliest of its
+        images'; None when the edge keeps no dates), and the purposes for which consent is
+        valid now. A scan of
         the state (image records), filtered (by ``series``: that series alone); at most
-        ``limit`` studies."""
+        ``limit`` studies. ``as_of`` (the audit entry of a read, for a listing by patient):
+        the images registered before that read and the consent as it stood then."""
+        position = None if as_of is None else (as_of["height"], as_of["index"])
         found: dict[tuple[str, str], dict] = {}
         for key, rec in self.state.items():
             if not key.startswith("image/") or (modality and rec["modality"] != modality) or (
                     patient and rec["patient"] != patient) or (study and rec["study_uid"] != study) or (
-                    series and rec["series_uid"] != series):
+                    series and rec["series_uid"] != series) or (
+                    position is not None and (rec["height"], rec["index"]) > position):
                 continue
             s = found.setdefault((rec["patient"], rec["study_uid"]), {
                 "patient": rec["patient"], "study": rec["study_uid"], "modalities": set(),
-                "series": {}, "registered_t": rec["t"], "flags": set(), "policies": set()})
+                "series": {}, "registered_t": rec["t"], "flags": set(), "policies": set(), "dates": set()})
             s["modalities"].add(rec["modality"])
             s["series"].setdefault(rec["series_uid"], []).append(rec["envelope_id"].hex())
             s["registered_t"] = min(s["registered_t"], rec["t"])
             s["flags"].update(rec["consent"])
             s["policies"].add(rec["policy"])
+            if rec.get("study_date"):
+                s["dates"].add(rec["study_date"])
         out = []
+        now = self.now if as_of is None else as_of["t"]
         for (patient_token, _), s in sorted(found.items())[:limit]:
+            then = None if position is None else self.consent_as_of(patient_token, position)
             consented = [p for p in PURPOSE_LIST
-                         if self.consent_valid(patient_token, p, sorted(s["flags"]), self.now)[0]]
+                         if self.consent_valid(patient_token, p, sorted(s["flags"]), now, then)[0]]
             out.append({"patient": s["patient"], "study": s["study"],
                         "modalities": sorted(s["modalities"]), "registered_t": s["registered_t"],
+                        "study_date": min(s["dates"]) if s["dates"] else None,
                         "policies": sorted(s["policies"]), "consented": consented,
                         "series": {k: sorted(v) for k, v in sorted(s["series"].items())}})
         return out
+
+    def consent_as_of(self, patient: str, position: tuple[int, int]) -> dict:
+        """Purpose -> the latest ``CONSENT_SET`` entry committed before ``position`` (block
+        height, index in the block)."""
+        latest = {}
+        for k in range(self.state.get(f"consent_n/{patient}", 0)):
+            entry = self.state.get(f"consent_h/{patient}/{k}")
+            if (entry["height"], entry["index"]) < position:
+                latest[entry["purpose"]] = entry
+        return latest
 
     def principals(self, limit: int = MAX_LIST) -> list[dict]:
         """Every principal (name, role, active, keys), by name; a scan of the state."""

@@ -46,10 +46,12 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "clinician": ["ACCESS_REQUESTED"],
     "radiologist": ["ACCESS_REQUESTED"],
     "researcher": ["ACCESS_REQUESTED"],
+    # the HTTP API's own principal: files access requests on the signer's behalf, nothing else
+    "api": ["ACCESS_REQUESTED"],
 }
-# roles that may file an access request on behalf of another principal (the operator API
-# and the custodian act for the person asking)
-DEFAULT_ON_BEHALF = ["operator", "custodian"]
+# roles that may file an access request on behalf of another principal (the custodian, the
+# API and the operator act for the person asking; the API only with action "request")
+DEFAULT_ON_BEHALF = ["operator", "custodian", "api"]
 DEFAULT_POLICIES: dict[str, dict[str, list[str]]] = {
     "default": {"diagnosis": ["clinician", "radiologist"], "research": ["researcher"],
                 "training": ["training"], "sharing": []},
@@ -245,7 +247,7 @@ def make_local_genesis(workdir: str | os.PathLike, n: int = 4, *,
     (:mod:`ledger.consortium`).
 
     ``principals`` maps name to role; by default an operator, the cloud ingest service, the
-    training service and the custodian. Keys land in ``workdir/keys/``; the genesis in
+    training service, the custodian and the HTTP API (``api``). Keys land in ``workdir/keys/``; the genesis in
     ``workdir/genesis.json``. With ``tls`` a CA in ``workdir/ca`` issues every validator and
     principal a certificate (``keys/<name>.crt`` and ``keys/<name>.tls.key``) and every
     link runs mutual TLS, on loopback too."""
@@ -257,7 +259,7 @@ def make_local_genesis(workdir: str | os.PathLike, n: int = 4, *,
     workdir = Path(workdir)
     keys = workdir / "keys"
     principals = principals or {"operator": "operator", "ingest": "ingest",
-                                "training": "training", "custodian": "custodian"}
+                                "training": "training", "custodian": "custodian", "api": "api"}
     ports = ports or free_ports(n, host)
     ca = CertificateAuthority.create(workdir / "ca", "MedChain local ledger") if tls else None
     validators = []

@@ -16,11 +16,15 @@ Queries are authorized by the asker's role as the ledger holds it (the asker is 
 principal whose signed ``Hello`` opened the connection and who signed the query):
 
 * ``audit`` by user: one's own trail; anyone's for an auditor or a role that acts on behalf
-  of others (the API, the custodian). ``audit_entries`` likewise, entry by entry.
+  of others (the API, the custodian). ``audit_entries`` likewise, entry by entry (not the
+  API: it reads the trail of the signer it serves, by user).
 * a patient token's history — ``consent``, ``audit`` by patient or by image — only for a
   query naming (``read``) a granted ``AUDIT_READ`` of the asker for that subject: the read is
   on the trail *before* anything is answered, and the answer stops where the trail says the
   reader saw (:meth:`Contracts.read_upto`). Consent: registrar and auditor; audit: auditor.
+* ``studies`` (metadata only) and ``principals``: listed only to the roles of
+  :data:`~ledger.contracts.LISTERS`; the studies listing filtered by a patient token only
+  through a granted read (``AUDIT_READ`` of query ``studies``), as it stood at that read.
 """
 
 from __future__ import annotations
@@ -132,20 +136,28 @@ def answer_query(what: str, args: dict, replica: Replica, store: BlockStore,
                                         "active": p["active"],
                                         "recipient": p.get("recipient")}), {}
     if what == "principals":
+        if not c.may_list(asker, "principals"):
+            raise QueryFailed("not authorized: your role may not list principals")
         return c.principals(), {}
     if what == "audit_entries":
         ids = args.get("ids")
         if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
             raise QueryFailed("audit_entries: 'ids' must be a list of entry ids")
         entries = c.audit_entries(ids)
-        if not c.oversees(asker) and any(e is not None and e["user"] != asker for e in entries):
+        if not c.oversees(asker, by_id=True) and any(e is not None and e["user"] != asker for e in entries):
             raise QueryFailed("not authorized: audit entries of another principal")
         return entries, {}
     if what == "studies":
         filters = {k: args.get(k) for k in ("modality", "patient", "study", "series")}
         if not all(v is None or isinstance(v, str) for v in filters.values()):
             raise QueryFailed("studies: filters are text")
-        return c.studies(**filters), {}
+        if not c.may_list(asker, "studies"):
+            raise QueryFailed("not authorized: your role may not list studies")
+        as_of = None
+        if filters["patient"] is not None:  # a patient-keyed read: through a granted read only
+            _read_upto(c, asker, "studies", "patient", filters["patient"], args)
+            as_of = c.read_entry(args["read"])
+        return c.studies(**filters, as_of=as_of), {}
     if what == "device":
         return c.device(_arg(args, "device_id", str)), {}
     if what == "image":

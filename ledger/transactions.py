@@ -85,6 +85,10 @@ def _opt_hash32(v: Any) -> bool:
     return v is None or _hash32(v)
 
 
+def _opt_date(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and len(v) == 8 and v.isdigit())
+
+
 def _bool(v: Any) -> bool:
     return isinstance(v, bool)
 
@@ -155,7 +159,8 @@ class ImageRegistered(Transaction):
     CHECKS: ClassVar[dict] = {
         "envelope_id": _envelope_id, "merkle_root": _hash32, "patient": _name,
         "study_uid": _name, "series_uid": _name, "instance_uid": _name, "modality": _name,
-        "consent": _purposes, "policy": _name, "device_id": _name, "sequence": _nonneg}
+        "consent": _purposes, "policy": _name, "device_id": _name, "sequence": _nonneg,
+        "study_date": _opt_date}
     envelope_id: bytes
     merkle_root: bytes
     patient: str
@@ -167,6 +172,14 @@ class ImageRegistered(Transaction):
     policy: str
     device_id: str
     sequence: int
+    # the de-identified (shifted) study date, YYYYMMDD, when the edge keeps dates shifted
+    study_date: str | None = None
+
+    def to_wire(self) -> dict:
+        out = Transaction.to_wire(self)
+        if out["study_date"] is None:  # the form (and hash) registrations without a date always had
+            del out["study_date"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +221,8 @@ class AccessRequested(Transaction):
     action: str
 
 
-READ_QUERIES = {"consent": ("patient",), "audit": ("patient", "image")}  # query -> keyed by
+READ_QUERIES = {"consent": ("patient",), "audit": ("patient", "image"),
+                "studies": ("patient",)}  # query -> keyed by
 
 
 def _read_query(v: Any) -> bool:
@@ -224,7 +238,8 @@ class AuditRead(Transaction):
     """The submitter asks to read a patient token's history: its consent history
     (``query="consent"``, ``by="patient"``) or its audit trail, by patient token or by one
     of its images (``query="audit"``, ``by="patient"|"image"``; ``key`` is the token or the
-    envelope id in hex). Decided by role and audited whatever the outcome; the validators
+    envelope id in hex), or the studies registered for it (``query="studies"``,
+    ``by="patient"``: the listing filtered by patient token). Decided by role and audited whatever the outcome; the validators
     answer such a query only when it names a granted read of the asker (docs/access.md)."""
 
     TYPE: ClassVar[str] = "AUDIT_READ"

@@ -477,7 +477,8 @@ class AccessWorld:
     operator: object
     public: object
 
-    def image(self, consent=("diagnosis",), patient=None, study="st", series="se") -> tuple[str, str, bytes]:
+    def image(self, consent=("diagnosis",), patient=None, study="st", series="se",
+              study_date=None) -> tuple[str, str, bytes]:
         """Seal, store and register one image; (envelope id, patient token, DICOM bytes)."""
         import os
 
@@ -491,7 +492,8 @@ class AccessWorld:
         h = env.header
         patient = patient or f"tok-{os.urandom(4).hex()}"
         r = self.ingest.submit(ImageRegistered(h.object_id, h.merkle_root, patient, study, series, "in",
-                                               "CR", consent, "default", ACCESS_DEVICE_ID, h.sequence))
+                                               "CR", consent, "default", ACCESS_DEVICE_ID, h.sequence,
+                                               study_date))
         assert r.committed, r.reason
         return env.envelope_id, patient, data
 

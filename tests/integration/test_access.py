@@ -395,10 +395,12 @@ def test_a_study_is_listed_by_metadata_and_requested_whole(world, person, tmp_pa
 
     dr = person("radiologist")
     study = f"1.2.826.0.1.{os.urandom(3).hex()}"
-    a, patient, _ = world.image(consent=("diagnosis", "research"), study=study, series="s1")
-    b, _, _ = world.image(consent=("diagnosis", "research"), patient=patient, study=study, series="s2")
+    a, patient, _ = world.image(consent=("diagnosis", "research"), study=study, series="s1", study_date="20190312")
+    b, _, _ = world.image(consent=("diagnosis", "research"), patient=patient, study=study, series="s2",
+                          study_date="20190311")  # (shifted) dates as the edge sealed them: the study's earliest
     [listed] = dr.requester.gateway.studies(study=study)
     assert listed == {"patient": patient, "study": study, "modalities": ["CR"], "registered_t": listed["registered_t"],
+                      "study_date": "20190311",
                       "policies": ["default"], "consented": ["diagnosis", "research"],
                       "series": {"s1": [a], "s2": [b]}}
     decisions = dr.requester.request_study(study, "diagnosis")
@@ -577,3 +579,48 @@ def test_an_auditor_reads_trails_from_the_cli_and_a_researcher_is_refused(world,
     rc, out, err = audit(eve, "--user", dr.name)
     assert rc == 2 and out == [] and "not authorized" in err
     assert audit(eve, "--user", eve.name)[:2] == (0, [(eve.name, "read-audit", False)])
+
+
+def test_listings_are_authorized_by_role_and_a_listing_by_patient_is_on_the_trail(world, person, tmp_path,
+                                                                                   capsys):
+    """The attack: a training service (any principal) asks the validators directly for the
+    studies listing, the listing filtered by a patient token (which says what that patient
+    has and consented to now) and the list of principals. Up to commit b569aac each was
+    answered (this test failed there on its first query); now each validator refuses by
+    role, and a listing by patient token is answered only through a granted read — on the
+    patient's trail, the refused attempt included."""
+    import json
+
+    from ledger.errors import ReadRefused
+    from medchain_app.cli import main
+
+    eve, dr, auditor = person("training"), person("clinician"), person("auditor")
+    a, patient, _ = world.image(consent=("diagnosis",))
+    for what, args in [("studies", {}), ("studies", {"patient": patient}), ("principals", {})]:
+        with pytest.raises(QueryFailed, match="not authorized"):
+            eve.ledger.query(what, args)
+    with pytest.raises(ReadRefused, match="role may not list studies by patient"):
+        eve.ledger.studies(patient=patient)
+    with pytest.raises(QueryFailed, match="not authorized"):  # a clinician lists studies, not principals
+        dr.ledger.principals()
+    with pytest.raises(QueryFailed, match="granted read of your own"):  # not by patient without a read
+        dr.ledger.query("studies", {"patient": patient})
+    [listed] = dr.ledger.studies(patient=patient)
+    assert (listed["patient"], listed["series"], listed["consented"]) == (patient, {"se": [a]}, ["diagnosis"])
+    assert any(p["name"] == dr.name for p in auditor.ledger.principals())
+    # `medchain cloud studies --patient` under the clinician's own key: the read is filed first
+    cluster = world.cluster
+    (tmp_path / "cloud.toml").write_text(
+        f'[broker]\n\n[ledger]\ngenesis = "{cluster.genesis_path}"\ningest_key = "{cluster.key_path("ingest")}"\n'
+        f'operator_key = "{cluster.key_path("operator")}"\n\n[store]\nurl = "{world.store.root}"\n\n'
+        f'[database]\nurl = "sqlite:///unused.sqlite"\n\n[keys]\ncustodian = "c.pub"\nmodel = "m.key"\n')
+    dr.key.save(tmp_path / "dr.key")
+    capsys.readouterr()
+    assert main(["cloud", "studies", "--config", str(tmp_path / "cloud.toml"), "--patient", patient,
+                 "--name", dr.name, "--key", str(tmp_path / "dr.key")]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [listed]
+    trail = auditor.ledger.audit(patient=patient)
+    assert [(e["user"], e["action"], e["granted"]) for e in trail] == [
+        (eve.name, "read-studies", False), (dr.name, "read-studies", True), (dr.name, "read-studies", True),
+        (auditor.name, "read-audit", True)]
+    assert_signed(trail, world)

@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def api(world):
-    """The app, acting on the ledger as the operator (a role that may act on behalf of
-    others), forwarding fetches to the world's custodian."""
-    with world.cluster.client("operator") as ledger:
+    """The app, acting on the ledger as its own principal of role ``api`` (it may file
+    requests on behalf of others, nothing else), forwarding fetches to the world's custodian."""
+    with world.cluster.client("api") as ledger:
         gateway = LedgerGateway(ledger, partial(ask_custodian, world.server.config.socket), world.store)
         yield create_app(gateway)
 
@@ -56,7 +56,7 @@ def test_request_status_fetch_over_the_api(world, person, client, tmp_path):
     entries = me.status()
     assert [(e["image"].hex(), e["action"], e["granted"]) for e in entries] == [
         (a, "request", True), (b, "request", False), (a, "fetch", True)]
-    assert all(e["by"] == "operator" for e in entries[:2]) and entries[2]["by"] == "custodian"
+    assert all(e["by"] == "api" for e in entries[:2]) and entries[2]["by"] == "custodian"
     assert all(e["validators"] >= world.cluster.genesis.f + 1 for e in entries)
     # the ciphertext of an image not granted is not handed out
     with pytest.raises(ApiProblem) as exc:
@@ -167,7 +167,8 @@ def test_medchain_cloud_api_serves_on_loopback(world, person, tmp_path):
     cluster = world.cluster
     (tmp_path / "cloud.toml").write_text(
         f'[broker]\n\n[ledger]\ngenesis = "{cluster.genesis_path}"\ningest_key = "{cluster.key_path("ingest")}"\n'
-        f'operator_key = "{cluster.key_path("operator")}"\n\n[store]\nurl = "{world.store.root}"\n\n'
+        f'operator_key = "{cluster.key_path("operator")}"\napi_key = "{cluster.key_path("api")}"\n\n'
+        f'[store]\nurl = "{world.store.root}"\n\n'
         f'[database]\nurl = "sqlite:///unused.sqlite"\n\n[keys]\ncustodian = "c.pub"\nmodel = "m.key"\n\n'
         f'[custodian]\nsocket = "{world.server.config.socket}"\n')
     proc = subprocess.Popen([sys.executable, "-m", "medchain_app.cli", "cloud", "api", "--config",
@@ -193,16 +194,21 @@ def test_studies_are_listed_by_role_metadata_only(world, person, client):
     import os
 
     study = f"1.2.826.0.2.{os.urandom(3).hex()}"
-    a, patient, _ = world.image(consent=("research",), study=study)
+    a, patient, _ = world.image(consent=("research",), study=study, study_date="20180101")
     researcher, clinician, service = person("researcher"), person("clinician"), person("training")
     [s] = HttpGateway(client, researcher.name, researcher.key).studies(study=study)
     assert (s["patient"], s["series"], s["consented"], s["open_to_you"]) == (patient, {"se": [a]}, ["research"],
                                                                               ["research"])
+    assert s["study_date"] == "20180101"  # the (shifted) study date the edge sealed
     [s] = HttpGateway(client, clinician.name, clinician.key).studies(study=study)
     assert s["open_to_you"] == []  # consented for research only; clinicians are allowed diagnosis
     with pytest.raises(ApiProblem) as exc:
         HttpGateway(client, service.name, service.key).studies()
     assert (exc.value.status, exc.value.code) == (403, "role-not-allowed")
+    # by patient token: a read on the patient's trail, which the API cannot file as the signer
+    with pytest.raises(ApiProblem) as exc:
+        HttpGateway(client, researcher.name, researcher.key).studies(patient=patient)
+    assert (exc.value.status, exc.value.code) == (403, "patient-read-not-served")
     # and a whole study requested over the API
     me = over_http(client, researcher)
     assert [(d.envelope_id, d.granted) for d in me.request_study(study, "research")] == [(a, True)]
@@ -267,3 +273,45 @@ def test_an_http_requester_with_the_validator_keys_verifies_receipts_itself(worl
     # the receipt, like the record, only for a principal the image was granted to
     problem(client.get(f"/v1/images/{a}/receipt", headers=signed(person("clinician"), "GET",
                                                                   f"/v1/images/{a}/receipt")), 403, "no-grant")
+
+
+def test_the_api_principal_files_requests_and_nothing_else(world, person, tmp_path):
+    """The API's own ledger key (role ``api``) serves request and fetch end to end, but the
+    ledger refuses it everything an operator could do — up to commit b569aac the API held
+    the operator's key, so a compromised API process could register principals and set
+    consent (tests/ledger/test_api_principal.py shows those calls under the operator role) —
+    and `medchain cloud api` refuses to run under a key whose principal is not of role api."""
+    import subprocess
+    import sys
+
+    from ledger.transactions import AccessRequested, ConsentSet, PrincipalSet
+    from medchain.identity import SigningKey
+
+    dr = person("clinician")
+    a, patient, data = world.image(consent=("diagnosis",))
+    with world.cluster.client("api") as api_ledger:
+        for tx in (PrincipalSet("mallory", "auditor", SigningKey.generate().public.raw),
+                   PrincipalSet(dr.name, dr.role, dr.key.public.raw, False),
+                   ConsentSet(patient, "diagnosis", False, int(time.time() * 1000))):
+            r = api_ledger.submit(tx)
+            assert not r.committed and "role 'api' may not submit" in r.reason, r
+        fake = api_ledger.submit(AccessRequested(dr.name, bytes.fromhex(a), "diagnosis", "fetch"))
+        assert fake.output["granted"] is False and fake.output["reason"] == "the API files request only"
+        with pytest.raises(Exception, match="not authorized"):
+            api_ledger.principals()
+        with TestClient(create_app(LedgerGateway(api_ledger, partial(ask_custodian, world.server.config.socket),
+                                                 world.store)), raise_server_exceptions=False) as c:
+            me = over_http(c, dr)
+            assert me.request([a], "diagnosis")[0].granted
+            [f] = me.fetch(latest_grants(me.status(), "diagnosis"), "diagnosis", tmp_path / "out")
+    assert f.path.read_bytes() == data
+    assert world.operator.principal(dr.name)["active"] and world.operator.principal("mallory") is None
+    cluster = world.cluster
+    (tmp_path / "cloud.toml").write_text(  # an operator key as the API's: refused
+        f'[broker]\n\n[ledger]\ngenesis = "{cluster.genesis_path}"\ningest_key = "{cluster.key_path("ingest")}"\n'
+        f'api_key = "{cluster.key_path("operator")}"\napi_name = "operator"\n\n[store]\nurl = "{world.store.root}"\n\n'
+        f'[database]\nurl = "sqlite:///unused.sqlite"\n\n[keys]\ncustodian = "c.pub"\nmodel = "m.key"\n\n'
+        f'[custodian]\nsocket = "{world.server.config.socket}"\n')
+    out = subprocess.run([sys.executable, "-m", "medchain_app.cli", "cloud", "api", "--config",
+                          str(tmp_path / "cloud.toml"), "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "has role 'operator'" in out.stderr and "ready" not in out.stdout, out

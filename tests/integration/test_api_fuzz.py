@@ -36,7 +36,7 @@ def fuzzed(world):
     name, key = f"fuzz-{os.urandom(3).hex()}", SigningKey.generate()
     assert world.operator.submit(PrincipalSet(name, "clinician", key.public.raw, True,
                                               RecipientKey.generate().public.raw)).committed
-    with world.cluster.client("operator") as ledger:
+    with world.cluster.client("api") as ledger:
         app = create_app(LedgerGateway(ledger, partial(ask_custodian, world.server.config.socket), world.store))
         with TestClient(app, raise_server_exceptions=False) as client:
             yield app, client, name, key

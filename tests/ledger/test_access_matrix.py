@@ -21,7 +21,7 @@ from ledger.transactions import (
 )
 
 T0 = 1_700_000_000_000
-ROLES = ("clinician", "radiologist", "researcher", "training", "auditor", "operator")
+ROLES = ("clinician", "radiologist", "researcher", "training", "auditor", "operator", "api")
 CONSENT = ("given", "revoked", "expired", "never set", "acquisition flag only")
 VALID = {"given", "acquisition flag only"}
 REASON = {"revoked": "consent revoked", "expired": "consent expired",

@@ -2,7 +2,14 @@
 and the validators' query core (:func:`ledger.queries.answer_query`, the function each
 validator runs for an authenticated asker). An auditor reads any trail; a principal its own;
 a patient token's history (consent, audit by patient or image) only through a granted
-``AUDIT_READ``, which is itself on the patient's trail, and only as far as that read saw."""
+``AUDIT_READ``, which is itself on the patient's trail, and only as far as that read saw.
+The listings not keyed by a patient (studies, principals) are answered only to the roles
+that may list them; the studies listing filtered by a patient token is such a read too.
+
+The listing cells are an attack test: up to commit b569aac any principal (a training
+service, an ingest service, a registrar) was answered the studies listing — filtered by a
+patient token included, with the purposes consented now — and the list of principals;
+those cells failed there."""
 
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from ledger.transactions import (
 
 T0 = 1_700_000_000_000
 ROLES = ("clinician", "radiologist", "researcher", "training", "ingest", "custodian", "operator",
-         "registrar", "auditor")
+         "registrar", "auditor", "api")
 EID = b"\x05" * 16
 PATIENT = "tok-p"
 
@@ -66,15 +73,21 @@ def read(w, role: str, query: str, by: str, key: str) -> dict:
 OVERSEERS = {"auditor", "operator", "custodian"}  # auditor + the roles acting on behalf of others
 ALLOWED = {
     "own audit trail": set(ROLES),
-    "another's audit trail": OVERSEERS,
-    "another's audit entry": OVERSEERS,
+    "another's audit trail": OVERSEERS | {"api"},  # the API reads the trail of the signer it serves
+    "another's audit entry": OVERSEERS,  # by id: not the API
     "consent history": {"registrar", "auditor"},
     "audit trail by patient": {"auditor"},
     "audit trail by image": {"auditor"},
+    "studies listing": {"clinician", "radiologist", "researcher", "auditor", "operator", "api"},
+    "studies by patient": {"clinician", "radiologist", "researcher", "auditor", "operator"},
+    "principal list": {"operator", "auditor"},
 }
 READS = {"consent history": ("consent", "patient", PATIENT),
          "audit trail by patient": ("audit", "patient", PATIENT),
-         "audit trail by image": ("audit", "image", EID.hex())}
+         "audit trail by image": ("audit", "image", EID.hex()),
+         "studies by patient": ("studies", "patient", PATIENT)}
+REFUSED = {"consent": "role may not read consent history", "audit": "role may not read audit history",
+           "studies": "role may not list studies by patient"}
 
 
 def attempt(w, role: str, kind: str):
@@ -86,15 +99,19 @@ def attempt(w, role: str, kind: str):
         return ask(w, me, "audit", {"by": "user", "key": "dr-other"})
     if kind == "another's audit entry":
         return ask(w, me, "audit_entries", {"ids": [w.other_audit]})
+    if kind == "studies listing":
+        return ask(w, me, "studies", {})
+    if kind == "principal list":
+        return ask(w, me, "principals", {})
     query, by, key = READS[kind]
     out = read(w, role, query, by, key)
     entry = out["audit"]
     assert (entry["user"], entry["action"], entry["patient"]) == (me, f"read-{query}", PATIENT)
     assert w.c.state.get(f"audit/{entry['id']}") == entry  # on the trail, granted or not
     if not out["granted"]:
-        assert out["reason"] == f"role may not read {query} history"
+        assert out["reason"] == REFUSED[query]
         return out
-    args = {"patient": key} if query == "consent" else {"by": by, "key": key}
+    args = {"patient": key} if query in ("consent", "studies") else {"by": by, "key": key}
     return ask(w, me, query, dict(args, read=entry["id"]))
 
 
@@ -122,6 +139,7 @@ def test_exactly_the_allowed_cells_read(world, role, kind):
     ("consent", {"patient": PATIENT}),
     ("audit", {"by": "patient", "key": PATIENT}),
     ("audit", {"by": "image", "key": EID}),
+    ("studies", {"patient": PATIENT}),
 ])
 def test_a_patients_history_is_never_answered_without_a_read(world, what, args):
     """Not even to an auditor: the read must be on the trail first."""
@@ -204,3 +222,26 @@ def test_a_validator_that_has_not_executed_the_read_says_retry_not_refused(world
     with pytest.raises(QueryFailed) as exc:  # an existing entry that is no read: refused outright
         ask(world, "u-auditor", "audit", {"by": "patient", "key": PATIENT, "read": world.other_audit})
     assert "not authorized" in str(exc.value) and not str(exc.value).startswith(RETRY)
+
+
+def test_a_studies_listing_by_patient_shows_what_was_there_at_the_read(world):
+    """The read opens the listing as of its own block: an image registered and a consent
+    changed after it are not in what it shows; a fresh read (itself on the trail) shows them."""
+    w = world
+    out = read(w, "clinician", "studies", "patient", PATIENT)
+    rid = out["audit"]["id"]
+    assert out["granted"] and out["audit"]["patient"] == PATIENT and out["audit"]["action"] == "read-studies"
+    before = ask(w, "u-clinician", "studies", {"patient": PATIENT, "read": rid})
+    assert [s["series"] for s in before] == [{"se": [EID.hex()]}] and "research" in before[0]["consented"]
+    w.c.apply(TxContext("ingest", "ingest", T0 + 50, 8, 0), ImageRegistered(
+        b"\x06" * 16, b"\x02" * 32, PATIENT, "st", "se", "in2", "CT", ("diagnosis",), "default", "dev", 2))
+    w.c.apply(TxContext("operator", "operator", T0 + 50, 8, 1), ConsentSet(PATIENT, "research", False, T0))
+    assert ask(w, "u-clinician", "studies", {"patient": PATIENT, "read": rid}) == before
+    fresh = w.c.apply(TxContext("u-clinician", "clinician", T0 + 60, 9, 0),
+                      AuditRead("studies", "patient", PATIENT))["audit"]["id"]
+    [now] = ask(w, "u-clinician", "studies", {"patient": PATIENT, "read": fresh})
+    assert now["series"] == {"se": sorted([EID.hex(), "06" * 16])} and "research" not in now["consented"]
+    with pytest.raises(QueryFailed, match="not authorized"):  # nor is the read anyone else's
+        ask(w, "u-radiologist", "studies", {"patient": PATIENT, "read": fresh})
+    with pytest.raises(QueryFailed, match="not authorized"):  # nor for another patient
+        ask(w, "u-clinician", "studies", {"patient": "tok-someone-else", "read": fresh})
