@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -198,7 +199,7 @@ def create_app(gateway: LedgerGateway, *, clock: Callable[[], float] = time.time
     @app.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
     def metrics() -> PlainTextResponse:
         """Refused authentications by reason (Prometheus text format); counts only."""
-        return PlainTextResponse(failures.metrics(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(failures.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/access/requests", response_model=DecisionsOut)
     def request_access(body: AccessRequestBody, who: SignedBy = WHO) -> DecisionsOut:

@@ -1,8 +1,8 @@
 """Failed authentications: API calls and custodian fetches whose signature does not verify
 (or that name no active principal, or are unsigned, stale or replayed).
 
-Each is counted by where and why (:meth:`FailureLog.metrics`: the Prometheus text format,
-served by the API at ``/metrics``) and, with a path, appended as one JSON line to a local
+Each is counted by where and why (a ``prometheus_client`` counter in the log's own
+registry, :meth:`FailureLog.metrics`, served by the API at ``/metrics``) and, with a path, appended as one JSON line to a local
 log (``O_APPEND``, mode 0600, fsynced): time, where, why, the method and path, and the
 principal the request *claimed* — a claim, never an identity, kept printable and short.
 
@@ -23,9 +23,10 @@ import json
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 __all__ = ["FailureLog"]
 
@@ -44,7 +45,10 @@ class FailureLog:
 
     def __init__(self, path: str | Path | None = None, *, clock: Callable[[], float] = time.time):
         self.path = None if path is None else Path(path)
-        self.counts: Counter = Counter()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._counter = Counter(METRIC.removesuffix("_total"), "Requests refused before any principal "
+                                "was established (signature not verified, unknown or revoked, "
+                                "unsigned, stale, replayed).", ("where", "reason"), registry=self.registry)
         self._clock, self._lock = clock, threading.Lock()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +58,7 @@ class FailureLog:
                            "claimed": _claim(claimed), **{k: _claim(v) for k, v in detail.items()}},
                           sort_keys=True) + "\n"
         with self._lock:
-            self.counts[(where, reason)] += 1
+            self._counter.labels(where=where, reason=reason).inc()
             if self.path is None:
                 return
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -66,10 +70,4 @@ class FailureLog:
 
     def metrics(self) -> str:
         """The counts in the Prometheus text exposition format."""
-        lines = [f"# HELP {METRIC} Requests refused before any principal was established "
-                 "(signature not verified, unknown or revoked, unsigned, stale, replayed).",
-                 f"# TYPE {METRIC} counter"]
-        with self._lock:
-            items = sorted(self.counts.items())
-        lines += [f'{METRIC}{{where="{w}",reason="{r}"}} {n}' for (w, r), n in items]
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
