@@ -7,9 +7,11 @@ bit for bit on the same machine and thread count. Under ``torchrun`` (``WORLD_SI
 the model is wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA), every rank
 takes an equal shard of each epoch, and rank 0 alone evaluates, checkpoints and decides
 when to stop. The best epoch is chosen on a smoothed validation loss (an exponential
-average over epochs, of the EMA-averaged weights by default), so one lucky epoch on a small
-validation split does not pick the model; patience counts only epochs after the
-learning-rate warm-up, whose swings say nothing about convergence. The epoch budget and
+average over epochs, of the EMA-averaged weights when the recipe averages), so one lucky
+epoch on a small validation split does not pick the model; patience counts only epochs
+after ``settle`` of the budget: until the one-cycle learning rate has come down, validation
+swings say nothing about convergence (on the full PneumoniaMNIST file a run counting from
+the warm-up stopped at epoch 8 of 20, keeping epoch 1). The epoch budget and
 patience scale with the number of training images (:meth:`Recipe.schedule`).
 """
 
@@ -58,18 +60,22 @@ class Recipe:
     seed: int = 0
     max_image_size: int = 64
     model: dict = field(default_factory=dict)
+    # RandomIntensity (gamma/contrast jitter) measured and left out: +1 of 75 held-out images on
+    # the 500-image PneumoniaMNIST subsample, no learning at all in the demo's 150 steps on CR
     augment: list = field(default_factory=lambda: [
-        {"name": "RandomAffine", "degrees": 10.0, "scale": 0.1, "translate": 0.08, "p": 1.0},
-        {"name": "RandomIntensity", "contrast": 0.2, "brightness": 0.1, "gamma": 0.3, "p": 0.8}])
+        {"name": "RandomAffine", "degrees": 10.0, "scale": 0.1, "translate": 0.08, "p": 1.0}])
     ema: bool = False  # measured: no gain on the held-out split (docs/models.md)
     smoothing: float = 0.5
     threshold: str = "calibrated"
     min_steps: int = 600
+    settle: float = 0.5  # share of the epoch budget before patience starts counting
 
     def __post_init__(self) -> None:
         if ((self.epochs is not None and self.epochs < 1) or self.batch_size < 2 or self.lr <= 0
                 or (self.patience is not None and self.patience < 1) or self.min_steps < 1):
             raise ModelError("recipe needs epochs >= 1, batch_size >= 2, lr > 0, patience >= 1")
+        if not 0 <= self.settle < 1:
+            raise ModelError("recipe needs 0 <= settle < 1")
         if not 0 <= self.smoothing < 1 or self.threshold not in ("calibrated", "validation"):
             raise ModelError("recipe needs 0 <= smoothing < 1 and threshold 'calibrated' or 'validation'")
 
@@ -315,7 +321,7 @@ def fit(net: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: n
             if smooth < best_loss - 1e-4:
                 best_loss, best_epoch, bad = smooth, epoch + 1, 0
                 best_state = copy.deepcopy(judged.state_dict())
-            elif epoch + 1 > recipe.warmup * epochs:  # warm-up swings do not count
+            elif epoch + 1 > max(recipe.warmup, recipe.settle) * epochs:  # high-lr swings do not count
                 bad += 1
             auc = "n/a" if rec.val_auc is None else f"{rec.val_auc:.4f}"
             log.info("epoch %d/%d: train loss %.4f, val loss %.4f (smoothed %.4f), val acc %.4f, "

@@ -50,6 +50,11 @@ def test_early_stopping_on_validation(tiny_model):
                labels=noise)
     assert res.stopped_early and len(res.history) < 12
     assert res.best_epoch == min(res.history, key=lambda h: h.val_criterion).epoch
+    # patience counts only after half the budget (settle 0.5): no stop before epoch 6 + 2
+    assert len(res.history) >= 8
+    early = _fit(Recipe(epochs=12, batch_size=16, patience=2, lr=5e-3, model=tiny_model, settle=0.0),
+                 tiny_model, labels=noise)
+    assert early.stopped_early and len(early.history) < len(res.history)
     raw = _fit(Recipe(epochs=12, batch_size=16, patience=2, lr=5e-3, model=tiny_model, smoothing=0.0,
                       ema=False), tiny_model, labels=noise)
     assert raw.best_epoch == min(raw.history, key=lambda h: h.val_loss).epoch
@@ -109,6 +114,8 @@ def test_recipe_is_validated():
         Recipe(epochs=0)
     with pytest.raises(ModelError):
         Recipe(threshold="best")
+    with pytest.raises(ModelError):
+        Recipe(settle=1.0)
 
 
 def test_the_schedule_scales_with_the_number_of_images():
