@@ -70,6 +70,7 @@ __all__ = [
     "Blocks",
     "Challenge",
     "Hello",
+    "Welcome",
     "Query",
     "QueryResult",
     "Message",
@@ -369,6 +370,19 @@ class Hello(_Msg):
 
 @_body()
 @dataclass(frozen=True, slots=True)
+class Welcome(_Msg):
+    """A validator's answer to a :class:`Hello` it accepted, echoing the connection's nonce.
+    The caller counts a link up only on this frame: a refused Hello is answered by a hang-up,
+    and a caller that counted the link up on sending its Hello saw a refused principal as
+    connected for as long as the hang-up took to arrive."""
+
+    KIND: ClassVar[str] = "welcome"
+    SIGNED: ClassVar[bool] = False
+    nonce: bytes = wire("n", Bytes(NONCE))
+
+
+@_body()
+@dataclass(frozen=True, slots=True)
 class Query(_Msg):
     """A read-only question from a principal (answered by each validator on its own)."""
 
@@ -398,12 +412,12 @@ class QueryResult(_Msg):
 
 
 Message = (Request | RequestBatch | PrePrepare | Prepare | Commit | Checkpoint | ViewChange
-           | NewView | Reply | Status | Fetch | Blocks | Challenge | Hello | Query
+           | NewView | Reply | Status | Fetch | Blocks | Challenge | Hello | Welcome | Query
            | QueryResult)
 
 _KINDS: dict[str, type] = {cls.KIND: cls for cls in (
     Request, RequestBatch, PrePrepare, Prepare, Commit, Checkpoint, ViewChange, NewView, Reply,
-    Status, Fetch, Blocks, Challenge, Hello, Query, QueryResult)}
+    Status, Fetch, Blocks, Challenge, Hello, Welcome, Query, QueryResult)}
 
 
 def encode_frame(msg: _Msg, body: bytes | None = None) -> bytes:

@@ -2,7 +2,8 @@
 
 A frame on the wire is a 4-byte big-endian length and that many bytes (a
 :mod:`ledger.messages` frame). The validator that accepts a connection sends a
-``Challenge`` (a fresh nonce) first; the caller answers with a ``Hello`` that signs it.
+``Challenge`` (a fresh nonce) first; the caller answers with a ``Hello`` that signs it and
+counts the link up when the validator's ``Welcome`` says the Hello was accepted.
 With an :class:`ssl.SSLContext` (:mod:`ledger.tls`) the same frames run inside mutual TLS.
 :class:`Link` is an outgoing connection that reconnects by itself with back-off and, while
 the peer is unreachable or too slow, drops frames rather than queueing without bound (PBFT
@@ -19,7 +20,7 @@ import ssl
 from collections.abc import Callable
 
 from ledger.errors import MessageInvalid
-from ledger.messages import MAX_FRAME, Challenge, decode_frame
+from ledger.messages import MAX_FRAME, Challenge, Welcome, decode_frame
 from ledger.tls import peer_name
 
 __all__ = ["read_frame", "write_frame", "write_frames", "Link", "FrameTooLarge"]
@@ -115,6 +116,15 @@ class Link:
             writer.close()
             raise
 
+    @staticmethod
+    def _welcomes(frame: bytes, nonce: bytes) -> bool:
+        """Whether ``frame`` is the peer's Welcome for this connection."""
+        try:
+            msg, _ = decode_frame(frame)
+        except MessageInvalid:
+            return False
+        return isinstance(msg, Welcome) and msg.nonce == nonce
+
     async def _run(self) -> None:
         delay = 0.05
         while True:
@@ -131,18 +141,21 @@ class Link:
                 continue
             opened = asyncio.get_running_loop().time()
             write_frame(writer, self._hello(nonce))
-            self._writer = writer
-            self.connected.set()
-            if self._on_connect:
-                self._on_connect()
             try:
                 while True:
                     frame = await read_frame(reader)
-                    if self._on_frame:
+                    if self._writer is None and self._welcomes(frame, nonce):
+                        self._writer = writer
+                        self.connected.set()
+                        if self._on_connect:
+                            self._on_connect()
+                    elif self._on_frame:  # a refusal may come before (instead of) the Welcome
                         self._on_frame(frame)
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
                 pass
             finally:
+                if self._writer is None:
+                    writer.close()
                 self._drop_writer()
             # a peer that hangs up at once (refusing our hello) is retried ever more slowly
             lived = asyncio.get_running_loop().time() - opened

@@ -11,7 +11,8 @@ Connections start with a ``Challenge`` this validator sends (a fresh nonce) and 
 signed ``Hello`` over it: a validator by its genesis key, a client by its principal key as
 the ledger state holds it; a Hello recorded on one connection is refused on any other. When
 the genesis records a CA, every link is mutual TLS (:mod:`ledger.tls`) and the name in the
-caller's certificate must be the one its Hello claims. A client connection carries request
+caller's certificate must be the one its Hello claims; an accepted Hello is answered with a
+``Welcome``, a refused one by hanging up. A client connection carries request
 batches and queries; replies and query answers go back on it.
 
 Consensus traffic goes first: client requests wait in an admission queue and are admitted
@@ -45,6 +46,7 @@ from ledger.messages import (
     Query,
     QueryResult,
     RequestBatch,
+    Welcome,
     decode_frame,
     encode_frame,
     sign_frame,
@@ -204,6 +206,7 @@ class Validator:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(writer.drain(), 2)
                 raise
+            write_frame(writer, encode_frame(Welcome(nonce)))
             if hello.role == "client":
                 peer = hello.name
                 self.clients.setdefault(peer, set()).add(writer)

@@ -14,6 +14,7 @@ from ledger.messages import (
     Fetch,
     Challenge,
     Hello,
+    Welcome,
     NewView,
     Prepare,
     PrePrepare,
@@ -53,6 +54,7 @@ SAMPLES = [
     Blocks(1, ({"h": {}},), 8, H, ((0, S),), S),
     Challenge(H),
     Hello("client", "ingest", "chain", H, S),
+    Welcome(H),
     Query("ingest", 1, "image", {"envelope_id": b"x"}, S),
     QueryResult(1, "ingest", 1, True, {"a": 1}, {}, S),
 ]
