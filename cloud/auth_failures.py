@@ -2,7 +2,8 @@
 (or that name no active principal, or are unsigned, stale or replayed).
 
 Each is counted by where and why (a ``prometheus_client`` counter in the log's own
-registry, :meth:`FailureLog.metrics`, served by the API at ``/metrics``) and, with a path, appended as one JSON line to a local
+registry, :meth:`FailureLog.metrics`, served at ``/metrics`` by the API and, with
+``metrics`` set, by the custodian) and, with a path, appended as one JSON line to a local
 log (``O_APPEND``, mode 0600, fsynced): time, where, why, the method and path, and the
 principal the request *claimed* — a claim, never an identity, kept printable and short.
 
@@ -43,9 +44,11 @@ def _claim(value: str | None) -> str | None:
 class FailureLog:
     """Counts failed authentications; with ``path``, appends each to that file."""
 
-    def __init__(self, path: str | Path | None = None, *, clock: Callable[[], float] = time.time):
+    def __init__(self, path: str | Path | None = None, *, clock: Callable[[], float] = time.time,
+                 registry: CollectorRegistry | None = None):
         self.path = None if path is None else Path(path)
-        self.registry = CollectorRegistry(auto_describe=True)
+        # a registry of its own unless the process serves more metrics beside these
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._counter = Counter(METRIC.removesuffix("_total"), "Requests refused before any principal "
                                 "was established (signature not verified, unknown or revoked, "
                                 "unsigned, stale, replayed).", ("where", "reason"), registry=self.registry)

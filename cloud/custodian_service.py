@@ -7,14 +7,17 @@ by a principal it serves (``training`` by default). For each, the
 :class:`~cloud.custodian.Custodian` inside this process files ``ACCESS_REQUESTED`` on the
 ledger as the ``custodian`` principal on behalf of the asking one and releases only what
 the ledger grants and whose object id and Merkle root match the ledger's record; every
-release and refusal is logged and counted (:attr:`CustodianServer.counts`). People's fetches
+release and refusal is logged and counted (:attr:`CustodianServer.counts`, and with
+``metrics_port`` set, ``GET /metrics`` in the Prometheus format beside the fetches that
+established no principal, :mod:`cloud.auth_failures`). People's fetches
 (``"kind": "fetch"``) are answered by :mod:`cloud.custodian_access`: data keys re-wrapped to
 the requester after its committed grant and a fresh decision. The coordinator,
 ingest, enrolment and the training service hold the custodian's public key only.
 
 The configuration (TOML, relative paths against its folder)::
 
-    [custodian]  socket, serve = ["training"], key = "keys/custodian.key"
+    [custodian]  socket, serve = ["training"], key = "keys/custodian.key",
+                 failures_log, metrics_port (off unless set), metrics_host = "127.0.0.1"
     [custodian.pkcs11]  module, token, pin_file, wrapped, key_label   (instead of key)
     [ledger]     genesis, key (the custodian principal's), principal = "custodian"
     [store]      url
@@ -33,6 +36,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 from ledger.client import LedgerClient
 from ledger.genesis import Genesis
@@ -74,6 +81,9 @@ class CustodianConfig:
     serve: tuple[str, ...] = ("training",)
     # append-only log of fetches whose signature does not verify (cloud.auth_failures)
     failures_log: Path | None = None
+    # Prometheus metrics over HTTP (GET /metrics): refusals and releases; off unless a port is set
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 def load_custodian_config(path: str | Path) -> CustodianConfig:
@@ -83,6 +93,8 @@ def load_custodian_config(path: str | Path) -> CustodianConfig:
     sock = c.path("socket", "custodian.sock")
     serve = tuple(c.list("serve", str, ["training"], min_len=1))
     failures_log = c.path("failures_log", None)
+    metrics_port = c.int("metrics_port", None, lo=0, hi=65535)
+    metrics_host = c.str("metrics_host", "127.0.0.1")
     key_file = c.path("key", None)
     key: Path | Pkcs11Settings | None = key_file
     if "pkcs11" in c.table:
@@ -103,7 +115,8 @@ def load_custodian_config(path: str | Path) -> CustodianConfig:
     url = s.str("url")
     s.done()
     f.done()
-    return CustodianConfig(sock, key, genesis, ledger_key, f.url(url), principal, serve, failures_log)
+    return CustodianConfig(sock, key, genesis, ledger_key, f.url(url), principal, serve, failures_log,
+                           metrics_port, metrics_host)
 
 
 class CustodianServer:
@@ -127,6 +140,9 @@ class CustodianServer:
         self._keys = {name: VerifyKey.from_hex(principals[name].public_key) for name in config.serve}
         self._custodians: dict[str, Custodian] = {}
         self._gate: AccessGate | None = None
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_Events(self.counts))
+        self._metrics: WSGIServer | None = None
 
     def __enter__(self) -> CustodianServer:
         try:
@@ -150,7 +166,8 @@ class CustodianServer:
         self._ledger.start()
         store = open_store(c.store_url)
         self._custodians = {name: Custodian(self._ledger, store, self.backend, user=name) for name in c.serve}
-        self._gate = AccessGate(self._ledger, store, self.backend, self._guard, FailureLog(c.failures_log))
+        self._gate = AccessGate(self._ledger, store, self.backend, self._guard,
+                                FailureLog(c.failures_log, registry=self.registry))
         c.socket.parent.mkdir(parents=True, exist_ok=True)
         if c.socket.exists():
             c.socket.unlink()  # a stale socket of a previous run
@@ -163,10 +180,22 @@ class CustodianServer:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="custodian", daemon=True)
         self._thread.start()
+        if c.metrics_port is not None:
+            self._metrics, _ = start_http_server(c.metrics_port, c.metrics_host, registry=self.registry)
+            log.info("custodian metrics on http://%s:%d/metrics", *self.metrics_address)
         log.info("custodian up: key %s (%s), socket %s, serving %s", self.backend.public.id,
                  type(self.backend).__name__, c.socket, ", ".join(c.serve))
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where ``/metrics`` is served (the port the system chose for ``metrics_port = 0``)."""
+        return None if self._metrics is None else (self.config.metrics_host, self._metrics.server_port)
+
     def stop(self) -> None:
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -234,6 +263,27 @@ class CustodianServer:
                 ready(self)
             while not stop.wait(0.5):
                 pass
+
+
+class _Events:
+    """The server's running counts (released, denied, unreadable, refused, ...) as one
+    Prometheus counter labelled by event, read at scrape time."""
+
+    def __init__(self, counts: Counter):
+        self._counts = counts
+
+    def describe(self):
+        return [CounterMetricFamily("medchain_custodian_events", _EVENTS_HELP, labels=["event"])]
+
+    def collect(self):
+        family = CounterMetricFamily("medchain_custodian_events", _EVENTS_HELP, labels=["event"])
+        for event, n in sorted(dict(self._counts).items()):
+            family.add_metric([event], n)
+        yield family
+
+
+_EVENTS_HELP = ("Images released, denied and unreadable, keys re-wrapped and refused, requests and "
+                "fetches refused, since the custodian started.")
 
 
 def _read_frame(sock: socket.socket) -> bytes | None:

@@ -221,3 +221,44 @@ def test_init_with_a_token_puts_the_custodian_key_in_it(tmp_path, softhsm_token)
 
     with Pkcs11KeyBackend(custodian.key) as backend:
         assert backend.public == public
+
+
+@pytest.mark.slow
+def test_the_custodian_serves_its_refusals_and_releases_as_prometheus_metrics(cluster, tmp_path):
+    """With ``metrics_port`` the custodian answers GET /metrics (Prometheus text): a forged
+    people's fetch is counted under medchain_auth_failures_total, a refused service request
+    and a release under medchain_custodian_events. Before, its refusals were only in its log
+    and its exit line."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cloud.access_protocol import FetchRequest
+
+    key = RecipientKey.generate()
+    key.save(tmp_path / "custodian.key")
+    (tmp_path / "custodian.toml").write_text(
+        f'[custodian]\nsocket = "c.sock"\nkey = "custodian.key"\nmetrics_port = 0\n\n'
+        f'[ledger]\ngenesis = "{cluster.genesis_path}"\nkey = "{cluster.key_path("custodian")}"\n\n'
+        f'[store]\nurl = "store"\n')
+    config = load_custodian_config(tmp_path / "custodian.toml")
+    assert config.metrics_port == 0 and config.metrics_host == "127.0.0.1"
+    store = LocalObjectStore(tmp_path / "store")
+    with CustodianServer(config) as server, cluster.client("ingest") as ingest:
+        a = ingested(ingest, store, sealed(key.public, b"image a"))
+        assert training(server, cluster).release([a], "training")[1].granted == 1
+        with pytest.raises(CustodianRefused, match="signature"):
+            RemoteCustodian(server.config.socket, SigningKey.load(cluster.key_path("ingest")),
+                            principal="training").release([a], "training")
+        forged = FetchRequest.new("training", "diagnosis", [(a.envelope_id, 1)],
+                                  now_ms=int(time.time() * 1000)).signed(SigningKey.generate())
+        assert "signature does not verify" in server.respond(forged).decode("latin-1")
+        host, port = server.metrics_address
+        with urlopen(f"http://{host}:{port}/metrics", timeout=5) as reply:
+            kind, text = reply.headers["Content-Type"], reply.read().decode()
+    assert kind.startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("medchain_custodian_events_total", (("event", "released"),))] == 1
+    assert samples[("medchain_custodian_events_total", (("event", "requests refused"),))] == 1
+    assert samples[("medchain_auth_failures_total", (("reason", "bad-signature"), ("where", "custodian")))] == 1
