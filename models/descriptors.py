@@ -34,7 +34,9 @@ def hog_cells(grey: torch.Tensor, cells: int, bins: int) -> torch.Tensor:
     padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")
     gx = padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]
     gy = padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]
-    mag2 = gx * gx + gy * gy + 1e-12
+    # clamped, not "+ 1e-12": the ONNX exporter's optimizer folds a tiny added constant away,
+    # and flat regions then divide 0 by 0 in the exported graph (not in PyTorch)
+    mag2 = torch.clamp_min(gx * gx + gy * gy, 1e-12)
     mag = torch.sqrt(mag2)
     cos2, sin2 = (gx * gx - gy * gy) / mag2, 2 * gx * gy / mag2  # cos 2theta, sin 2theta
     angles = torch.arange(bins, dtype=grey.dtype, device=grey.device) * (math.pi / bins)

@@ -37,9 +37,11 @@ def test_hog_votes_for_the_gradient_orientation(angle, expected_bin):
 def test_branch_changes_the_features_and_exports_at_odd_sizes(tmp_path):
     cfg = HybridConfig(1, 2, (30, 27), descriptors=True, descriptor_dim=16)
     net = build_model(cfg, seed=0).eval()
-    x = torch.rand(3, 1, 30, 27)
+    x = torch.rand(4, 1, 30, 27)
+    x[0] = 0.0  # flat images and regions: zero gradients, where a folded-away epsilon gave NaN
+    x[1, :, :15] = 0.5
     assert net.features(x).shape[1] == 128 + 128 + 16
-    assert net.descriptors(x).shape == (3, 16)
+    assert net.descriptors(x).shape == (4, 16)
     DescriptorBranch(1, 16)(x)  # no size constraint
     path = export_onnx(net, (1, 30, 27), tmp_path / "m.onnx", 1.0)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
