@@ -62,8 +62,10 @@ class Section:
             raise self._fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
         return value
 
-    def int(self, key: str, default: Any = ..., *, lo: int = 0, hi: int | None = None) -> int:
+    def int(self, key: str, default: Any = ..., *, lo: int = 0, hi: int | None = None) -> int | None:
         value = self._take(key, default)
+        if value is None and default is None:  # optional and absent (TOML has no null)
+            return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._fail(key, f"expected an integer, got {type(value).__name__}")
         if value < lo or (hi is not None and value > hi):
