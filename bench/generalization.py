@@ -45,6 +45,7 @@ RECIPES = {
     "new-intensity": dict(augment=[*AFFINE, {"name": "RandomIntensity", "contrast": 0.2, "brightness": 0.1,
                                              "gamma": 0.3, "p": 0.8}]),
     "new-desc": dict(model={"descriptors": True}),  # the HOG + wavelet branch (models/descriptors.py)
+    "new-30": dict(epochs=30),  # a longer floor for large data: 30 epochs on the full file instead of 20
 }
 MODELS = ("hybrid", "knn", "svm")
 SPLITS = ("val", "holdout", "shifted")
