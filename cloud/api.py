@@ -15,7 +15,6 @@ other address): ``medchain cloud api --config cloud.toml [--port N]``.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import logging
 import threading
 import time
@@ -40,6 +39,7 @@ from cloud.custodian_protocol import ReplayGuard
 from cloud.errors import ApiUnauthorized, CustodianError, ObjectStoreError
 from ledger.contracts import LISTERS
 from ledger.errors import LedgerError
+from ledger.tls import is_loopback
 from medchain.canonical import canonical_bytes
 from medchain.errors import MedChainError
 from medchain.protocol import encode
@@ -353,7 +353,7 @@ class ApiServer:
                  tls: tuple[Path, Path] | None = None):
         import uvicorn
 
-        if tls is None and not ipaddress.ip_address(host).is_loopback:
+        if tls is None and not is_loopback(host):
             raise MedChainError(f"api: serving on {host} needs --tls-cert and --tls-key")
         ssl = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",

@@ -17,7 +17,7 @@ ingest, enrolment and the training service hold the custodian's public key only.
 The configuration (TOML, relative paths against its folder)::
 
     [custodian]  socket, serve = ["training"], key = "keys/custodian.key",
-                 failures_log, metrics_port (off unless set), metrics_host = "127.0.0.1"
+                 failures_log, metrics_port (off unless set), metrics_host = "127.0.0.1" (loopback only)
     [custodian.pkcs11]  module, token, pin_file, wrapped, key_label   (instead of key)
     [ledger]     genesis, key (the custodian principal's), principal = "custodian"
     [store]      url
@@ -43,6 +43,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from ledger.client import LedgerClient
 from ledger.genesis import Genesis
+from ledger.tls import is_loopback
 from medchain.canonical import decode
 from medchain.errors import ConfigError, EncodingError, MedChainError
 from medchain.identity import SigningKey, VerifyKey
@@ -95,6 +96,9 @@ def load_custodian_config(path: str | Path) -> CustodianConfig:
     failures_log = c.path("failures_log", None)
     metrics_port = c.int("metrics_port", None, lo=0, hi=65535)
     metrics_host = c.str("metrics_host", "127.0.0.1")
+    if not is_loopback(metrics_host):  # plain HTTP on the key holder: never beyond this host
+        raise ConfigError(f"{origin}: [custodian] metrics_host {metrics_host!r}: the custodian serves "
+                          "metrics on loopback only; scrape it through a local agent or TLS proxy")
     key_file = c.path("key", None)
     key: Path | Pkcs11Settings | None = key_file
     if "pkcs11" in c.table:
@@ -267,23 +271,19 @@ class CustodianServer:
 
 class _Events:
     """The server's running counts (released, denied, unreadable, refused, ...) as one
-    Prometheus counter labelled by event, read at scrape time."""
+    Prometheus counter labelled by event, read at scrape time (the registry describes it by
+    collecting)."""
 
     def __init__(self, counts: Counter):
         self._counts = counts
 
-    def describe(self):
-        return [CounterMetricFamily("medchain_custodian_events", _EVENTS_HELP, labels=["event"])]
-
     def collect(self):
-        family = CounterMetricFamily("medchain_custodian_events", _EVENTS_HELP, labels=["event"])
+        family = CounterMetricFamily("medchain_custodian_events", "Images released, denied and unreadable, "
+                                     "keys re-wrapped and refused, requests and fetches refused, since the "
+                                     "custodian started.", labels=["event"])
         for event, n in sorted(dict(self._counts).items()):
             family.add_metric([event], n)
         yield family
-
-
-_EVENTS_HELP = ("Images released, denied and unreadable, keys re-wrapped and refused, requests and "
-                "fetches refused, since the custodian started.")
 
 
 def _read_frame(sock: socket.socket) -> bytes | None:

@@ -22,7 +22,7 @@ from cloud.provision import init_deployment
 from ledger.cluster import LocalCluster
 from ledger.genesis import Params
 from ledger.transactions import DeviceEnrolled, ImageRegistered
-from medchain.errors import DecryptionError, KeyFileError
+from medchain.errors import ConfigError, DecryptionError, KeyFileError
 from medchain.identity import RecipientKey, RecipientPublicKey, SigningKey
 from medchain.sealing import new_object_key, open_envelope, package
 
@@ -243,6 +243,11 @@ def test_the_custodian_serves_its_refusals_and_releases_as_prometheus_metrics(cl
         f'[store]\nurl = "store"\n')
     config = load_custodian_config(tmp_path / "custodian.toml")
     assert config.metrics_port == 0 and config.metrics_host == "127.0.0.1"
+    exposed = tmp_path / "exposed.toml"
+    exposed.write_text((tmp_path / "custodian.toml").read_text().replace(
+        "metrics_port = 0\n", 'metrics_port = 0\nmetrics_host = "0.0.0.0"\n'))
+    with pytest.raises(ConfigError, match="loopback only"):  # plain HTTP on the key holder
+        load_custodian_config(exposed)
     store = LocalObjectStore(tmp_path / "store")
     with CustodianServer(config) as server, cluster.client("ingest") as ingest:
         a = ingested(ingest, store, sealed(key.public, b"image a"))
